@@ -24,6 +24,7 @@ __all__ = [
     "TemporaryDeliveryError",
     "PermanentDeliveryError",
     "ConnectionSetupError",
+    "RowError",
 ]
 
 
@@ -140,3 +141,12 @@ class ConnectionSetupError(MailerError):
     """The relay cannot be used at all (connect, TLS, AUTH refused): nothing can be sent."""
 
     exit_code = ExitCode.TEMPFAIL
+
+
+class RowError(MailerError):
+    """One contact's message cannot be built (header injection, missing attachment).
+
+    The row is recorded as invalid with this reason; the run goes on.
+    """
+
+    exit_code = ExitCode.PARTIAL

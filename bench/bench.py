@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""mailer's benchmark: messages per second and peak memory of real runs.
+
+    python bench/bench.py dry-run --contacts 100000
+    python bench/bench.py dry-run --contacts 1000000
+    python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge]
+
+Each run generates N contacts into a temporary folder, runs the installed `mailer`
+command in a child process (output to /dev/null or into a loopback SMTP sink) and
+reports wall time, messages per second and the child's peak RSS (ru_maxrss).
+This is a measuring tool, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = """From: Acme News <news@acme.example>
+To: {{ first_name }} {{ last_name }} <{{ email }}>
+Subject: {{ first_name }}, your {{ plan }} plan renews on {{ renewal_date }}
+Reply-To: support@acme.example
+
+# Hello {{ first_name }},
+
+Your **{{ plan }}** plan renews on {{ renewal_date }}. Nothing to do on your side:
+we will charge the card ending in {{ card_last4 }}.
+
+{% if plan == 'team' %}
+Your team of {{ seats }} seats keeps all its settings.
+{% endif %}
+
+* Manage your plan: <https://acme.example/account>
+* Questions? Reply to this mail.
+
+Thanks for being with us since {{ since }}.
+
+— The Acme team
+"""
+
+CONFIG = """[smtp]
+host = "127.0.0.1"
+port = {port}
+security = "none"
+timeout = 30
+
+[send]
+rate = "unlimited"
+connections = {connections}
+max_per_connection = 1000
+retries = 3
+retry_backoff = 0.5
+
+[message]
+kind = "transactional"
+
+[log]
+path = "bench.sqlite3"
+"""
+
+
+def write_contacts(path: Path, count: int) -> None:
+    plans = ("free", "pro", "team")
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["email", "First Name", "Last Name", "plan", "renewal_date", "card_last4", "seats", "since"])
+        for i in range(count):
+            writer.writerow([f"user{i}@example{i % 5000}.com", f"First{i}", f"Lást{i}", plans[i % 3],
+                             "2027-01-01", f"{i % 10000:04d}", str(i % 50 + 1), str(2015 + i % 10)])
+
+
+def run_child(command: list[str], *, cwd: Path, stdout=subprocess.DEVNULL) -> tuple[float, int, int]:
+    """Run a command; return (wall seconds, exit code, peak RSS of that child in MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    process = subprocess.run(command, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=False)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if process.returncode not in (0, 1):
+        sys.stderr.write(process.stderr.decode(errors="replace")[-2000:])
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run one child per process
+    # for exact figures (the script does: each mode runs one mailer child).
+    return elapsed, process.returncode, max(peak, before) // 1024
+
+
+def mailer_command() -> list[str]:
+    found = shutil.which("mailer")
+    return [found] if found else [sys.executable, "-m", "mailer"]
+
+
+def bench_dry_run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        write_contacts(work / "contacts.csv", args.contacts)
+        (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
+        (work / "mailer.toml").write_text(CONFIG.format(port=25, connections=4), encoding="utf-8")
+        command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--dry-run", "--quiet"]
+        elapsed, code, peak_mb = run_child(command, cwd=work)
+    return {"mode": "dry-run", "contacts": args.contacts, "exit_code": code, "seconds": round(elapsed, 2),
+            "messages_per_second": round(args.contacts / elapsed), "peak_rss_mb": peak_mb,
+            "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)])}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_sink(kind: str, port: int) -> tuple[subprocess.Popen, str]:
+    sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
+    if kind in ("auto", "smtp-sink") and sink:
+        command = [sink]
+        if os.geteuid() == 0:
+            command += ["-u", "nobody"]
+        process = subprocess.Popen(command + [f"127.0.0.1:{port}", "1000"])
+        used = "smtp-sink (Postfix)"
+    else:
+        if kind == "smtp-sink":
+            raise SystemExit("smtp-sink not found: apt-get install postfix, or use --sink aiosmtpd")
+        code = (
+            "import asyncio, sys\n"
+            "from aiosmtpd.controller import Controller\n"
+            "class Sink:\n"
+            "    async def handle_DATA(self, server, session, envelope):\n"
+            "        return '250 OK'\n"
+            f"c = Controller(Sink(), hostname='127.0.0.1', port={port}); c.start()\n"
+            "import time\n"
+            "while True: time.sleep(3600)\n"
+        )
+        process = subprocess.Popen([sys.executable, "-c", code])
+        used = "aiosmtpd (Python)"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, used
+
+
+def bench_send(args: argparse.Namespace) -> dict:
+    port = free_port()
+    sink, used = start_sink(args.sink, port)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            work = Path(folder)
+            write_contacts(work / "contacts.csv", args.contacts)
+            (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
+            (work / "mailer.toml").write_text(CONFIG.format(port=port, connections=args.connections), encoding="utf-8")
+            command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--yes", "--quiet", "--json"]
+            elapsed, code, peak_mb = run_child(command, cwd=work)
+            result = {"mode": "send", "sink": used, "contacts": args.contacts, "connections": args.connections,
+                      "exit_code": code, "seconds": round(elapsed, 2),
+                      "messages_per_second": round(args.contacts / elapsed), "peak_rss_mb": peak_mb,
+                      "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"}
+            if args.mailmerge:
+                result["mailmerge"] = bench_mailmerge(work, port, args.contacts)
+                if result["mailmerge"].get("messages_per_second"):
+                    result["ratio"] = round(result["messages_per_second"] / result["mailmerge"]["messages_per_second"], 1)
+    finally:
+        sink.terminate()
+        sink.wait()
+    return result
+
+
+def bench_mailmerge(work: Path, port: int, count: int) -> dict:
+    """The same contacts through mailmerge 2.3.0 (its own venv; never a project dependency)."""
+    venv = Path(tempfile.gettempdir()) / "mailer-bench-mailmerge-venv"
+    binary = venv / "bin" / "mailmerge"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mailmerge==2.3.0"], check=True)
+    template = "TO: {{email}}\nSUBJECT: {{first_name}}, your {{plan}} plan renews on {{renewal_date}}\nFROM: Acme News <news@acme.example>\nCONTENT-TYPE: multipart/alternative\n\n"
+    body_text = TEMPLATE.split("\n\n", 1)[1].replace("first_name", "first_name")
+    template += "Content-Type: text/plain\n\n" + body_text + "\nContent-Type: text/html\n\n<html><body>" + body_text + "</body></html>\n"
+    (work / "mm_template.txt").write_text(template, encoding="utf-8")
+    with (work / "contacts.csv").open(encoding="utf-8") as source, (work / "mm_database.csv").open("w", encoding="utf-8", newline="") as target:
+        reader = csv.reader(source)
+        writer = csv.writer(target)
+        header = next(reader)
+        writer.writerow(["email", "first_name", "last_name"] + header[3:])
+        writer.writerows(reader)
+    (work / "mm_server.conf").write_text(f"[smtp_server]\nhost = 127.0.0.1\nport = {port}\nsecurity = Never\nusername = None\n", encoding="utf-8")
+    command = [str(binary), "--template", "mm_template.txt", "--database", "mm_database.csv", "--config", "mm_server.conf",
+               "--no-dry-run", "--no-limit", "--output-format", "raw"]
+    elapsed, code, peak_mb = run_child(command, cwd=work)
+    return {"tool": "mailmerge 2.3.0", "exit_code": code, "seconds": round(elapsed, 2),
+            "messages_per_second": round(count / elapsed) if code == 0 else None, "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    dry = sub.add_parser("dry-run", help="render N messages into /dev/null")
+    dry.add_argument("--contacts", type=int, default=100_000)
+    send = sub.add_parser("send", help="send N messages into a loopback sink")
+    send.add_argument("--contacts", type=int, default=20_000)
+    send.add_argument("--connections", type=int, default=4)
+    send.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
+    send.add_argument("--mailmerge", action="store_true", help="also run mailmerge 2.3.0 on the same contacts")
+    args = parser.parse_args()
+    result = bench_dry_run(args) if args.mode == "dry-run" else bench_send(args)
+    print(json.dumps(result, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
