@@ -75,7 +75,7 @@ class Summary:
             return ExitCode.INTERRUPTED
         if self.counts["failed"] or self.counts["invalid"] or self.counts["fields"] or self.counts["error"]:
             return ExitCode.PARTIAL
-        if self.counts["deferred"]:
+        if self.counts["deferred"] or self.counts["unknown"]:
             return ExitCode.TEMPFAIL
         return ExitCode.OK
 
@@ -123,6 +123,7 @@ class Campaign:
                 hint="Pass --campaign NAME.",
             )
         self.limit = limit
+        self.email_column = email_column
         self.template = load_template(template)
         self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin)
         self.where = compile_where(where, columns=self.reader.variable_names)

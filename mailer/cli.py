@@ -167,13 +167,24 @@ def send(
         if dry_run:
             summary = _dry_run(job, reporter, format=format, output=output)
         else:
-            from .sending import run_send
-
-            summary = run_send(job, reporter=reporter, assume_yes=yes, resend_unknown=resend_unknown, debug=_state["debug"])
+            summary = _send(job, reporter, yes=yes, resend_unknown=resend_unknown)
     finally:
         job.close()
     _print_summary(summary, reporter, json_output=json_output)
     raise typer.Exit(code=int(summary.exit_code))
+
+
+def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool) -> Summary:
+    from .sending import run_send
+
+    signer = None
+    if job.config.dkim is not None:
+        from .dkim import DKIMSigner
+
+        signer = DKIMSigner.load(job.config.dkim)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    confirm = None if yes or not interactive else (lambda question: typer.confirm(question, err=True))
+    return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
 
 
 def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Optional[Path]) -> Summary:
@@ -267,6 +278,170 @@ def preview(
         if not write_html_part(message, html):
             raise UsageError("this message has no HTML part (the template is plain text).")
         Reporter().info(f"wrote the HTML part to {html}")
+
+
+# --- report --------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def report(
+    campaign: Annotated[Optional[str], typer.Option("--campaign", help="Only this campaign (default: all).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    failed: Annotated[Optional[Path], typer.Option("--failed", help="Write failed and deferred rows as a CSV that `mailer send` accepts.")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """What happened, from the send log: counts by status, by domain, by SMTP reply.
+
+    Examples:
+
+      mailer report --campaign welcome
+
+      mailer report --campaign welcome --failed retry.csv && mailer send retry.csv welcome.md.j2 --campaign welcome-retry
+
+      mailer report --json | jq .by_status
+    """
+    import json
+
+    from .sendlog import SendLog
+
+    config = load_config(config_path)
+    with SendLog.open(config.log.path, create=False) as log:
+        if failed is not None:
+            if campaign is None:
+                raise UsageError("--failed needs --campaign NAME.")
+            try:
+                with failed.open("w", newline="", encoding="utf-8") as file:
+                    written = log.write_failed_csv(campaign, file)
+            except OSError as exc:
+                raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
+            Reporter().info(f"wrote {written} failed and deferred rows to {failed}")
+        result = log.report(campaign)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    from .reporting import print_report
+
+    print_report(result)
+
+
+# --- suppress ------------------------------------------------------------------------
+suppress_app = typer.Typer(
+    help="The suppression list: addresses never mailed again (unsubscribes, hard bounces, complaints).\n\n"
+    "Examples:\n\n  mailer suppress add jane@example.com\n\n  mailer suppress import unsubscribes.csv\n\n"
+    "  mailer suppress list > suppressed.txt",
+    no_args_is_help=True,
+)
+app.add_typer(suppress_app, name="suppress")
+
+
+def _open_log(config_path: Optional[Path]):
+    from .sendlog import SendLog
+
+    return SendLog.open(load_config(config_path).log.path)
+
+
+@suppress_app.command("add")
+@handle_errors
+def suppress_add(
+    addresses: Annotated[list[str], typer.Argument(help="Addresses to suppress.")],
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why (kept with the address).")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Add addresses to the suppression list. Example: mailer suppress add jane@example.com --reason 'asked by phone'"""
+    with _open_log(config_path) as log:
+        added, present = log.add_suppressions(addresses, reason=reason, source="manual")
+    Reporter().console.print(f"added {added}, already present {present}")
+
+
+@suppress_app.command("remove")
+@handle_errors
+def suppress_remove(
+    addresses: Annotated[list[str], typer.Argument(help="Addresses to take off the list.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """Take addresses off the suppression list. Example: mailer suppress remove jane@example.com"""
+    with _open_log(config_path) as log:
+        removed = log.remove_suppressions(addresses)
+    Reporter().console.print(f"removed {removed}, not on the list {len(addresses) - removed}")
+
+
+@suppress_app.command("list")
+@handle_errors
+def suppress_list(config_path: ConfigOption = None) -> None:
+    """Print the suppression list as CSV (address, reason, source, added_at). Example: mailer suppress list > out.csv"""
+    import csv
+
+    with _open_log(config_path) as log:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["email", "reason", "source", "added_at"])
+        for row in log.list_suppressions():
+            writer.writerow([row.address, row.reason or "", row.source, row.added_at])
+
+
+@suppress_app.command("import")
+@handle_errors
+def suppress_import(
+    file: Annotated[Path, typer.Argument(help="A CSV with an email column, or one address per line.")],
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Reason for rows that give none.")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Import addresses from a file. Example: mailer suppress import unsubscribes.csv"""
+    with _open_log(config_path) as log:
+        result = log.import_suppressions(file, reason=reason)
+    reporter = Reporter()
+    for entry in result.invalid[:20]:
+        reporter.warning(f"{file}:{entry.line}: {entry.value!r} is not a valid address; skipped")
+    reporter.console.print(
+        f"added {result.added}, already present {result.already_present}, invalid {len(result.invalid)}"
+    )
+
+
+# --- check ---------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def check(
+    contacts: Annotated[Optional[str], typer.Argument(help="Also check this contact CSV.")] = None,
+    config_path: ConfigOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    no_smtp: Annotated[bool, typer.Option("--no-smtp", help="Skip the relay check (no connection).")] = False,
+) -> None:
+    """Am I ready to send? Config, SMTP relay (no message sent), sender DNS, and the list.
+
+    Exit code 0 when nothing fails, 1 when something does.
+
+    Examples:
+
+      mailer check
+
+      mailer check contacts.csv --json
+    """
+    import json
+
+    from .checks import run_checks
+
+    reporter = Reporter()
+    progress_started = False
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal progress_started
+        if not progress_started:
+            reporter.start_progress("recipient domains", total)
+            progress_started = True
+        reporter.update_progress(done, {})
+
+    results = []
+    try:
+        for item in run_checks(config_path, contacts, on_progress=on_progress, skip_smtp=no_smtp):
+            results.append(item)
+    finally:
+        reporter.stop_progress()
+    failed = any(item.status == "fail" for item in results)
+    if json_output:
+        typer.echo(json.dumps({"version": 1, "ok": not failed, "checks": [c.to_dict() for c in results]}, ensure_ascii=False))
+    else:
+        from .reporting import print_checks
+
+        print_checks(results)
+    raise typer.Exit(code=1 if failed else 0)
 
 
 def main() -> None:

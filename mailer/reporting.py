@@ -124,3 +124,62 @@ class Reporter:
         for key, value in rows:
             table.add_row(key, str(value))
         self.console.print(table)
+
+
+_STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def print_checks(checks: list[Any], *, console: Console | None = None) -> None:
+    """`mailer check` as a table on stdout (a terminal), or one line per check otherwise."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        for item in checks:
+            console.print(f"{item.status.upper():4} {item.section}/{item.name}: {escape(item.detail)}")
+            if item.fix and item.status != "ok":
+                console.print(f"     fix: {escape(item.fix)}")
+        return
+    table = Table(show_lines=False)
+    table.add_column("check")
+    table.add_column("", no_wrap=True)
+    table.add_column("detail / what to do")
+    for item in checks:
+        style = _STATUS_STYLE.get(item.status, "")
+        detail = escape(item.detail)
+        if item.fix and item.status != "ok":
+            detail += f"\n[dim]→ {escape(item.fix)}[/]"
+        table.add_row(f"{item.section} · {escape(item.name)}", f"[{style}]{item.status}[/]", detail)
+    console.print(table)
+
+
+def print_report(report: Any, *, console: Console | None = None) -> None:
+    """`mailer report` as tables on stdout."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    title = f"campaign {report.campaign}" if report.campaign else "all campaigns"
+    status = Table(title=f"{title}: {report.total} recipients", title_justify="left")
+    status.add_column("status")
+    status.add_column("recipients", justify="right")
+    for name, count in report.by_status.items():
+        status.add_row(name, str(count))
+    console.print(status)
+    if report.by_domain:
+        domains = Table(title="by recipient domain", title_justify="left")
+        domains.add_column("domain")
+        domains.add_column("total", justify="right")
+        domains.add_column("by status")
+        for row in report.by_domain[:25]:
+            domains.add_row(row.domain, str(row.total), ", ".join(f"{k} {v}" for k, v in row.by_status.items()))
+        console.print(domains)
+    if report.by_smtp_code:
+        codes = Table(title="by SMTP reply", title_justify="left")
+        codes.add_column("code")
+        codes.add_column("count", justify="right")
+        codes.add_column("example reply")
+        for row in report.by_smtp_code:
+            codes.add_row(str(row.code), str(row.count), escape(row.example_reply or ""))
+        console.print(codes)
+    if report.unknown_outcome:
+        console.print(f"[yellow]{len(report.unknown_outcome)} recipients have an unknown outcome[/] (status sending: "
+                      "the process stopped during their SMTP transaction). They are not resent unless you pass "
+                      "--resend-unknown:")
+        for row in report.unknown_outcome[:50]:
+            console.print(f"  {escape(row.recipient)} ({escape(row.message_id or '')})")
