@@ -460,10 +460,6 @@ def _decode_key(data: bytes, *, where: str, hint_path: Path) -> tuple[str, bytes
             ) from None
         return _classify_der(der, pkcs1=(label == b"RSA PRIVATE KEY"), where=where, hint_path=hint_path)
 
-    if data[:1] == b"\x30":
-        # Binary DER (openssl ... -outform DER).
-        return _classify_der(data, pkcs1=False, where=where, hint_path=hint_path)
-
     # dkimpy's Ed25519 form: base64 of the 32-byte seed (dknewkey writes this), or
     # libsodium's 64-byte secret key (seed followed by the public key).
     text = re.sub(rb"\s+", b"", data)
@@ -471,6 +467,10 @@ def _decode_key(data: bytes, *, where: str, hint_path: Path) -> tuple[str, bytes
         raw = base64.b64decode(text, validate=True) if text else b""
     except (binascii.Error, ValueError):
         raw = b""
+    if not raw and data[:1] == b"\x30":
+        # Binary DER (openssl ... -outform DER). Checked after base64, because a
+        # base64 text may itself start with "0" (0x30).
+        return _classify_der(data, pkcs1=False, where=where, hint_path=hint_path)
     if len(raw) == 32:
         return "ed25519", raw
     if len(raw) == 64:

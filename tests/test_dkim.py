@@ -322,6 +322,18 @@ def test_ed25519_key_made_by_openssl(tmp_path):
     assert verify(signer.sign(build_message()), signer)
 
 
+def test_base64_seed_starting_with_zero_is_not_mistaken_for_der(tmp_path):
+    # "0" is 0x30, the first byte of a DER SEQUENCE; 1 seed in 64 encodes that way.
+    seed = b"\xd0" + bytes(range(31))
+    data = base64.b64encode(seed)
+    assert data.startswith(b"0")
+    signer = load(write_key(tmp_path, data))
+    assert signer.key_type == "ed25519"
+    assert signer.public_key_matches(
+        "k=ed25519; p=" + nacl.signing.SigningKey(seed).verify_key.encode(nacl.encoding.Base64Encoder).decode()
+    )
+
+
 def test_libsodium_key_with_a_wrong_public_half_is_rejected(tmp_path, ed25519_seed):
     data = base64.b64encode(ed25519_seed + bytes(32))
     with pytest.raises(DKIMError, match="does not match"):
