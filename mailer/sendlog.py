@@ -36,8 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, TextIO
 
-from email_validator import EmailNotValidError, validate_email
-
+from .contacts import check_address as check_contact_address
 from .errors import ContactsError, LockedError, SendLogError, UsageError
 
 __all__ = [
@@ -171,13 +170,14 @@ def _domain_of(normalized: str) -> str:
 def check_address(address: str) -> str | None:
     """Why ``address`` is not a syntactically valid email address, or None if it is.
 
-    Uses email-validator without DNS lookups.
+    The same rule as the contacts reader (no DNS lookups): every address mailer can
+    mail can be suppressed, including hard bounces at internal domains (``.local``).
     """
     if not address.strip():
         return "the address is empty"
     try:
-        validate_email(address.strip(), check_deliverability=False)
-    except EmailNotValidError as exc:
+        check_contact_address(address)
+    except ValueError as exc:
         return str(exc)
     return None
 

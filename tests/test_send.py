@@ -1,0 +1,467 @@
+"""End-to-end tests of a real `mailer send`: CLI -> campaign -> pool -> loopback SMTP server -> send log.
+
+Every test drives the real command (CliRunner, or a subprocess where real streams
+matter) with real files in tmp_path and the fixture server from smtp_fixtures.py, and
+checks the exit code, the message, what the server received and the send log.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+
+import pytest
+
+from send_support import Project, addresses, received_addresses
+from smtp_fixtures import TEST_USERNAME
+
+
+def rcpt_connections(server, address: str) -> list[int]:
+    """The connection of every RCPT TO the server saw for ``address``, in order."""
+    with server.lock:
+        return [connection for connection, rcpt in server.rcpt_attempts if rcpt == address]
+
+
+def clear_faults(server) -> None:
+    with server.lock:
+        server.faults.clear()
+
+
+def assert_consistent(project: Project, server, emails: list[str], campaign: str = "news") -> dict[str, str]:
+    """Every recipient has exactly one status, nobody got two copies, and the log's
+    `sent` rows are exactly the addresses the server accepted."""
+    statuses = project.statuses(campaign)
+    assert set(statuses) == set(emails)
+    received = Counter(received_addresses(server))
+    assert not [a for a, n in received.items() if n > 1], f"duplicates: {received}"
+    assert {a for a, s in statuses.items() if s == "sent"} == set(received)
+    return statuses
+
+
+# ---------------------------------------------------------------- happy path
+
+
+def test_send_delivers_each_contact_once_logs_sent_and_a_rerun_sends_nothing(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(6)
+    project.write_contacts(emails)
+
+    first = project.send("--json")
+
+    assert first.exit_code == 0, first
+    summary = json.loads(first.stdout)
+    assert summary["counts"]["sent"] == 6 and summary["counts"]["rows"] == 6
+    assert (summary["campaign"], summary["dry_run"], summary["exit_code"]) == ("news", False, 0)
+    assert "sent 6" in first.stderr
+    assert sorted(received_addresses(smtp_server)) == emails
+    for message in smtp_server.messages:
+        name = message.rcpt_tos[0].split("@")[0]
+        assert f"Subject: News for {name}".encode() in message.data
+        assert f"Hello {name},".encode() in message.data
+        assert message.mail_from == "news@acme.example"
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+    assert all(project.delivery(e).attempts == 1 and project.delivery(e).smtp_code == 250 for e in emails)
+
+    again = project.send()
+
+    assert again.exit_code == 0, again
+    assert again.stdout == ""  # stdout carries only the product (--json here was not asked)
+    assert "already settled in an earlier run 6" in again.stderr
+    assert len(smtp_server.messages) == 6
+
+
+def test_json_summary_is_the_only_thing_on_stdout(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(2) + ["broken-address"])
+
+    outcome = project.run("send", str(project.contacts_path), str(project.template_path), "--json")
+
+    assert outcome.exit_code == 1, outcome
+    summary = json.loads(outcome.stdout)  # one JSON object, nothing else
+    assert summary["counts"]["sent"] == 2 and summary["counts"]["invalid"] == 1
+    assert summary["problems"][0]["line"] == 4 and summary["problems"][0]["kind"] == "invalid"
+    assert "contacts.csv:4" in outcome.stderr
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_451_at_rcpt_once_is_retried_and_delivered_once(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(4)
+    project.write_contacts(emails)
+    fault = smtp_server.set_fault(emails[1], "rcpt", "451 4.7.1 greylisted, come back later", times=1)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert fault.hits == 1
+    assert len(rcpt_connections(smtp_server, emails[1])) == 2
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert set(statuses.values()) == {"sent"}
+    row = project.delivery(emails[1])
+    assert (row.attempts, row.smtp_code) == (2, 250)
+
+
+def test_451_forever_defers_exits_75_and_a_rerun_sends_exactly_those(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(5)
+    project.write_contacts(emails)
+    smtp_server.set_fault(emails[2], "rcpt", "451 4.3.0 mailbox busy")
+    smtp_server.set_fault(emails[4], "rcpt", "450 4.2.1 try again later")
+
+    first = project.send("--json")
+
+    assert first.exit_code == 75, first
+    assert "deferred (will retry next run) 2" in first.stderr
+    counts = json.loads(first.stdout)["counts"]
+    assert (counts["sent"], counts["deferred"]) == (3, 2)
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses[emails[2]] == statuses[emails[4]] == "deferred"
+    # retries = 2 in the config: three attempts, then the run gives up on them.
+    assert len(rcpt_connections(smtp_server, emails[2])) == 3
+    row = project.delivery(emails[2])
+    assert (row.status, row.attempts, row.smtp_code) == ("deferred", 3, 451)
+    assert "mailbox busy" in row.smtp_reply
+
+    clear_faults(smtp_server)
+    before = len(smtp_server.messages)
+    second = project.send("--json")
+
+    assert second.exit_code == 0, second
+    counts = json.loads(second.stdout)["counts"]
+    assert (counts["sent"], counts["already_done"]) == (2, 3)
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.messages[before:]) == [emails[2], emails[4]]
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+
+
+def test_550_user_unknown_fails_once_is_suppressed_and_skipped_by_the_next_campaign(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(4)
+    project.write_contacts(emails)
+    smtp_server.set_fault(emails[0], "rcpt", "550 5.1.1 <user000@example.com>: Recipient address rejected: User unknown")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 1, outcome
+    assert "failed (permanent) 1" in outcome.stderr
+    assert len(rcpt_connections(smtp_server, emails[0])) == 1  # never retried
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses[emails[0]] == "failed"
+    row = project.delivery(emails[0])
+    assert (row.attempts, row.smtp_code) == (1, 550)
+
+    listing = project.cli("suppress", "list")
+    assert listing.exit_code == 0, listing
+    lines = listing.stdout.splitlines()
+    assert lines[0] == "email,reason,source,added_at"
+    assert len(lines) == 2 and lines[1].startswith(f"{emails[0]},550 5.1.1") and ",bounce," in lines[1]
+
+    later = project.send("--campaign", "later", "--json")
+
+    assert later.exit_code == 0, later
+    counts = json.loads(later.stdout)["counts"]
+    assert (counts["sent"], counts["suppressed"]) == (3, 1)
+    assert project.statuses("later")[emails[0]] == "suppressed"
+    assert len(smtp_server.received_by(emails[0])) == 0
+    assert len(rcpt_connections(smtp_server, emails[0])) == 1
+
+
+def test_hard_bounce_of_a_special_use_domain_address_is_suppressed_and_the_run_goes_on(smtp_server, tmp_path):
+    # Contacts at internal or test domains (.local, .test) are valid for the contacts
+    # reader and get mailed through a local relay; a "user unknown" for one of them must
+    # land on the suppression list like any other, not end the run halfway.
+    project = Project(tmp_path, smtp_server)
+    emails = ["ann@corp.local", "bob@corp.local", "cy@lab.test", "dee@lab.test"]
+    project.write_contacts(emails)
+    smtp_server.set_fault("bob@corp.local", "rcpt", "550 5.1.1 user unknown")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 1, outcome
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses == {"ann@corp.local": "sent", "bob@corp.local": "failed", "cy@lab.test": "sent", "dee@lab.test": "sent"}
+    assert "bob@corp.local,550 5.1.1 user unknown,bounce," in project.cli("suppress", "list").stdout
+    added = project.cli("suppress", "add", "eve@corp.local")
+    assert added.exit_code == 0 and "added 1" in added.stderr, added
+
+
+def test_552_at_data_fails_permanently_without_suppressing(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(3)
+    project.write_contacts(emails)
+    smtp_server.set_fault(emails[1], "data", "552 5.2.2 mailbox full")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 1, outcome
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses[emails[1]] == "failed"
+    row = project.delivery(emails[1])
+    assert (row.attempts, row.smtp_code, row.smtp_reply) == (1, 552, "5.2.2 mailbox full")
+    # A full mailbox is not a dead one: the address stays mailable.
+    assert project.cli("suppress", "list").stdout.splitlines() == ["email,reason,source,added_at"]
+
+
+def test_421_closes_the_connection_and_the_message_goes_out_on_a_new_one(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1})
+    emails = addresses(4)
+    project.write_contacts(emails)
+    smtp_server.set_fault(emails[1], "rcpt", "421 4.7.0 too many errors, closing connection", times=1)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    first, second = rcpt_connections(smtp_server, emails[1])
+    assert first != second  # the 421 connection was not used again
+    assert all(c != first for c, _ in smtp_server.rcpt_attempts[smtp_server.rcpt_attempts.index((second, emails[1])):])
+    assert smtp_server.connections == 2
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt"])
+def test_connection_dropped_before_data_is_retried_and_delivered_once(smtp_server, tmp_path, stage):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(4)
+    project.write_contacts(emails)
+    if stage == "mail":
+        fault = smtp_server.set_fault("news@acme.example", "mail", drop=True, times=1)
+    else:
+        fault = smtp_server.set_fault(emails[2], "rcpt", drop=True, times=1)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert fault.hits == 1
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+    assert len(smtp_server.messages) == 4
+
+
+def test_connection_dropped_after_data_is_retried_and_delivered_once(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(4)
+    project.write_contacts(emails)
+    fault = smtp_server.set_fault(emails[3], "data", drop=True, times=1)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert fault.hits == 1
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+    assert project.delivery(emails[3]).attempts == 2
+
+
+def test_connection_always_dropped_after_data_ends_deferred_with_the_doubt_recorded(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"retries": 1})
+    emails = addresses(3)
+    project.write_contacts(emails)
+    smtp_server.set_fault(emails[0], "data", drop=True)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 75, outcome
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses[emails[0]] == "deferred"
+    row = project.delivery(emails[0])
+    assert row.attempts == 2 and row.smtp_code is None
+    assert "closed the connection" in row.smtp_reply and "may have accepted" in row.smtp_reply
+
+
+def test_stall_past_the_timeout_defers(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(smtp={"timeout": 0.5}, send={"retries": 1})
+    emails = addresses(3)
+    project.write_contacts(emails)
+    fault = smtp_server.set_fault(emails[1], "data", stall=2.0)
+
+    outcome = project.send("--json")
+
+    assert outcome.exit_code == 75, outcome
+    assert fault.hits == 2
+    assert json.loads(outcome.stdout)["counts"]["deferred"] == 1
+    statuses = assert_consistent(project, smtp_server, emails)
+    assert statuses == {emails[0]: "sent", emails[1]: "deferred", emails[2]: "sent"}
+    row = project.delivery(emails[1])
+    assert row.attempts == 2 and "timed out" in row.smtp_reply
+
+
+# ---------------------------------------------------------------- rate
+
+
+def test_rate_is_never_exceeded_over_any_one_second_window(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(50)
+    project.write_contacts(emails)
+
+    outcome = project.send("--rate", "20/s", "--connections", "4")
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(smtp_server)) == emails
+    times = sorted(smtp_server.mail_times)
+    assert len(times) == 50
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    assert busiest <= 21, f"{busiest} messages within one second at 20/s"
+    # ... and the rate was really applied: 50 messages at 20/s take well over 1.5 s.
+    assert times[-1] - times[0] >= 1.5
+    assert len(smtp_server.messages_per_connection()) > 1  # the pool was used
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def test_invalid_rows_give_exit_1_and_are_logged_invalid(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["ann@example.com", "jane@", "bob@example.com"])
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 1, outcome
+    assert "contacts.csv:3" in outcome.stderr and "invalid address 1" in outcome.stderr
+    assert sorted(received_addresses(smtp_server)) == ["ann@example.com", "bob@example.com"]
+    statuses = project.statuses()
+    assert statuses["jane@"] == "invalid"
+    assert statuses["ann@example.com"] == statuses["bob@example.com"] == "sent"
+
+
+def test_bad_config_gives_exit_2_naming_the_file_and_key_and_sends_nothing(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(2))
+    project.configure(send={"ratee": "10/s"})
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 2, outcome
+    assert "mailer.toml" in outcome.stderr and "send.ratee" in outcome.stderr
+    assert smtp_server.connections == 0 and not project.log_path.exists()
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("Subject: Hi {{ name }\n\nbody\n", "news.txt.j2"),
+        ("Subject: Hi {{ nmae }}\n\nbody\n", "nmae"),
+    ],
+    ids=["syntax", "unknown-variable"],
+)
+def test_bad_template_gives_exit_2_and_sends_nothing(smtp_server, tmp_path, template, message):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(2))
+    project.write_template(template)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 2, outcome
+    assert message in outcome.stderr
+    assert smtp_server.connections == 0
+
+
+def test_password_variable_not_set_gives_exit_2_before_connecting(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_UNSET_PASSWORD"})
+    project.write_contacts(addresses(2))
+
+    outcome = project.send(env={"MAILER_TEST_UNSET_PASSWORD": None})
+
+    assert outcome.exit_code == 2, outcome
+    assert "MAILER_TEST_UNSET_PASSWORD" in outcome.stderr and "not set" in outcome.stderr
+    assert smtp_server.connections == 0
+
+
+def test_plaintext_password_to_a_remote_host_is_refused_before_connecting(smtp_server, tmp_path):
+    # 0.0.0.0 is not a loopback address to the settings check, but a connection to it
+    # reaches this machine: if the refusal failed, the fixture server would see it.
+    project = Project(tmp_path, smtp_server)
+    project.configure(smtp={"host": "0.0.0.0", "username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
+    project.write_contacts(addresses(2))
+
+    outcome = project.send(env={"MAILER_TEST_PASSWORD": "Xq7-never-in-clear-text"})
+
+    assert outcome.exit_code == 2, outcome
+    assert "refusing to send the password to 0.0.0.0" in outcome.stderr
+    assert "Xq7-never-in-clear-text" not in outcome.stderr + outcome.stdout
+    assert smtp_server.connections == 0 and smtp_server.auth_attempts == []
+
+
+def test_without_a_terminal_send_never_asks_for_confirmation(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(2))
+
+    in_process = project.send(input="n\n")  # a "no" on stdin must not be read as an answer
+    assert in_process.exit_code == 0, in_process
+    assert "?" not in in_process.stderr and "Send campaign" not in in_process.stderr
+
+    project.write_contacts(addresses(2, prefix="other"))
+    real = project.run("send", str(project.contacts_path), str(project.template_path))
+    assert real.exit_code == 0, real
+    assert "Send campaign" not in real.stderr
+    assert len(smtp_server.messages) == 4
+
+
+# ---------------------------------------------------------------- the password
+
+
+SECRET = "Pw-4d1f9c-not-in-any-output"
+
+
+def secret_forms(password: str) -> list[bytes]:
+    """The password and the encodings AUTH PLAIN / LOGIN put on the wire."""
+    return [
+        password.encode(),
+        base64.b64encode(password.encode()),
+        base64.b64encode(f"\0{TEST_USERNAME}\0{password}".encode()),
+    ]
+
+
+def assert_nowhere(password: str, *texts: str | bytes) -> None:
+    for text in texts:
+        data = text.encode() if isinstance(text, str) else text
+        for form in secret_forms(password):
+            assert form not in data, f"{form!r} leaked"
+
+
+def test_password_is_used_for_auth_and_appears_in_no_output_or_log(make_smtp_server, tmp_path):
+    server = make_smtp_server(password=SECRET, auth_require_tls=False)
+    project = Project(tmp_path, server)
+    project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
+    emails = addresses(3)
+    project.write_contacts(emails)
+    env = {"MAILER_TEST_PASSWORD": SECRET}
+
+    outcome = project.run("--debug", "send", str(project.contacts_path), str(project.template_path), "--json", env=env)
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(server)) == emails
+    assert server.auth_attempts and all(ok for _, ok in server.auth_attempts)
+    report = project.run("report", "--json", env=env)
+    human = project.run("report", env=env)
+    assert report.exit_code == human.exit_code == 0
+    assert_nowhere(SECRET, outcome.stdout, outcome.stderr, report.stdout, report.stderr, human.stdout,
+                   project.log_bytes())
+
+
+def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_server, dns_server, tmp_path):
+    wrong = "Wrong-7c2e-password-value"
+    server = make_smtp_server(password=SECRET, auth_require_tls=False)
+    # A relay that echoes what it got back in its rejection must not make mailer print it.
+    echoed = base64.b64encode(f"\0{TEST_USERNAME}\0{wrong}".encode()).decode()
+    server.auth_reject_reply = f"535 5.7.8 authentication failed for {echoed} ({wrong})"
+    project = Project(tmp_path, server)
+    project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"},
+                      dns={"port": dns_server.port})
+    project.write_contacts(addresses(3))
+    env = {"MAILER_TEST_PASSWORD": wrong}
+
+    outcome = project.run("--debug", "send", str(project.contacts_path), str(project.template_path), "--json", env=env)
+
+    assert outcome.exit_code == 2, outcome
+    assert "rejected the login as 'mailer-test'" in outcome.stderr and "535" in outcome.stderr
+    assert "MAILER_TEST_PASSWORD" in outcome.stderr  # the hint names the variable, not its value
+    assert server.messages == [] and server.auth_attempts and not any(ok for _, ok in server.auth_attempts)
+    check = project.run("check", "--json", env=env)
+    report = project.run("report", "--json", env=env)
+    assert_nowhere(wrong, outcome.stdout, outcome.stderr, check.stdout, check.stderr, report.stdout,
+                   report.stderr, project.log_bytes())
+    assert '"auth"' in check.stdout and "rejected" in check.stdout
