@@ -8,10 +8,10 @@ dkimpy does the canonicalization, hashing and header folding; this module choose
 what to sign and checks the key up front, so that a bad key is one clear error before
 anything is sent, never a failure at message 1 of 100,000.
 
-Speed: dkimpy computes RSA with Python integers (``pow``), so one RSA-2048 signature
-costs several milliseconds of CPU under the GIL (measured ~85/s per process on a
-2020s x86 core); Ed25519 goes through libsodium and is ~25 times faster. See
-``DKIMSigner.sign``.
+Speed: dkimpy computes RSA with Python integers (``pow``, ~87% of the time), so an
+RSA-2048 signature costs ~12 ms of CPU under the GIL: ~85 signatures/s per process,
+whatever the number of threads (measured on 4.7 KB messages, 2.5 GHz Xeon). Ed25519
+goes through libsodium: ~1,200/s, the rest being dkimpy's canonicalization in Python.
 """
 
 from __future__ import annotations
@@ -296,9 +296,9 @@ class DKIMSigner:
         fields: :data:`SIGNED_HEADERS` that are present, with
         :data:`OVERSIGNED_HEADERS` listed once more.
 
-        Thread-safe. CPU cost: ~11 ms per RSA-2048 signature (pure-Python RSA in
-        dkimpy, GIL-bound, so more threads do not make it faster); ~0.4 ms for
-        Ed25519.
+        Thread-safe. CPU cost: ~12 ms per RSA-2048 signature (pure-Python RSA in
+        dkimpy, GIL-bound, so more threads do not make it faster); ~0.8 ms for
+        Ed25519 (4.7 KB message).
 
         Raises :class:`DKIMError` when the message has no From field (RFC 6376
         §5.4 requires it to be signed) or dkimpy rejects the message.

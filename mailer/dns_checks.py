@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol
 
 import dns.exception
 import dns.name
@@ -99,7 +99,6 @@ class DomainVerdict:
         return {"ok": True, "fail": False}.get(self.status)
 
 
-@runtime_checkable
 class PublicKeyMatcher(Protocol):
     """What the DKIM check needs from a signer (``mailer.dkim.DKIMSigner`` is one).
 
@@ -194,7 +193,8 @@ def _lookup(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> _Answer:
         why = next((code for code in ("SERVFAIL", "REFUSED", "NOTIMP", "FORMERR") if code in text), None)
         reason = f"the DNS server answered {why}" if why else "no DNS server gave a usable answer"
         return _Answer(name, rdtype, error=f"DNS lookup failed: {name} {rdtype}: {reason}", error_kind="dns-error")
-    except dns.exception.DNSException as exc:
+    except (dns.exception.DNSException, OSError) as exc:
+        # OSError: a socket error dnspython did not turn into a DNS exception.
         return _Answer(name, rdtype, error=f"DNS lookup failed: {name} {rdtype}: {exc}", error_kind="dns-error")
     return _Answer(name, rdtype, records=tuple(answer.rrset) if answer.rrset is not None else ())
 
@@ -356,7 +356,7 @@ def _spf_terms(record: str) -> list[tuple[str, str, str]]:
     terms = []
     for term in record.split()[1:]:
         modifier = _SPF_MODIFIER.match(term)
-        if modifier and ":" not in modifier.group(1):
+        if modifier:
             terms.append(("=", modifier.group(1).lower(), modifier.group(2)))
             continue
         qualifier = term[0] if term[0] in "+-~?" else "+"
@@ -542,9 +542,11 @@ def _check_dmarc(resolver: dns.resolver.Resolver, domain: str, *, bulk: bool) ->
         )
     record = records[0]
     inherited = f" (inherited from the organizational domain {where})" if where != domain else ""
-    tags = _parse_tags(record)
-    policy = (tags or {}).get("sp" if where != domain and tags and "sp" in tags else "p", "").lower()
-    if tags is None or policy not in ("none", "quarantine", "reject"):
+    tags = _parse_tags(record) or {}
+    # RFC 7489 §6.3: sp= is the policy for subdomains of the organizational domain.
+    policy_tag = "sp" if where != domain and "sp" in tags else "p"
+    policy = tags.get(policy_tag, "").lower()
+    if policy not in ("none", "quarantine", "reject"):
         return CheckResult(
             "DMARC",
             "fail",
@@ -559,7 +561,7 @@ def _check_dmarc(resolver: dns.resolver.Resolver, domain: str, *, bulk: bool) ->
     pct = tags.get("pct")
     if pct and pct != "100" and policy != "none":
         notes.append(f"pct={pct} applies the policy to only part of the failing mail")
-    detail = f'_dmarc.{where}: "{record}"{inherited}: policy p={policy}'
+    detail = f'_dmarc.{where}: "{record}"{inherited}: policy {policy_tag}={policy}'
     if notes:
         detail += " — " + "; ".join(notes)
     fix = None

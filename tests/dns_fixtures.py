@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import dns.flags
 import dns.message
-import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
