@@ -49,7 +49,8 @@ class Transaction:
 class Fault:
     """How the server misbehaves at one stage for one address.
 
-    ``stage`` is "mail", "rcpt" or "data". ``reply`` replaces the normal answer;
+    ``stage`` is "mail", "rcpt" or "data". ``reply`` replaces the normal answer (a 2xx
+    reply is a success: the command takes effect, so ``stall`` with a 2xx slows down);
     ``drop`` closes the connection instead of answering ("data": after the content was
     received); ``stall`` waits that many seconds first (then answers ``reply``, or 451).
     ``times``: only the first N matching commands misbehave (None: all of them).
@@ -121,25 +122,25 @@ class _RecordingHandler:
         with self.owner.lock:
             self.owner.mail_times.append(server.mailer_test_started)
         reply = await self._fault(server, session, "mail", address)
-        if reply:
+        if reply and not reply.startswith("2"):
             return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+        return reply or "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.owner.lock:
             self.owner.rcpt_attempts.append((server.mailer_test_id, address))
         reply = await self._fault(server, session, "rcpt", address)
-        if reply:
+        if reply and not reply.startswith("2"):
             return reply
         envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
+        return reply or "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
         owner = self.owner
         reply = await self._fault(server, session, "data", envelope.rcpt_tos[0])
-        if reply:
+        if reply and not reply.startswith("2"):
             return reply
         record = Transaction(
             connection=server.mailer_test_id,
@@ -166,7 +167,7 @@ class _RecordingHandler:
                 transport.close()
 
             loop.call_soon(hang_up)
-        return "250 2.0.0 OK: queued"
+        return reply or "250 2.0.0 OK: queued"
 
     async def handle_QUIT(self, server, session, envelope):
         with self.owner.lock:
