@@ -40,6 +40,7 @@ __all__ = ["MessageBuilder", "BuiltMessage", "encode_unstructured", "encode_word
 ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "sender"}
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _SINGLE_ADDRESS = re.compile(r"^\s*(.*?)\s*<([^<>]*)>\s*$", re.DOTALL)
+_NEEDS_ENCODING = re.compile(r"=\?|\S{900,}")
 _MAX_LINE = 78  # RFC 5322 §2.1.1 "SHOULD" limit; the hard limit is 998
 _CACHE_LIMIT = 1024
 _ATTACHMENT_CACHE_BYTES = 1 << 20
@@ -85,7 +86,8 @@ def _fold(name: str, pieces: list[str]) -> str:
     line = f"{name}:"
     lines: list[str] = []
     for index, piece in enumerate(pieces):
-        if index > 0 and len(line) + 1 + len(piece) > _MAX_LINE:
+        # Never fold after a whitespace-only line: RFC 5322 §3.2.2 forbids such lines.
+        if index > 0 and len(line) + 1 + len(piece) > _MAX_LINE and line.strip():
             lines.append(line)
             line = " " + piece
         else:
@@ -96,7 +98,7 @@ def _fold(name: str, pieces: list[str]) -> str:
 
 def encode_unstructured(name: str, value: str) -> str:
     """One header line (folded) for an unstructured value such as Subject."""
-    if value.isascii() and not re.search(r"=\?|\S{900,}", value):
+    if value.isascii() and not _NEEDS_ENCODING.search(value):
         if len(name) + len(value) + 2 <= _MAX_LINE:
             return f"{name}: {value}"
         # Folding inserts CRLF before an existing space, so unfolding restores the value.
@@ -122,7 +124,7 @@ def _qp(text: str) -> bytes:
 
 
 def _disposition(filename: str) -> str:
-    if filename.isascii():
+    if filename.isascii() and filename.isprintable():
         return f'attachment; filename="{quote(filename)}"'
     # RFC 2231 §4: charset and percent-encoded value for a non-ASCII parameter.
     return "attachment; filename*=utf-8''" + urllib.parse.quote(filename, safe="")
@@ -159,17 +161,22 @@ class MessageBuilder:
 
     # -- headers -------------------------------------------------------------------
     def _encode_address_header(
-        self, name: str, value: str, contact: Contact | None = None
+        self, name: str, value: str, contact: Contact | None = None, expected: int | None = None
     ) -> tuple[str, list[str], bool]:
         """Return the header line, the envelope addresses and whether SMTPUTF8 is needed.
 
-        ``contact``'s own address was validated when the CSV was read; it is not checked twice.
+        ``expected`` is how many addresses the template's own text puts in this header
+        (see ``Rendered.address_counts``): with one, everything before the last ``<...>``
+        is the display name, whatever it holds; otherwise a row whose values change the
+        count is refused. ``contact``'s own address was validated when the CSV was read;
+        it is not checked twice.
         """
-        cached = self._address_cache.get((name, value))
+        key = (name, value, expected)
+        cached = self._address_cache.get(key)
         if cached is not None:
             return cached
         single = _SINGLE_ADDRESS.match(value)
-        if single and "<" not in single.group(1) and ">" not in single.group(1):
+        if single and (expected == 1 or (expected is None and "<" not in single.group(1) and ">" not in single.group(1))):
             display = single.group(1)
             if len(display) >= 2 and display[0] == display[-1] == '"':
                 display = display[1:-1].replace('\\"', '"').replace("\\\\", "\\")
@@ -178,6 +185,11 @@ class MessageBuilder:
             pairs = getaddresses([value])
         if not pairs or any(not address for _, address in pairs):
             raise RowError(f"the {name}: header {value!r} is not a valid address or list of addresses")
+        if expected is not None and len(pairs) != expected:
+            raise RowError(
+                f"the {name}: header {value!r} holds {len(pairs)} addresses where the template writes {expected} "
+                "(a value from the CSV with a comma or <>?); the row is refused so that no value can add a recipient"
+            )
         formatted: list[str] = []
         envelope: list[str] = []
         needs_utf8 = False
@@ -194,14 +206,18 @@ class MessageBuilder:
             envelope.append(checked.envelope)
             if not display:
                 formatted.append(header_address)
-            elif display.isascii():
+            elif display.isascii() and not _NEEDS_ENCODING.search(display):
                 formatted.append(formataddr((display, header_address)))
             else:
                 formatted.append(" ".join(encode_words(display)) + f" <{header_address}>")
         pieces = [piece + "," for piece in formatted[:-1]] + formatted[-1:]
+        if len(name) + 2 + sum(len(piece) + 1 for piece in pieces) > _MAX_LINE:
+            # A long display name: fold at its spaces too (folding white space may
+            # stand in a quoted string, and between encoded words it is ignored).
+            pieces = [word for piece in pieces for word in piece.split(" ")]
         result = (_fold(name, pieces), envelope, needs_utf8)
         if len(self._address_cache) < _CACHE_LIMIT:
-            self._address_cache[(name, value)] = result
+            self._address_cache[key] = result
         return result
 
     def _date_header(self) -> str:
@@ -251,6 +267,7 @@ class MessageBuilder:
         extra_headers: list[tuple[str, str]] | None = None,
     ) -> BuiltMessage:
         """Build one message. Raises :class:`RowError` when this contact's message cannot be built."""
+        address_counts = rendered.address_counts
         lines: list[str] = []
         present: set[str] = set()
         sender: str | None = None
@@ -272,7 +289,9 @@ class MessageBuilder:
             if lowered in ADDRESS_HEADERS:
                 if not value and lowered in ("cc", "bcc", "reply-to"):
                     continue  # an optional header left empty by the template for this row
-                line, addresses, needs_utf8 = self._encode_address_header(name, value, contact)
+                line, addresses, needs_utf8 = self._encode_address_header(
+                    name, value, contact, address_counts.get(lowered)
+                )
                 smtputf8 = smtputf8 or needs_utf8
                 if lowered == "from":
                     sender = addresses[0]

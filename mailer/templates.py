@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,6 +34,8 @@ _RESERVED_HEADERS = {
     "message-id", "date", "mime-version", "content-type", "content-transfer-encoding",
     "dkim-signature", "list-unsubscribe", "list-unsubscribe-post",
 }
+# The same set as message.ADDRESS_HEADERS (message.py imports this module, not the reverse).
+_ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "sender"}
 _HEADER_LINE = re.compile(r"^([!-9;-~]+):[ \t]?(.*)$")
 _JINJA_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
 _PLACEHOLDER = re.compile(r"MAILERJ(\d+)X")
@@ -70,6 +73,10 @@ class Rendered:
     text: str
     html: str | None
     attachments: list[Path]
+    # Lower-cased address header -> how many addresses the template's own text puts
+    # there (None: a single {{ value }} or a loop decides). The builder refuses a row
+    # whose values change that number, so that no CSV value can add a recipient.
+    address_counts: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +131,11 @@ class MessageTemplate:
             parts.append("{% autoescape true %}" + self.html_source + "{% endautoescape %}")
         self._part_count = len(parts)
         self._bundle = self._environment.from_string(_SEPARATOR.join(parts))
+        self._address_counts = {
+            name.lower(): _address_count(source)
+            for name, source in self.header_sources
+            if name.lower() in _ADDRESS_HEADERS
+        }
 
     def render(self, variables: dict[str, Any]) -> Rendered:
         """Render headers, body and attachment paths for one contact."""
@@ -142,7 +154,19 @@ class MessageTemplate:
         html = parts[-1] if self.html_source is not None else None
         if self.text_from_html and html is not None:
             text = html_to_text(html)
-        return Rendered(headers, text, html, attachments)
+        return Rendered(headers, text, html, attachments, self._address_counts)
+
+
+def _address_count(source: str) -> int | None:
+    """How many addresses an address header's template text holds, values aside.
+
+    ``{{ name }} <{{ email }}>`` holds one; ``a@x.example, {{ email }}`` two. None when
+    one ``{{ value }}`` is the whole header (the CSV column holds the list) or a
+    statement decides.
+    """
+    if "{%" in source or _JINJA_TAG.fullmatch(source.strip()):
+        return None
+    return len(getaddresses([_JINJA_TAG.sub("x", source)]))
 
 
 def html_to_text(html: str) -> str:
