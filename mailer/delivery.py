@@ -534,6 +534,9 @@ class _Setup:
 # --------------------------------------------------------------------------------------
 # One connection and one transaction
 
+# The longest reply line we accept (as smtplib: RFC 5321 says 512, relays exceed it).
+_MAX_LINE = 8192
+
 # Outcomes of a transaction.
 _OK, _TEMP, _PERM, _STALE = range(4)
 
@@ -563,13 +566,14 @@ class _Envelope:
     __slots__ = ("sender", "recipients", "body", "utf8", "eightbit", "size")
 
     def __init__(self, item: Outgoing) -> None:
-        addresses = [item.sender, *item.recipients]
         if not item.recipients:
             raise PermanentDeliveryError("the message has no recipient")
-        bad = next((a for a in addresses if _BAD_ADDRESS_CHARS.search(a)), None)
-        if bad is not None:
+        joined = item.sender + " " + " ".join(item.recipients)
+        if _BAD_ADDRESS_CHARS.search(joined):
+            # CR/LF in an address would let a contact list inject SMTP commands.
+            bad = next(a for a in (item.sender, *item.recipients) if _BAD_ADDRESS_CHARS.search(a))
             raise PermanentDeliveryError(f"invalid envelope address {bad!r}", recipient=item.recipients[0])
-        self.utf8 = item.smtputf8 or not all(a.isascii() for a in addresses)
+        self.utf8 = item.smtputf8 or not joined.isascii()
         encoding = "utf-8" if self.utf8 else "ascii"
         self.sender = item.sender.encode(encoding)
         self.recipients = [r.encode(encoding) for r in item.recipients]
@@ -581,10 +585,13 @@ class _Envelope:
 class _Connection:
     """One open SMTP session and what its EHLO said."""
 
-    __slots__ = ("client", "transactions", "pipelining", "smtputf8", "eightbitmime", "size", "broken")
+    __slots__ = ("client", "readline", "transactions", "pipelining", "smtputf8", "eightbitmime", "size", "broken")
 
     def __init__(self, client: smtplib.SMTP) -> None:
         self.client = client
+        if client.file is None:
+            client.file = client.sock.makefile("rb")
+        self.readline = client.file.readline
         self.transactions = 0
         features = client.esmtp_features
         self.pipelining = "pipelining" in features
@@ -603,6 +610,29 @@ class _Connection:
                 pass
         client.close()
         self.broken = True
+
+    def reply(self) -> tuple[int, bytes]:
+        """Read one reply: (code, text); the lines of a multi-line reply joined by "\\n".
+
+        smtplib's getreply() does the same with more overhead per line; this is on the
+        path of every message (four replies each)."""
+        line = self.readline(_MAX_LINE + 1)
+        if line[3:4] == b" " and len(line) <= _MAX_LINE:
+            code = line[:3]
+            if code.isdigit():
+                return int(code), line[4:].strip()
+        lines = []
+        while True:
+            if not line:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            if len(line) > _MAX_LINE:
+                raise smtplib.SMTPResponseException(500, "Line too long.")
+            lines.append(line[4:].strip())
+            if not line[:3].isdigit():
+                return -1, b"\n".join(lines)  # garbage: the caller drops the connection
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(lines)
+            line = self.readline(_MAX_LINE + 1)
 
     def transact(self, envelope: _Envelope) -> tuple[int, int | None, str]:
         """One MAIL / RCPT / DATA transaction. Returns (outcome, code, reply text).
@@ -623,7 +653,7 @@ class _Connection:
         mail = b"MAIL FROM:<" + envelope.sender + b">" + params + b"\r\n"
         rcpts = [b"RCPT TO:<" + r + b">\r\n" for r in envelope.recipients]
         replies: list[tuple[int, bytes]] = []
-        body_sent = False
+        stage = 0  # 0: envelope, 1: sending the content, 2: waiting for the final reply
         try:
             if self.pipelining:
                 self._envelope_pipelined(mail, rcpts, replies)
@@ -632,19 +662,24 @@ class _Connection:
             failure = self._envelope_failure(replies, len(rcpts), reused)
             if failure is not None:
                 return failure
-            body_sent = True
+            stage = 1
             client.sock.sendall(envelope.body)
-            code, text = client.getreply()
+            stage = 2
+            code, text = self.reply()
         except (OSError, smtplib.SMTPException) as exc:
             self.broken = True
             client.close()
             error = classify_exception(exc)
-            if not body_sent:
+            if stage == 0:
                 # Nothing that could deliver the message reached the relay. On a pooled
                 # connection this is the usual sign of a relay that closed it while idle.
                 if reused and not error.message.startswith("timed out"):
                     return _STALE, None, error.message
                 return _TEMP, None, error.message
+            if stage == 1:
+                # sendall() failed, so the final "." (the last bytes) never left: the
+                # relay cannot have accepted a message it did not see end.
+                return _TEMP, None, error.message + " while sending the message"
             # The content went out but the final reply never came: the relay may have
             # queued the message. Retrying risks a duplicate, not retrying risks a loss;
             # we retry, because a relay that drops a session mid-DATA has almost always
@@ -665,7 +700,7 @@ class _Connection:
     def _envelope_pipelined(self, mail: bytes, rcpts: list[bytes], replies: list) -> None:
         # RFC 2920: MAIL, every RCPT and DATA in one write, then read one reply each.
         self.client.sock.sendall(mail + b"".join(rcpts) + b"DATA\r\n")
-        getreply = self.client.getreply
+        getreply = self.reply
         for _ in range(len(rcpts) + 2):
             reply = getreply()
             replies.append(reply)
@@ -674,7 +709,7 @@ class _Connection:
 
     def _envelope_stepwise(self, mail: bytes, rcpts: list[bytes], replies: list) -> None:
         sock = self.client.sock
-        getreply = self.client.getreply
+        getreply = self.reply
         sock.sendall(mail)
         reply = getreply()
         replies.append(reply)
@@ -719,7 +754,7 @@ class _Connection:
             # not): end an empty message to keep the session in step.
             try:
                 self.client.sock.sendall(b".\r\n")
-                self.client.getreply()
+                self.reply()
             except (OSError, smtplib.SMTPException):
                 self.broken = True
         return self._failure(*failure)
@@ -738,7 +773,7 @@ class _Connection:
         """RSET after a failed transaction, so the session is clean for the next one."""
         try:
             self.client.sock.sendall(b"RSET\r\n")
-            if self.client.getreply()[0] != 250:
+            if self.reply()[0] != 250:
                 self.broken = True
         except (OSError, smtplib.SMTPException):
             self.broken = True

@@ -255,6 +255,34 @@ def test_temporary_failures_are_retried_with_backoff_then_succeed(smtp_server):
     assert stats.retries == 2 and stats.attempts == 5
 
 
+@pytest.mark.parametrize(
+    "stage,reply",
+    [("rcpt", "452 4.2.2 mailbox full, try later"), ("data", "451 4.3.0 local error"),
+     ("data", "421 4.3.2 shutting down"), ("mail", "451 4.3.5 sender check unavailable")],
+)
+def test_each_temporary_fault_is_retried_and_delivered_exactly_once(smtp_server, stage, reply):
+    address = "news@example.com" if stage == "mail" else "user0@example.com"
+    smtp_server.set_fault(address, stage, reply, times=1)
+    _, listener = run(smtp_server, make_items(3), send=send_options(connections=1))
+    finals = assert_consistent(listener, range(3))
+    assert all(r.status == SENT for r in finals.values())
+    assert finals[0].attempts == 2 and listener.results(0)[0].smtp_code == int(reply[:3])
+    assert len(smtp_server.messages) == 3
+    assert_no_duplicates(smtp_server)
+
+
+def test_a_retry_waits_in_the_heap_without_holding_up_the_others(smtp_server):
+    smtp_server.set_fault("user0@example.com", "rcpt", "451 4.7.1 greylisted", times=1)
+    started = time.monotonic()
+    stats, listener = run(smtp_server, make_items(30), send=send_options(connections=1, retry_backoff=0.3),
+                          rng=lambda: 0.0)
+    elapsed = time.monotonic() - started
+    assert stats.sent == 30
+    # The only connection carried the 29 others while user0 waited for its retry.
+    assert smtp_server.messages[-1].rcpt_tos == ["user0@example.com"]
+    assert 0.3 <= elapsed < 2
+
+
 def test_temporary_failures_end_deferred_after_the_last_retry(smtp_server):
     smtp_server.set_fault("user0@example.com", "rcpt", "450 4.2.0 mailbox busy")
     _, listener = run(smtp_server, make_items(1), send=send_options(retries=2))
@@ -470,6 +498,7 @@ def test_results_and_stats_never_contain_the_password(make_smtp_server, client_t
     assert PASSWORD not in repr(listener.events) + repr(stats)
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_login_over_plaintext_to_loopback_is_allowed(make_smtp_server):
     server = make_smtp_server(password=PASSWORD, auth_require_tls=False)
     smtp = smtp_for(server, username=TEST_USERNAME)
