@@ -462,6 +462,10 @@ def test_implicit_tls(make_smtp_server, client_tls_context):
     assert stats.sent == 3
     with pytest.raises(ConnectionSetupError, match="certificate"):
         run(server, make_items(1), smtp=smtp_for(server, security="tls"))
+    probe = probe_relay(smtp_for(server, security="tls"), password=None, ssl_context=client_tls_context)
+    assert probe.ok and probe.tls_version.startswith("TLS")
+    probe = probe_relay(smtp_for(server, security="tls"), password=None)
+    assert [(s.name, s.ok) for s in probe.steps] == [("connect", True), ("tls", False)]
 
 
 def test_login_rejected_is_fatal_and_never_shows_the_password(make_smtp_server, client_tls_context, caplog):
