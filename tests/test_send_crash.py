@@ -1,0 +1,203 @@
+"""A real `mailer send` process killed, interrupted or overlapped, against a slow loopback server.
+
+The server stalls every MAIL FROM (then accepts it), so a run of a dozen messages
+takes a few seconds and there is always a transaction in flight to interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from mailer.sendlog import SendLog
+from send_support import Project, addresses, received_addresses, wait_for
+
+STALL = 0.4
+
+
+def slow_down(server, stall: float = STALL) -> None:
+    """Every message waits ``stall`` seconds after its content arrived, then is accepted.
+
+    (The fixture's ``stall`` fault answers with a failure or skips the recording, so
+    the recording DATA handler is wrapped instead. A client that goes away during the
+    wait cancels it: that message is not received.)
+    """
+    handler = server._controller.handler
+    handler.mailer_test_delay = stall
+    if "handle_DATA" not in vars(handler):
+        accept = type(handler).handle_DATA
+
+        async def slow_data(smtp, session, envelope):
+            await asyncio.sleep(handler.mailer_test_delay)
+            return await accept(handler, smtp, session, envelope)
+
+        handler.handle_DATA = slow_data
+
+
+def speed_up(server) -> None:
+    server._controller.handler.mailer_test_delay = 0.0
+
+
+def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
+def test_sigkill_mid_run_leaves_unknown_outcomes_that_are_reported_and_resent_only_on_request(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(12)
+    project.write_contacts(emails)
+    slow_down(smtp_server)
+
+    process = project.spawn_send()
+    try:
+        wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
+    finally:
+        process.kill()
+        finish(process)
+    assert process.returncode == -signal.SIGKILL
+
+    after_kill = project.peek_statuses()
+    assert "sent" in after_kill.values()
+    assert len(after_kill) < len(emails), "the run was not killed midway"
+    unknown = sorted(a for a, s in after_kill.items() if s == "sending")
+    assert set(after_kill.values()) <= {"sent", "sending"}
+    with SendLog.open(project.log_path, create=False) as log:
+        (killed_run,) = log.list_runs("news")
+    assert killed_run.finished_at is None and killed_run.pid == process.pid
+
+    speed_up(smtp_server)
+    rerun = project.send("--json")
+
+    # The unknown ones are left alone: the run finishes, and says it could not settle them.
+    assert rerun.exit_code == (75 if unknown else 0), rerun
+    counts = json.loads(rerun.stdout)["counts"]
+    assert counts["unknown"] == len(unknown)
+    assert counts["already_done"] == list(after_kill.values()).count("sent")
+    if unknown:
+        assert f"outcome unknown (status sending) {len(unknown)}" in rerun.stderr
+    received = Counter(received_addresses(smtp_server))
+    assert max(received.values()) == 1
+    assert set(received) == set(emails) - set(unknown)
+    report = project.report("--campaign", "news")
+    assert sorted(row["recipient"] for row in report["unknown_outcome"]) == unknown
+    assert all(row["status"] == "sending" for row in report["unknown_outcome"])
+    assert report["by_status"]["sending"] == len(unknown)
+    if unknown:
+        human = project.cli("report", "--campaign", "news")
+        assert f"{len(unknown)} recipients have an unknown outcome" in human.stdout
+        assert all(address in human.stdout for address in unknown)
+
+    resend = project.send("--resend-unknown", "--json")
+
+    assert resend.exit_code == 0, resend
+    assert json.loads(resend.stdout)["counts"]["sent"] == len(unknown)
+    # The killed transactions never reached DATA, so nobody has two copies even now.
+    assert sorted(received_addresses(smtp_server)) == emails
+    assert set(project.statuses().values()) == {"sent"}
+    assert project.report("--campaign", "news")["unknown_outcome"] == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_one_signal_finishes_the_messages_in_flight_prints_the_summary_and_exits_130(smtp_server, tmp_path, signum):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(16)
+    project.write_contacts(emails)
+    slow_down(smtp_server)
+
+    process = project.spawn_send("--json")
+    try:
+        wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
+        process.send_signal(signum)
+        stdout, stderr = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "stopping: finishing the messages in flight" in stderr
+    assert "send of campaign 'news'" in stderr  # the summary line
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True and summary["exit_code"] == 130
+
+    statuses = project.statuses()
+    assert "sending" not in statuses.values()  # what was in flight was finished and logged
+    received = Counter(received_addresses(smtp_server))
+    assert max(received.values()) == 1
+    assert {a for a, s in statuses.items() if s == "sent"} == set(received)
+    assert summary["counts"]["sent"] == len(received)
+    assert len(received) < len(emails), "the signal did not stop the run"
+    untouched = set(emails) - set(received)
+    assert all(statuses.get(a) in (None, "deferred") for a in untouched)
+    with SendLog.open(project.log_path, create=False) as log:
+        (run,) = log.list_runs("news")
+    assert run.interrupted is True and run.finished_at is not None
+
+    speed_up(smtp_server)
+    rerun = project.send()
+
+    assert rerun.exit_code == 0, rerun
+    assert sorted(received_addresses(smtp_server)) == emails
+    assert set(project.statuses().values()) == {"sent"}
+
+
+def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1})
+    project.write_contacts(addresses(4))
+    slow_down(smtp_server, stall=5.0)
+
+    process = project.spawn_send()
+    try:
+        wait_for(lambda: "sending" in project.peek_statuses().values(), timeout=20)
+        process.send_signal(signal.SIGINT)
+        wait_for(lambda: "stopping" in (process.stderr.readline() or "stopping"), timeout=5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = finish(process, timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert elapsed < 3.0, "the second Ctrl-C waited for the stalled transaction"
+    assert "aborted" in stderr
+    # The transaction in flight had no outcome: its row says so.
+    assert list(project.peek_statuses().values()) == ["sending"]
+    assert smtp_server.messages == []
+
+
+def test_a_second_run_of_the_same_campaign_is_refused_with_75_naming_the_holder(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(10)
+    project.write_contacts(emails)
+    slow_down(smtp_server)
+
+    process = project.spawn_send()
+    try:
+        wait_for(lambda: project.peek_statuses(), timeout=20)  # it holds the lock and is sending
+
+        overlap = project.send()
+
+        assert overlap.exit_code == 75, overlap
+        assert "already being sent by another run" in overlap.stderr
+        assert f"pid {process.pid}" in overlap.stderr
+        # Another campaign on the same log is not blocked.
+        project.write_contacts(["solo@example.org"], name="other.csv")
+        other = project.send("--campaign", "other", contacts=tmp_path / "other.csv")
+        assert other.exit_code == 0, other
+    finally:
+        speed_up(smtp_server)
+        stdout, stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert sorted(received_addresses(smtp_server)) == sorted(emails + ["solo@example.org"])
+    assert set(project.statuses().values()) == {"sent"}
