@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import IO, Any, Callable, Iterator
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
@@ -42,9 +42,13 @@ _EMAIL_HEADER_NAMES = {"email", "emailaddress", "mail"}
 # A conservative subset of valid addresses: plain ASCII dot-atom local part, LDH
 # domain labels and an alphabetic TLD. Addresses that match skip the full validator
 # (about 50 µs each); a property test checks that the validator accepts all of them.
+# Like the validator, it refuses labels with "--" in 3rd and 4th place (RFC 5891
+# §4.2.3.1: reserved, or Punycode that only IDNA can check) and special-use domains
+# such as .test and .localhost (RFC 6761), which can receive no mail.
 _SIMPLE_ADDRESS = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+    r"@(?!(?:.*\.)?(?i:" + "|".join(re.escape(name) for name in SPECIAL_USE_DOMAIN_NAMES) + r")$)"
+    r"(?:(?!..--)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
 )
 
 
@@ -106,7 +110,7 @@ class SeenAddresses:
     def __init__(self, capacity: int = 1 << 12) -> None:
         self._size = capacity
         self._digests = array("Q", bytes(8 * capacity))
-        self._lines = array("L", bytes(array("L").itemsize * capacity))
+        self._lines = array("I", bytes(array("I").itemsize * capacity))
         self._count = 0
 
     def __len__(self) -> int:
@@ -136,7 +140,7 @@ class SeenAddresses:
         old_digests, old_lines = self._digests, self._lines
         self._size *= 2
         self._digests = array("Q", bytes(8 * self._size))
-        self._lines = array("L", bytes(old_lines.itemsize * self._size))
+        self._lines = array("I", bytes(old_lines.itemsize * self._size))
         mask = self._size - 1
         for digest, line in zip(old_digests, old_lines):
             if digest:
