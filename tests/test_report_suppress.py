@@ -1,0 +1,208 @@
+"""`mailer report` and `mailer suppress` through the real CLI, on send logs written by real sends."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from send_support import Project, received_addresses
+
+
+def clear_faults(server) -> None:
+    with server.lock:
+        server.faults.clear()
+
+
+def mixed_run(project: Project, server) -> None:
+    """One campaign with every status but `sending`: sent, failed, deferred, invalid, suppressed."""
+    project.write_contacts([
+        "ann@example.com",  # sent
+        "al@example.com",  # 552 at DATA: failed
+        "amy@example.com",  # suppressed beforehand
+        "ben@example.org",  # sent
+        "bo@example.org",  # 451 forever: deferred
+        "not-an-address",  # invalid
+    ])
+    server.set_fault("al@example.com", "data", "552 5.2.2 mailbox full")
+    server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
+    assert project.cli("suppress", "add", "amy@example.com").exit_code == 0
+    outcome = project.send()
+    assert outcome.exit_code == 1, outcome
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_json_counts_by_status_domain_and_reply(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    mixed_run(project, smtp_server)
+
+    report = project.report("--campaign", "news")
+
+    assert report["version"] == 1 and report["campaign"] == "news" and report["total"] == 6
+    assert report["by_status"] == {"sent": 2, "failed": 1, "deferred": 1, "invalid": 1, "suppressed": 1, "sending": 0}
+    domains = {row["domain"]: row for row in report["by_domain"]}
+    assert domains["example.com"]["total"] == 3
+    assert domains["example.com"]["by_status"] == {"sent": 1, "failed": 1, "suppressed": 1}
+    assert domains["example.org"]["by_status"] == {"sent": 1, "deferred": 1}
+    codes = {row["code"]: row for row in report["by_smtp_code"]}
+    assert {code: row["count"] for code, row in codes.items()} == {250: 2, 451: 1, 552: 1}
+    assert codes[552]["example_reply"] == "5.2.2 mailbox full"
+    assert report["unknown_outcome"] == []
+    # Without --campaign: every campaign of the log (only one here).
+    assert project.report()["total"] == 6
+
+
+def test_report_tables_on_stdout(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    mixed_run(project, smtp_server)
+
+    outcome = project.cli("report", "--campaign", "news")
+
+    assert outcome.exit_code == 0, outcome
+    text = outcome.stdout
+    assert "campaign news: 6 recipients" in text
+    assert "by recipient domain" in text and "example.org" in text
+    assert "by SMTP reply" in text and "552" in text and "5.2.2 mailbox full" in text
+    assert "unknown outcome" not in text
+
+
+def test_report_failed_csv_is_accepted_back_by_send(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    mixed_run(project, smtp_server)
+    retry_csv = tmp_path / "retry.csv"
+
+    outcome = project.cli("report", "--campaign", "news", "--failed", str(retry_csv))
+
+    assert outcome.exit_code == 0, outcome
+    assert f"wrote 2 failed and deferred rows to {retry_csv}" in outcome.stderr
+    rows = list(csv.DictReader(io.StringIO(retry_csv.read_text(encoding="utf-8"))))
+    assert [(r["email"], r["status"], r["smtp_code"]) for r in rows] == [
+        ("al@example.com", "failed", "552"),
+        ("bo@example.org", "deferred", "451"),
+    ]
+
+    clear_faults(smtp_server)
+    template = project.write_template("Subject: Second try\n\nHello {{ email }}, last time: {{ status }}.\n",
+                                      name="retry.txt.j2")
+    before = len(smtp_server.messages)
+    again = project.send("--campaign", "news-retry", "--json", contacts=retry_csv, template=template)
+
+    assert again.exit_code == 0, again
+    assert json.loads(again.stdout)["counts"]["sent"] == 2
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.messages[before:]) == ["al@example.com", "bo@example.org"]
+    assert b"last time: failed." in smtp_server.received_by("al@example.com")[0].data
+    assert project.statuses("news-retry") == {"al@example.com": "sent", "bo@example.org": "sent"}
+    assert project.statuses("news")["al@example.com"] == "failed"  # the first campaign's record stands
+
+
+def test_report_failed_needs_a_campaign_and_report_needs_a_log(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+
+    missing = project.cli("report")
+    assert missing.exit_code == 2, missing
+    assert "there is no send log here yet" in missing.stderr and not project.log_path.exists()
+
+    mixed_run(project, smtp_server)
+    no_campaign = project.cli("report", "--failed", str(tmp_path / "x.csv"))
+    assert no_campaign.exit_code == 2, no_campaign
+    assert "--failed needs --campaign" in no_campaign.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+# ---------------------------------------------------------------- suppress
+
+
+def listed(project: Project) -> dict[str, list[str]]:
+    outcome = project.cli("suppress", "list")
+    assert outcome.exit_code == 0, outcome
+    rows = list(csv.reader(io.StringIO(outcome.stdout)))
+    assert rows[0] == ["email", "reason", "source", "added_at"]
+    return {row[0]: row[1:3] for row in rows[1:]}
+
+
+def test_suppress_add_remove_list(tmp_path):
+    project = Project(tmp_path)
+
+    first = project.cli("suppress", "add", "ann@example.com", "Bob@Example.ORG", "--reason", "asked by phone")
+    assert first.exit_code == 0, first
+    assert "added 2, already present 0" in first.stderr
+
+    again = project.cli("suppress", "add", "ann@example.com", "ANN@EXAMPLE.COM", "new@example.com")
+    assert again.exit_code == 0, again
+    assert "added 1, already present 2" in again.stderr
+
+    invalid = project.cli("suppress", "add", "carl@example.com", "broken@")
+    assert invalid.exit_code == 2, invalid
+    assert "'broken@' is not a valid email address" in invalid.stderr and "Nothing was added" in invalid.stderr
+
+    assert listed(project) == {
+        "ann@example.com": ["asked by phone", "manual"],
+        "Bob@example.org": ["asked by phone", "manual"],
+        "new@example.com": ["", "manual"],
+    }
+
+    removed = project.cli("suppress", "remove", "bob@EXAMPLE.org", "nobody@example.com")
+    assert removed.exit_code == 0, removed
+    assert "removed 1, not on the list 1" in removed.stderr
+    assert set(listed(project)) == {"ann@example.com", "new@example.com"}
+
+
+def test_suppress_import_csv_and_plain_list(tmp_path):
+    project = Project(tmp_path)
+    table = tmp_path / "unsubscribes.csv"
+    table.write_text("Name,E-mail,Reason\nXavier,x@example.com,complaint\nBad,bad-address,oops\nYann,y@example.com,\n",
+                     encoding="utf-8")
+    plain = tmp_path / "list.txt"
+    plain.write_text("# exported from the shop\nx@example.com\nz@example.com\n\nnot an address\n", encoding="utf-8")
+
+    from_csv = project.cli("suppress", "import", str(table), "--reason", "unsubscribed")
+
+    assert from_csv.exit_code == 0, from_csv
+    assert "added 2, already present 0, invalid 1" in from_csv.stderr
+    assert f"{table}:3: 'bad-address' is not a valid address; skipped" in from_csv.stderr
+
+    from_plain = project.cli("suppress", "import", str(plain))
+
+    assert from_plain.exit_code == 0, from_plain
+    assert "added 1, already present 1, invalid 1" in from_plain.stderr
+    assert f"{plain}:5: 'not an address' is not a valid address" in from_plain.stderr
+    assert listed(project) == {
+        "x@example.com": ["complaint", "import"],
+        "y@example.com": ["unsubscribed", "import"],
+        "z@example.com": ["", "import"],
+    }
+
+    missing = project.cli("suppress", "import", str(tmp_path / "nope.csv"))
+    assert missing.exit_code == 2 and "nope.csv" in missing.stderr and "not found" in missing.stderr
+
+
+def test_suppressed_addresses_are_never_mailed_and_logged_suppressed(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    assert project.cli("suppress", "add", "Jane@EXAMPLE.com", "OMAR@example.net").exit_code == 0
+    project.write_contacts(["jane@example.com", "omar@EXAMPLE.NET", "pat@example.com"])
+
+    outcome = project.send("--json")
+
+    assert outcome.exit_code == 0, outcome
+    counts = json.loads(outcome.stdout)["counts"]
+    assert (counts["sent"], counts["suppressed"]) == (1, 2)
+    assert "suppressed 2" in outcome.stderr
+    assert received_addresses(smtp_server) == ["pat@example.com"]
+    assert project.statuses() == {
+        "jane@example.com": "suppressed",
+        "omar@example.net": "suppressed",
+        "pat@example.com": "sent",
+    }
+    assert project.delivery("jane@example.com").reason == "on the suppression list"
+
+    # Taken off the list, an address is mailed by the next run; the others stay skipped.
+    assert project.cli("suppress", "remove", "JANE@example.com").exit_code == 0
+    again = project.send("--json")
+
+    assert again.exit_code == 0, again
+    counts = json.loads(again.stdout)["counts"]
+    assert (counts["sent"], counts["suppressed"], counts["already_done"]) == (1, 1, 1)
+    assert received_addresses(smtp_server) == ["pat@example.com", "jane@example.com"]
+    assert project.statuses()["omar@example.net"] == "suppressed"
