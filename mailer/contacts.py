@@ -235,7 +235,9 @@ class ContactReader:
         self._lines = self._decoded_lines()
         header_line = self._read_header_line()
         self.delimiter = self._sniff_delimiter(header_line)
-        self._rows = csv.reader(self._chain_first(header_line), delimiter=self.delimiter)
+        # strict: without it an unclosed quote silently swallows every later row into
+        # one field; with it the reader reports the row where the quote opened.
+        self._rows = csv.reader(self._chain_first(header_line), delimiter=self.delimiter, strict=True)
         try:
             header = next(self._rows)
         except csv.Error as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
+import json
 import mailbox
 from email.message import EmailMessage
 from pathlib import Path
@@ -112,3 +114,19 @@ def parse_message(data: bytes) -> EmailMessage:
 
 def all_defects(message: EmailMessage) -> list:
     return [defect for part in message.walk() for defect in part.defects]
+
+
+_runs = itertools.count()
+
+
+def dry_run(project: Project, run_cli, *args: str, contacts: str = "contacts.csv", template: str = "mail.txt.j2", input=None):
+    """A dry run into a fresh ``--output`` folder with ``--json``: (result, summary, messages in order).
+
+    With ``--output``, stdout holds only the JSON summary.
+    """
+    out = project.path(f"out{next(_runs)}")
+    result = run_cli("send", contacts, template, "--dry-run", "--output", out, "--json", *args, input=input)
+    assert_no_traceback(result)
+    summary = json.loads(result.stdout) if result.stdout.strip() else None
+    messages = [parse_message(path.read_bytes()) for path in sorted(out.glob("*.eml"))] if out.exists() else []
+    return result, summary, messages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import time
 import tracemalloc
@@ -26,7 +25,7 @@ from mailer.contacts import (
 )
 from mailer.errors import ContactsError
 
-from cli_fixtures import assert_fails, assert_no_traceback, parse_message
+from cli_fixtures import assert_fails, assert_no_traceback, dry_run
 
 TEMPLATE = """\
 From: Acme <news@acme.example>
@@ -40,19 +39,6 @@ Hi {{ first_name }}.
 def read_all(reader: ContactReader) -> list[Contact | Rejected]:
     with reader:
         return list(reader)
-
-
-_runs = itertools.count()
-
-
-def dry_run(project, run_cli, *args: str, contacts: str = "contacts.csv", template: str = "mail.txt.j2", input=None):
-    """Dry run into --output DIR with --json: (result, summary, messages in order)."""
-    out = project.path(f"out{next(_runs)}")
-    result = run_cli("send", contacts, template, "--dry-run", "--output", out, "--json", *args, input=input)
-    assert_no_traceback(result)
-    summary = json.loads(result.stdout) if result.stdout.strip() else None
-    messages = [parse_message(path.read_bytes()) for path in sorted(out.glob("*.eml"))] if out.exists() else []
-    return result, summary, messages
 
 
 # --- streaming ---------------------------------------------------------------------------
@@ -243,14 +229,18 @@ def test_missing_contact_file(project, run_cli):
     assert_fails(run_cli("send", "nope.csv", "mail.txt.j2", "--dry-run"), 2, "nope.csv", "not found")
 
 
-def test_unclosed_quote_is_reported_with_its_line(project, run_cli):
-    project.csv('email,name\nann@example.com,Ann\nbob@example.com,"Bob\n')
+def test_unclosed_quote_is_reported_not_swallowing_later_rows(project, run_cli):
+    project.csv('email,name\nann@example.com,"Ann\nbob@example.com,Bob\ncy@example.com,Cy\n')
+    project.template(TEMPLATE.replace("first_name", "email"))
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--format", "jsonl")
+    assert_fails(result, 2, "contacts.csv:2:", "not valid CSV", "unclosed quote")
+
+
+def test_text_after_a_closing_quote_is_reported(project, run_cli):
+    project.csv('email,name\nann@example.com,"Ann" Lee\n')
     project.template(TEMPLATE.replace("first_name", "name"))
     result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--format", "jsonl")
-    # An unclosed quote swallows the rest of the file: the row that starts it is reported.
-    assert_no_traceback(result)
-    assert result.exit_code in (1, 2)
-    assert "contacts.csv:3" in result.stderr
+    assert_fails(result, 2, "contacts.csv:2:", "not valid CSV")
 
 
 # --- bad rows -----------------------------------------------------------------------------
