@@ -1,0 +1,203 @@
+"""`mailer check` through the real CLI, against the loopback SMTP server and the loopback DNS server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+
+import nacl.signing
+import pytest
+
+from mailer.config import DKIMConfig
+from mailer.dkim import DKIMSigner
+from send_support import Project
+
+DOMAIN = "acme.example"
+SELECTOR = "mail2026"
+
+
+@pytest.fixture(scope="module")
+def rsa_key(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the RSA key")
+    path = tmp_path_factory.mktemp("dkim") / "dkim.pem"
+    path.write_bytes(subprocess.run(["openssl", "genrsa", "2048"], check=True, capture_output=True).stdout)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def ready(smtp_server, dns_server, rsa_key, tmp_path):
+    """A project whose relay, DNS and key are all in order: (project, zone, signer)."""
+    signer = DKIMSigner.load(DKIMConfig(domain=DOMAIN, selector=SELECTOR, private_key=rsa_key))
+    zone = {
+        (DOMAIN, "MX"): ["10 mx.acme.example."],
+        ("mx.acme.example", "A"): ["127.0.0.1"],
+        (DOMAIN, "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
+        (f"_dmarc.{DOMAIN}", "TXT"): [f"v=DMARC1; p=reject; rua=mailto:dmarc@{DOMAIN}"],
+        (f"{SELECTOR}._domainkey.{DOMAIN}", "TXT"): [signer.dns_record()[1]],
+        ("customers.example", "MX"): ["10 mx.customers.example."],
+        ("nomail.example", "MX"): ["0 ."],
+    }
+    dns_server.set_zone(zone)
+    project = Project(tmp_path, smtp_server)
+    project.configure(
+        dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(rsa_key)},
+        message={
+            "from": f"Acme News <news@{DOMAIN}>",
+            "kind": "marketing",
+            "list_unsubscribe": "https://acme.example/u?e={{ email | urlencode }}",
+        },
+        dns={"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": 2},
+    )
+    return project, zone, signer
+
+
+def lines_of(outcome) -> dict[str, str]:
+    """'section/name' -> the status word of each check line of the plain output."""
+    found = {}
+    for line in outcome.stdout.splitlines():
+        if line[:4].strip() in ("OK", "WARN", "FAIL"):
+            status, rest = line.split(None, 1)
+            found[rest.split(":", 1)[0]] = status
+    return found
+
+
+def test_all_ok_exits_0_and_sends_nothing(ready, smtp_server, dns_server):
+    project, _, _ = ready
+
+    outcome = project.cli("check")
+
+    assert outcome.exit_code == 0, outcome
+    checks = lines_of(outcome)
+    assert set(checks.values()) == {"OK"}, outcome.stdout
+    for name in ("config/config file", "config/unsubscribe", "config/DKIM key", "smtp/connect", "smtp/ehlo",
+                 "smtp/extensions", f"dns/MX ({DOMAIN})", f"dns/SPF ({DOMAIN})", f"dns/DMARC ({DOMAIN})",
+                 f"dns/DKIM ({DOMAIN})"):
+        assert name in checks, f"{name} missing from\n{outcome.stdout}"
+    assert smtp_server.connections == 1 and smtp_server.messages == [] and smtp_server.rcpt_attempts == []
+    assert dns_server.count(f"{SELECTOR}._domainkey.{DOMAIN}", "TXT") >= 1
+
+
+def test_all_ok_as_json(ready):
+    project, _, _ = ready
+
+    outcome = project.cli("check", "--json")
+
+    assert outcome.exit_code == 0, outcome
+    result = json.loads(outcome.stdout)
+    assert result["version"] == 1 and result["ok"] is True
+    assert {c["section"] for c in result["checks"]} == {"config", "smtp", "dns"}
+    assert all(c["status"] == "ok" for c in result["checks"])
+    assert all(set(c) == {"section", "name", "status", "detail", "fix"} for c in result["checks"])
+
+
+@pytest.mark.parametrize(
+    "problem, failing, detail, fix",
+    [
+        ("spf-missing", "SPF", "has no SPF record", f"Publish one TXT record at {DOMAIN}: \"v=spf1"),
+        ("dmarc-missing", "DMARC", f"no DMARC record at _dmarc.{DOMAIN}", f"Publish a TXT record at _dmarc.{DOMAIN}"),
+        ("dkim-mismatch", "DKIM", "does not match [dkim] private_key",
+         f"Publish a TXT record at {SELECTOR}._domainkey.{DOMAIN}: \"v=DKIM1; k=rsa; p="),
+        ("null-mx", "MX", "null MX", "Replace the null MX"),
+    ],
+)
+def test_a_dns_problem_is_a_fail_line_with_its_fix_and_exit_1(ready, dns_server, problem, failing, detail, fix):
+    project, zone, signer = ready
+    zone = dict(zone)
+    if problem == "spf-missing":
+        del zone[(DOMAIN, "TXT")]
+    elif problem == "dmarc-missing":
+        del zone[(f"_dmarc.{DOMAIN}", "TXT")]
+    elif problem == "dkim-mismatch":
+        other = base64.b64encode(bytes(nacl.signing.SigningKey.generate().verify_key)).decode()
+        zone[(f"{SELECTOR}._domainkey.{DOMAIN}", "TXT")] = [f"v=DKIM1; k=ed25519; p={other}"]
+    else:
+        zone[(DOMAIN, "MX")] = ["0 ."]
+    dns_server.set_zone(zone)
+
+    outcome = project.cli("check")
+
+    assert outcome.exit_code == 1, outcome
+    checks = lines_of(outcome)
+    assert checks[f"dns/{failing} ({DOMAIN})"] == "FAIL"
+    assert [name for name, status in checks.items() if status == "FAIL"] == [f"dns/{failing} ({DOMAIN})"]
+    text = outcome.stdout
+    fail_line = next(line for line in text.splitlines() if line.startswith(f"FAIL dns/{failing}"))
+    assert detail in fail_line
+    fix_line = text.splitlines()[text.splitlines().index(fail_line) + 1]
+    assert fix_line.strip().startswith("fix:") and fix in fix_line
+    if problem == "dkim-mismatch":
+        assert signer.dns_record()[1] in fix_line  # the exact record to publish
+
+    as_json = json.loads(project.cli("check", "--json").stdout)
+    assert as_json["ok"] is False
+    (failed,) = [c for c in as_json["checks"] if c["status"] == "fail"]
+    assert failed["name"] == f"{failing} ({DOMAIN})" and fix in failed["fix"]
+
+
+def test_an_unreachable_relay_and_a_missing_password_fail(ready, dns_server):
+    project, _, _ = ready
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        project.configure(smtp={"port": closed.getsockname()[1], "username": "news",
+                                "password_env": "MAILER_TEST_CHECK_PASSWORD"})
+        outcome = project.cli("check", env={"MAILER_TEST_CHECK_PASSWORD": None})
+    finally:
+        closed.close()
+
+    assert outcome.exit_code == 1, outcome
+    checks = lines_of(outcome)
+    assert checks["config/password"] == "FAIL"
+    assert "MAILER_TEST_CHECK_PASSWORD is not set" in outcome.stdout
+    assert any(name.startswith("smtp/") and status == "FAIL" for name, status in checks.items()), outcome.stdout
+
+
+def test_a_broken_config_is_one_fail_line(ready):
+    project, _, _ = ready
+    project.configure(smtp={"securty": "none"})
+
+    outcome = project.cli("check")
+
+    assert outcome.exit_code == 1, outcome
+    assert lines_of(outcome) == {"config/config file": "FAIL"}
+    assert "smtp.securty" in outcome.stdout and "mailer.toml" in outcome.stdout
+
+
+def test_contacts_invalid_duplicates_suppressed_and_dead_domains_are_counted(ready, smtp_server):
+    project, _, _ = ready
+    assert project.cli("suppress", "add", "sup@customers.example").exit_code == 0
+    contacts = project.write_contacts([
+        "ann@customers.example",
+        "bob@customers.example",
+        "ann@CUSTOMERS.example",  # duplicate of line 2
+        "not-an-email",  # invalid
+        "sup@customers.example",  # suppressed
+        "x@gone.example",  # NXDOMAIN
+        "y@nomail.example",  # null MX
+        "z@nomail.example",
+    ])
+
+    outcome = project.cli("check", str(contacts), "--json")
+
+    assert outcome.exit_code == 1, outcome
+    checks = {c["name"]: c for c in json.loads(outcome.stdout)["checks"] if c["section"] == "contacts"}
+    addresses = checks["addresses"]
+    assert addresses["status"] == "fail"
+    assert addresses["detail"].startswith("7 valid rows; 1 invalid: line 5")
+    assert checks["duplicates"]["status"] == "warn" and checks["duplicates"]["detail"] == "1 duplicate addresses"
+    assert checks["suppressed"]["detail"].startswith("1 addresses on the suppression list")
+    (domains,) = [c for name, c in checks.items() if name.startswith("recipient domains")]
+    assert domains["status"] == "fail"
+    assert domains["detail"].startswith("3 domains looked up; 2 cannot receive mail (3 recipients)")
+    assert "gone.example" in domains["detail"] and "nomail.example" in domains["detail"]
+    assert "Remove these addresses" in domains["fix"]
+    assert smtp_server.messages == []
+
+    plain = project.cli("check", str(contacts))
+    assert plain.exit_code == 1
+    assert "FAIL contacts/recipient domains" in plain.stdout and "WARN contacts/duplicates" in plain.stdout
