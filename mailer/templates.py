@@ -143,6 +143,10 @@ class MessageTemplate:
             output = self._bundle.render(variables)
         except UndefinedError as exc:
             raise TemplateError(f"rendering failed: {exc.message}.", path=str(self.path)) from None
+        except Exception as exc:
+            # The template's own code failed on this row's values ({{ total / count }}
+            # with count 0, int('n/a')...): that row is reported, the run goes on.
+            raise RowError(f"rendering {self.path.name} failed: {type(exc).__name__}: {exc}") from None
         parts = output.split(_SEPARATOR)
         if len(parts) != self._part_count:
             raise RowError("a value contains a NUL character, which mail cannot carry")
@@ -306,9 +310,13 @@ def _compile(env: Environment, part: _Part, path: Path, used: dict[str, int]) ->
     source = ("{#" + "\n" * (part.line - 1) + "#}" if part.line > 1 else "") + part.source
     try:
         ast = env.parse(source, filename=str(path))
+        # Analysing the tree also compiles it, which is when Jinja finds an unknown
+        # filter or test (TemplateAssertionError, a TemplateSyntaxError).
+        undeclared = meta.find_undeclared_variables(ast)
     except TemplateSyntaxError as exc:
-        raise TemplateError(f"template syntax error: {exc.message}.", path=str(path), line=exc.lineno) from None
-    for name in meta.find_undeclared_variables(ast):
+        message = (exc.message or "").rstrip(".")
+        raise TemplateError(f"template syntax error: {message}.", path=str(path), line=exc.lineno) from None
+    for name in undeclared:
         line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == name), default=part.line)
         used[name] = min(used.get(name, line), line)
     if _SEPARATOR in part.source:

@@ -1,0 +1,323 @@
+"""Template files: kinds, escaping, errors with file and line, attachments, header injection."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mailer.templates import html_to_text, load_template
+
+from cli_fixtures import all_defects, assert_fails, dry_run
+
+CONTACTS = "email,First Name,Last Name,plan,items\nann@example.com,Ann,Lee,pro,apple;pear\nbob@example.com,Bob,Kim,team,plum\n"
+
+
+def html_of(message) -> str:
+    return message.get_body(("html",)).get_content().replace("\r\n", "\n")
+
+
+def text_of(message) -> str:
+    return message.get_body(("plain",)).get_content().replace("\r\n", "\n")
+
+
+# --- kinds ---------------------------------------------------------------------------------
+
+
+def test_txt_template_gives_one_text_plain_part(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi {{ first_name }}\n\nHello {{ first_name }} <b>{{ plan }}</b>\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    assert len(messages) == 2
+    for message in messages:
+        assert message.get_content_type() == "text/plain"
+        assert not message.is_multipart()
+        assert all_defects(message) == []
+    assert messages[0].get_content().replace("\r\n", "\n") == "Hello Ann <b>pro</b>\n"
+
+
+def test_markdown_template_gives_text_and_html_with_inlined_css(project, run_cli):
+    project.csv(CONTACTS)
+    project.template(
+        "From: Acme <news@acme.example>\nSubject: Hi {{ first_name }}\n\n"
+        "# Welcome, {{ first_name }}!\n\nYour **{{ plan }}** plan.\n\n"
+        "{% if plan == 'team' %}\nInvite your team at <https://acme.example/team>.\n{% endif %}\n\n"
+        "[Account](https://acme.example/account?u={{ email | urlencode }})\n",
+        name="welcome.md.j2",
+    )
+    result, summary, messages = dry_run(project, run_cli, template="welcome.md.j2")
+    assert result.exit_code == 0, result.stderr
+    ann, bob = messages
+    assert ann.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in ann.iter_parts()] == ["text/plain", "text/html"]
+    text, html = text_of(ann), html_of(ann)
+    assert text.startswith("# Welcome, Ann!\n\nYour **pro** plan.")
+    assert re.search(r'<h1 style="[^"]*font-size[^"]*">Welcome, Ann!</h1>', html)
+    assert re.search(r'<p style="[^"]*">Your <strong>pro</strong> plan.</p>', html)
+    assert re.search(r'<a href="https://acme.example/account\?u=ann%40example.com" style="[^"]*color', html)
+    assert "<style" not in html
+    assert "Invite your team" not in html and "Invite your team" not in text
+    assert "Invite your team" in html_of(bob) and "Invite your team" in text_of(bob)
+    assert "<p></p>" not in html and "<p></p>" not in html_of(bob)
+
+
+def test_html_template_gets_a_generated_text_alternative(project, run_cli):
+    project.csv(CONTACTS)
+    project.template(
+        "From: Acme <news@acme.example>\nSubject: Invoice\n\n"
+        "<html><body><p>Hello {{ first_name }} &amp; team,</p>\n"
+        '<p>Your <b>{{ plan }}</b> plan. <a href="https://acme.example/{{ plan }}">Details</a></p>\n'
+        "<ul>\n{% for item in items.split(';') %}\n<li>{{ item }}</li>\n{% endfor %}\n</ul>\n</body></html>\n",
+        name="invoice.html.j2",
+    )
+    result, summary, messages = dry_run(project, run_cli, template="invoice.html.j2")
+    assert result.exit_code == 0, result.stderr
+    for message in messages:
+        assert [p.get_content_type() for p in message.iter_parts()] == ["text/plain", "text/html"]
+        # The precompiled text alternative says what the rendered HTML says.
+        assert normalize(text_of(message)) == normalize(html_to_text(html_of(message)))
+    text = text_of(messages[0])
+    assert "Hello Ann & team," in text
+    assert "[Details](https://acme.example/pro)" in text
+    assert re.search(r"\*\s+apple\s*\n\s*\*\s+pear", text)
+
+
+def normalize(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip().splitlines() if line.strip())
+
+
+def test_a_loop_inside_a_table_takes_the_per_message_path_and_gives_correct_text(project, run_cli):
+    project.csv(CONTACTS)
+    path = project.template(
+        "From: Acme <news@acme.example>\nSubject: Your items\n\n"
+        "<html><body><p>Items for {{ first_name }}:</p>\n<table>\n"
+        "{% for item in items.split(';') %}\n<tr><td>{{ loop.index }}</td><td>{{ item }}</td></tr>\n{% endfor %}\n"
+        "</table>\n<p>Total: {{ items.split(';') | length }}</p></body></html>\n",
+        name="items.html.j2",
+    )
+    assert load_template(path).text_from_html  # the per-message fallback
+    result, summary, messages = dry_run(project, run_cli, template="items.html.j2")
+    assert result.exit_code == 0, result.stderr
+    ann_text = text_of(messages[0])
+    assert re.search(r"Items for Ann:\s*\n+\s*1\s+apple\s*\n\s*2\s+pear\s*\n+\s*Total: 2", ann_text), ann_text
+    bob_text = text_of(messages[1])
+    assert re.search(r"1\s+plum", bob_text) and "apple" not in bob_text
+    assert normalize(ann_text) == normalize(html_to_text(html_of(messages[0])))
+
+
+@pytest.mark.parametrize("kind", ["md", "html"])
+def test_csv_values_are_escaped_in_html_but_not_in_text(project, run_cli, kind):
+    project.csv('email,First Name\nann@example.com,"<script>alert(1)</script> & Co"\n')
+    body = "Hello {{ first_name }}\n" if kind == "md" else "<p>Hello {{ first_name }}</p>\n"
+    project.template(f"From: Acme <news@acme.example>\nSubject: Hi\n\n{body}", name=f"mail.{kind}.j2")
+    result, summary, (message,) = dry_run(project, run_cli, template=f"mail.{kind}.j2")
+    assert result.exit_code == 0, result.stderr
+    html = html_of(message)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co" in html
+    assert "<script>" not in html
+    assert "Hello <script>alert(1)</script> & Co" in text_of(message)
+
+
+def test_jinja_globals_and_methods_are_usable(project, run_cli):
+    project.csv(CONTACTS)
+    project.template(
+        "From: Acme <news@acme.example>\nSubject: {{ plan.upper() }}\n\n{% for i in range(2) %}{{ i }}{% endfor %} {{ campaign }}\n",
+        name="news.txt.j2",
+    )
+    result, summary, messages = dry_run(project, run_cli, template="news.txt.j2")
+    assert result.exit_code == 0, result.stderr
+    assert str(messages[0]["Subject"]) == "PRO"
+    assert messages[0].get_content().replace("\r\n", "\n") == "01 news\n"
+
+
+# --- errors found before anything is built -------------------------------------------------
+
+
+def test_undefined_variable_names_it_the_file_the_line_and_the_columns(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi\n\nHello,\n\n{{ frist_name }}\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(
+        result,
+        2,
+        "mail.txt.j2:6:",
+        "{{ frist_name }}",
+        "Did you mean first_name?",
+        "email, First Name, Last Name, plan, items",
+    )
+    assert result.stdout == ""
+
+
+def test_undefined_variable_in_a_header(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi {{ nickname }}\n\nHello\n")
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2:2:", "{{ nickname }}")
+
+
+def test_unsubscribe_url_needs_the_config(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi\n\n{{ unsubscribe_url }}\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mail.txt.j2:4:", "unsubscribe_url", "list_unsubscribe")
+
+
+@pytest.mark.parametrize(
+    "body, line, what",
+    [
+        ("Hello\n{% if plan %}\nx\n", 6, "Unexpected end of template"),
+        ("Hello {{ plan }\n", 4, "unexpected '}'"),
+        ("Hello\n\n{{ plan | nosuchfilter }}\n", 6, "No filter named 'nosuchfilter'"),
+        ("{% for x in items %}{{ x }}{% endif %}\n", 4, "endif"),
+    ],
+)
+def test_template_syntax_error_names_file_line_and_problem(project, run_cli, body, line, what):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi\n\n" + body)
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, f"mail.txt.j2:{line}:", "syntax error", what)
+    assert ".." not in result.stderr.replace("...", "")
+
+
+def test_syntax_error_in_a_header(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\nSubject: Hi {{ first_name\n\nHello\n")
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2:2:", "syntax error")
+
+
+def test_missing_subject(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: Acme <news@acme.example>\n\nHello\n")
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2", "no Subject:")
+
+
+@pytest.mark.parametrize("header", ["Message-ID: <x@acme.example>", "Date: today", "MIME-Version: 1.0", "List-Unsubscribe: <https://x>"])
+def test_reserved_headers_are_refused(project, run_cli, header):
+    project.csv(CONTACTS)
+    project.template(f"From: Acme <news@acme.example>\nSubject: Hi\n{header}\n\nHello\n")
+    name = header.split(":")[0]
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2:3:", f"sets {name}:", "mailer writes itself")
+
+
+@pytest.mark.parametrize(
+    "source, what",
+    [
+        ("Subject: Hi\nnot a header\n\nbody\n", "expected a header line"),
+        ("Subject: Hi\nFrom: a@acme.example", "no blank line"),
+        ("Subject: Hi\nSubject: again\n\nbody\n", "appears twice"),
+    ],
+)
+def test_malformed_header_blocks(project, run_cli, source, what):
+    project.csv(CONTACTS)
+    project.template(source)
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "-c", project.config()), 2, "mail.txt.j2", what)
+
+
+def test_template_kind_must_be_known(project, run_cli):
+    project.csv(CONTACTS)
+    project.write("mail.j2", "Subject: Hi\n\nx\n")
+    assert_fails(run_cli("send", "contacts.csv", "mail.j2", "--dry-run"), 2, "mail.j2", "*.txt.j2")
+
+
+def test_template_not_utf8(project, run_cli):
+    project.csv(CONTACTS)
+    project.write("mail.txt.j2", "From: a@acme.example\nSubject: Hi\n\nGrüße\n".encode("latin-1"))
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2:4:", "not valid UTF-8")
+
+
+def test_no_from_anywhere(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("Subject: Hi\n\nHello\n")
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "no From:", "[message]")
+
+
+def test_from_comes_from_the_config_when_the_template_has_none(project, run_cli):
+    project.csv(CONTACTS)
+    project.config()
+    project.template("Subject: Hi\n\nHello\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    assert messages[0]["From"].addresses[0].addr_spec == "news@acme.example"
+    assert messages[0]["To"].addresses[0].addr_spec == "ann@example.com"
+
+
+# --- rows that cannot be built ---------------------------------------------------------------
+
+
+def test_a_runtime_error_in_the_template_is_that_rows_problem(project, run_cli):
+    project.csv("email,count\nann@example.com,4\nbob@example.com,0\n")
+    project.template("From: a@acme.example\nSubject: Hi\n\n{{ 100 // count | int }}\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1
+    assert len(messages) == 1 and messages[0].get_content().strip() == "25"
+    (problem,) = summary["problems"]
+    assert problem["line"] == 3 and problem["kind"] == "error"
+    assert "ZeroDivisionError" in problem["reason"] and "mail.txt.j2" in problem["reason"]
+    assert "contacts.csv:3:" in result.stderr
+
+
+def test_attachments_are_relative_to_the_template_folder_and_templated(project, run_cli, monkeypatch):
+    project.csv("email,invoice\nann@example.com,INV-1\nbob@example.com,INV-2\n")
+    project.write("mail/invoices/INV-1.pdf", b"%PDF ann")
+    project.write("mail/invoices/INV-2.pdf", b"%PDF bob")
+    project.write("mail/terms.txt", b"terms")
+    project.template(
+        "From: a@acme.example\nSubject: Invoice {{ invoice }}\nAttachment: invoices/{{ invoice }}.pdf\nAttachment: terms.txt\n\nAttached.\n",
+        name="mail/invoice.txt.j2",
+    )
+    elsewhere = project.path("elsewhere")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative to the template, not to the working directory
+    result, summary, messages = dry_run(project, run_cli, contacts="../contacts.csv", template="../mail/invoice.txt.j2")
+    assert result.exit_code == 0, result.stderr
+    for message, content in zip(messages, (b"%PDF ann", b"%PDF bob")):
+        assert message["Attachment"] is None
+        assert message.get_content_type() == "multipart/mixed"
+        attachments = [(a.get_filename(), a.get_content_type(), a.get_payload(decode=True)) for a in message.iter_attachments()]
+        invoice = str(message["Subject"]).split()[-1]
+        assert attachments == [(f"{invoice}.pdf", "application/pdf", content), ("terms.txt", "text/plain", b"terms")]
+        assert text_of(message) == "Attached.\n"
+
+
+def test_a_missing_attachment_skips_that_row_only(project, run_cli):
+    project.csv("email,invoice\nann@example.com,INV-1\nbob@example.com,INV-404\ncy@example.com,INV-1\n")
+    project.write("invoices/INV-1.pdf", b"%PDF")
+    project.template("From: a@acme.example\nSubject: Invoice\nAttachment: invoices/{{ invoice }}.pdf\n\nAttached.\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com", "cy@example.com"]
+    (problem,) = summary["problems"]
+    assert problem["line"] == 3 and problem["email"] == "bob@example.com"
+    assert "attachment invoices/INV-404.pdf not found" in problem["reason"]
+    assert summary["counts"]["error"] == 1 and summary["counts"]["rendered"] == 2
+    assert "contacts.csv:3:" in result.stderr and "INV-404.pdf" in result.stderr
+
+
+# --- header injection ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["Subject: Hi {{ first_name }}", "To: {{ first_name }} <{{ email }}>", "X-Name: {{ first_name }}"])
+def test_a_line_break_from_the_csv_in_a_header_rejects_the_row(project, run_cli, header):
+    project.csv('email,first_name\nann@example.com,Ann\nbob@example.com,"Bob\r\nBcc: victim@evil.test"\ncy@example.com,"Cy\nX-Evil: 1"\n')
+    project.template(f"From: a@acme.example\n{header}\n{'Subject: Hi' if 'Subject' not in header else 'X-Mailer-Test: 1'}\n\nHello {{{{ first_name }}}}\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com"]
+    assert {p["line"] for p in summary["problems"]} == {3, 5}
+    for problem in summary["problems"]:
+        assert problem["kind"] == "error"
+        assert "line break" in problem["reason"] and "header injection" in problem["reason"]
+    for path in project.root.glob("out*/*.eml"):
+        data = path.read_bytes()
+        assert b"victim@evil.test" not in data and b"X-Evil" not in data
+    assert "contacts.csv:3:" in result.stderr and "contacts.csv:5:" in result.stderr
+
+
+def test_a_line_break_from_the_csv_in_the_body_is_fine(project, run_cli):
+    project.csv('email,first_name,note\nbob@example.com,Bob,"line one\r\nBcc: victim@evil.test"\n')
+    project.template("From: a@acme.example\nSubject: Hi {{ first_name }}\n\n{{ note }}\n")
+    result, summary, (message,) = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    assert message["Bcc"] is None
+    assert "line one\nBcc: victim@evil.test" in message.get_content().replace("\r\n", "\n")
+    assert [a.addr_spec for a in message["To"].addresses] == ["bob@example.com"]
