@@ -183,8 +183,18 @@ def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool)
 
         signer = DKIMSigner.load(job.config.dkim)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
-    confirm = None if yes or not interactive else (lambda question: typer.confirm(question, err=True))
+    confirm = None if yes or not interactive else functools.partial(_ask, reporter)
     return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
+
+
+def _ask(reporter: Reporter, question: str) -> bool:
+    """A yes/no question on the terminal, default no. (Not typer.confirm: it echoes the
+    prompt's trailing space to stdout, which must carry only the product, e.g. --json.)"""
+    try:
+        answer = reporter.console.input(f"{question} [y/N]: ", markup=False, emoji=False)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Optional[Path]) -> Summary:

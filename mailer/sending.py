@@ -145,6 +145,7 @@ def run_send(
 
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
     with SendLog.open(config.log.path) as log, log.acquire_lock(job.name):
+        plan = None
         if confirm is not None and job.reader.source != "-":
             plan = plan_send(job, log, resend_unknown=resend_unknown)
             question = (
@@ -165,12 +166,12 @@ def run_send(
         run_id = log.start_run(job.name, template=str(job.template.path), contacts=job.contacts_name)
         stop = threading.Event()
         interrupted = _install_signal_handlers(stop, reporter)
-        reporter.start_progress(f"sending {job.name}", None)
+        reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         counts = summary.counts
 
-        def progress() -> None:
+        def progress(*, last: bool = False) -> None:
             done = counts["sent"] + counts["failed"] + counts["deferred"]
-            if done % 64 == 0:
+            if done % 64 == 0 or last:
                 reporter.update_progress(done, {k: counts[k] for k in ("sent", "failed", "deferred")})
 
         recorder = _Recorder(job, log, summary, progress)
@@ -185,6 +186,7 @@ def run_send(
                 ssl_context=ssl_context,
             )
         finally:
+            progress(last=True)  # the bar must end on the real counts, not the last multiple of 64
             reporter.stop_progress()
             _restore_signal_handlers(interrupted)
             summary.finished = time.time()

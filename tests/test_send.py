@@ -465,3 +465,90 @@ def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_
     assert_nowhere(wrong, outcome.stdout, outcome.stderr, check.stdout, check.stderr, report.stdout,
                    report.stderr, project.log_bytes())
     assert '"auth"' in check.stdout and "rejected" in check.stdout
+
+
+# ---------------------------------------------------------------- on a terminal
+
+
+def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tuple[int, str, str, str]:
+    """Run `mailer send` with stdin and stderr on a pseudo-terminal and stdout piped (as in
+    `mailer send ... --json > summary.json` typed at a shell). Answers the prompt with
+    ``answer``. Returns (exit code, the prompt, stdout, everything the terminal showed)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from send_support import MAILER
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*MAILER, "send", str(project.contacts_path), str(project.template_path), *args,
+         "--config", str(project.config_path)],
+        stdin=slave, stderr=slave, stdout=subprocess.PIPE, cwd=project.root,
+    )
+    os.close(slave)
+    shown = b""
+
+    def read(until: bytes | None, timeout: float) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (until is None or until not in shown):
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # the other side closed
+                    return
+                if not chunk:
+                    return
+                shown += chunk
+            elif until is None and process.poll() is not None:
+                return
+
+    try:
+        if answer is not None:
+            read(b"]:", 15)
+            prompt = shown.decode(errors="replace")
+            os.write(master, answer)
+        else:
+            prompt = ""
+        stdout = process.stdout.read()
+        process.wait(timeout=20)
+        read(None, 2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+        os.close(master)
+    return process.returncode, prompt, stdout.decode(), shown.decode(errors="replace")
+
+
+def test_on_a_terminal_send_asks_once_and_no_sends_nothing(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(3))
+
+    code, prompt, stdout, shown = run_on_a_terminal(project, b"n\n", "--json")
+
+    assert code == 2, shown
+    assert f"Send campaign 'news' to 3 recipients through 127.0.0.1:{smtp_server.port} (none)?" in prompt
+    assert "not confirmed; nothing was sent" in shown
+    assert stdout == ""  # not even the prompt's trailing space
+    assert smtp_server.connections == 0
+
+
+def test_on_a_terminal_yes_sends_and_stdout_holds_only_the_json(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(3))
+
+    code, prompt, stdout, shown = run_on_a_terminal(project, b"y\n", "--json")
+
+    assert code == 0, shown
+    assert prompt.count("Send campaign") == 1
+    assert stdout.startswith("{") and json.loads(stdout)["counts"]["sent"] == 3
+    assert sorted(received_addresses(smtp_server)) == addresses(3)
+    assert "3/3" in shown  # the progress bar ends with the real count
+
+    again_code, _, again_stdout, again_shown = run_on_a_terminal(project, None, "--yes")
+    assert again_code == 0 and again_stdout == "", again_shown
+    assert "Send campaign" not in again_shown and len(smtp_server.messages) == 3
