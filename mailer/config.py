@@ -182,6 +182,12 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
 
 
+def _looks_like_password(name: str) -> bool:
+    # Variable names are written in one case (MAILER_SMTP_PASSWORD, smtp_pass); a value
+    # mixing upper case, lower case and digits (Tr0ub4dor3) is a password pasted in.
+    return any(c.islower() for c in name) and any(c.isupper() for c in name) and any(c.isdigit() for c in name)
+
+
 def find_config_path(explicit: str | os.PathLike | None) -> tuple[Path | None, bool]:
     """Where the config is: ``--config``, else ``$MAILER_CONFIG``, else ``./mailer.toml``.
 
@@ -249,8 +255,10 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
             types, name = spec
             # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                expected = _TYPE_NAMES[float] if float in types else _TYPE_NAMES[types[0]]
+                shown = "" if key == "password_env" else f" {value!r}"  # it may be a password pasted in
                 raise ConfigError(
-                    f"'{section}.{key}' must be {_TYPE_NAMES[types[0]]}, not {type(value).__name__} {value!r}.",
+                    f"'{section}.{key}' must be {expected}, not {type(value).__name__}{shown}.",
                     path=where,
                     key=f"{section}.{key}",
                 )
@@ -267,7 +275,9 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         raise fail("smtp.port", f"must be between 1 and 65535, not {smtp.port}.")
     if smtp.timeout <= 0:
         raise fail("smtp.timeout", "must be more than zero seconds.")
-    if smtp.password_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", smtp.password_env):
+    if smtp.password_env is not None and (
+        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", smtp.password_env) or _looks_like_password(smtp.password_env)
+    ):
         raise fail(
             "smtp.password_env",
             "must be the NAME of an environment variable (letters, digits, _), never the password itself.",

@@ -1,0 +1,236 @@
+"""mailer.toml: where it is found, what is refused (naming file and key), CLI overrides."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mailer.config import Config, load_config, parse_rate, write_config
+from mailer.errors import ConfigError
+from mailer.starter import STARTER_CONFIG
+
+from cli_fixtures import assert_fails, dry_run
+
+CONTACTS = "email,name\nann@example.com,Ann\n"
+# No From: in the template, so each message shows which config file was read.
+TEMPLATE = "Subject: Hi {{ name }}\n\nHello\n"
+
+
+def config_with_sender(sender: str, extra: str = "") -> str:
+    return f'[message]\nfrom = "{sender}"\n{extra}'
+
+
+def sender_of(project, run_cli, *args: str) -> str:
+    result, summary, messages = dry_run(project, run_cli, *args)
+    assert result.exit_code == 0, result.stderr
+    return messages[0]["From"].addresses[0].addr_spec
+
+
+# --- where the config is found ----------------------------------------------------------------
+
+
+def test_config_is_found_by_flag_then_environment_then_working_directory(project, run_cli, monkeypatch):
+    project.csv(CONTACTS)
+    project.template(TEMPLATE)
+    project.config(config_with_sender("cwd@acme.example"))
+    project.config(config_with_sender("env@acme.example"), name="env/env.toml")
+    project.config(config_with_sender("flag@acme.example"), name="flag/flag.toml")
+
+    assert sender_of(project, run_cli) == "cwd@acme.example"
+    monkeypatch.setenv("MAILER_CONFIG", str(project.path("env/env.toml")))
+    assert sender_of(project, run_cli) == "env@acme.example"
+    assert sender_of(project, run_cli, "--config", "flag/flag.toml") == "flag@acme.example"
+    assert sender_of(project, run_cli, "-c", str(project.path("flag/flag.toml"))) == "flag@acme.example"
+
+
+def test_the_default_file_is_read_from_the_working_directory(project, run_cli, monkeypatch):
+    project.csv(CONTACTS)
+    project.template(TEMPLATE)
+    project.config(config_with_sender("here@acme.example"), name="sub/mailer.toml")
+    monkeypatch.chdir(project.path("sub"))
+    result, summary, messages = dry_run(project, run_cli, contacts="../contacts.csv", template="../mail.txt.j2")
+    assert result.exit_code == 0, result.stderr
+    assert messages[0]["From"].addresses[0].addr_spec == "here@acme.example"
+
+
+def test_no_config_file_is_fine_when_the_template_says_enough(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_explicit_config_that_does_not_exist_is_an_error(project, run_cli, monkeypatch, how):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    args = ["--config", "missing.toml"] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("MAILER_CONFIG", "missing.toml")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", *args)
+    assert_fails(result, 2, "missing.toml", "config file not found", "mailer init")
+
+
+# --- what is refused ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, key, what",
+    [
+        ('[smtpp]\nhost = "x"\n', "[smtpp]", "unknown section"),
+        ('[smtp]\nhots = "x"\n', "smtp.hots", "unknown key"),
+        ('[send]\nconnections = "4"\n', "send.connections", "must be an integer"),
+        ("[send]\nconnections = true\n", "send.connections", "must be an integer"),
+        ('[smtp]\ntimeout = "30"\n', "smtp.timeout", "must be a number"),
+        ("[smtp]\nport = 99999\n", "smtp.port", "between 1 and 65535"),
+        ('[smtp]\nsecurity = "ssl"\n', "smtp.security", '"starttls", "tls" or "none"'),
+        ('[send]\nrate = "fast"\n', "send.rate", "N/s, N/min"),
+        ("[send]\nconnections = 0\n", "send.connections", "at least 1"),
+        ("[send]\nretries = -1\n", "send.retries", "0 or more"),
+        ('[message]\nlist_unsubscribe = "http://acme.example/u"\n', "message.list_unsubscribe", "https://"),
+        ('[message]\nkind = "spam"\n', "message.kind", "marketing"),
+        ('[dkim]\ndomain = "acme.example"\n', "dkim.selector", "required"),
+        ("[dns]\nnameservers = [1, 2]\n", "dns.nameservers", "IP address strings"),
+        ("smtp = 3\n", "smtp", "[section] table"),
+    ],
+)
+def test_bad_config_names_the_file_and_the_key(project, run_cli, toml, key, what):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config(toml)
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mailer.toml", key, what)
+    assert result.stdout == ""
+    with pytest.raises(ConfigError) as caught:
+        load_config("mailer.toml")
+    assert caught.value.path == "mailer.toml"
+    assert caught.value.key == key.strip("[]")
+
+
+def test_invalid_toml_names_the_file_and_line(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config('[smtp]\nhost = "x"\nport = \n')
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mailer.toml", "not valid TOML", "line 3")
+
+
+def test_config_not_utf8(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config('[message]\nfrom = "Caf\xe9 <a@acme.example>"\n'.encode("latin-1"))
+    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mailer.toml", "UTF-8")
+
+
+@pytest.mark.parametrize("password", ["hunter2!", "correct horse battery staple", "Tr0ub4dor3", "p@ss-w0rd"])
+def test_a_password_in_password_env_is_refused_and_not_shown(project, run_cli, password):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config(f'[smtp]\npassword_env = "{password}"\n')
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mailer.toml", "smtp.password_env", "NAME of an environment variable")
+    assert password not in result.output
+
+
+def test_a_password_of_the_wrong_type_is_not_shown(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config("[smtp]\npassword_env = 90210417\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "smtp.password_env", "must be a string")
+    assert "90210417" not in result.output
+
+
+@pytest.mark.parametrize("name", ["MAILER_SMTP_PASSWORD", "smtp_password", "SES_PASS2", "_X"])
+def test_variable_names_are_accepted_and_read_from_the_environment(tmp_path, monkeypatch, name):
+    path = tmp_path / "mailer.toml"
+    path.write_text(f'[smtp]\npassword_env = "{name}"\n', encoding="utf-8")
+    monkeypatch.setenv(name, "s3cret")
+    config = load_config(path)
+    assert config.smtp.password_env == name
+    assert config.smtp.password() == "s3cret"
+    assert "s3cret" not in repr(config)
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = folder / "mailer.toml"
+    path.write_text(
+        '[log]\npath = "logs/send.sqlite3"\n[dkim]\ndomain = "acme.example"\nselector = "s1"\nprivate_key = "k.pem"\n',
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    assert config.log.path == folder / "logs/send.sqlite3"
+    assert config.dkim is not None and config.dkim.private_key == folder / "k.pem"
+
+
+def test_a_full_config_loads_into_frozen_dataclasses(tmp_path):
+    path = tmp_path / "mailer.toml"
+    write_config(path, STARTER_CONFIG | {"dns": {"nameservers": ["127.0.0.1"], "port": 5353}})
+    config = load_config(path)
+    assert config.path == path
+    assert (config.smtp.host, config.smtp.effective_port, config.smtp.security) == ("smtp.example.com", 587, "starttls")
+    assert (config.send.rate_per_second, config.send.connections, config.send.retries) == (10.0, 4, 3)
+    assert config.message.from_ == "Example News <news@example.com>"
+    assert config.dns.nameservers == ("127.0.0.1",) and config.dns.port == 5353
+    with pytest.raises(AttributeError):
+        config.send.connections = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text, per_second",
+    [("10/s", 10.0), ("600/min", 10.0), ("5000/h", 5000 / 3600), ("86400/day", 1.0), ("2.5/sec", 2.5), (" 7 / M ", 7 / 60), ("unlimited", 0.0)],
+)
+def test_parse_rate(text, per_second):
+    assert parse_rate(text) == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["10", "ten/s", "10/week", "0/s", "-1/s", "10/"])
+def test_parse_rate_refuses(text):
+    with pytest.raises(ValueError, match="rate|more than zero"):
+        parse_rate(text)
+
+
+# --- CLI flags override the file ---------------------------------------------------------------
+
+
+def test_cli_rate_and_connections_override_the_file(tmp_path):
+    path = tmp_path / "mailer.toml"
+    path.write_text('[send]\nrate = "1/min"\nconnections = 4\nretries = 5\n', encoding="utf-8")
+    config = load_config(path).replace_send(rate="100/s", connections=1)
+    assert config.send.rate_per_second == 100.0
+    assert config.send.connections == 1
+    assert config.send.retries == 5  # untouched
+
+
+@pytest.mark.parametrize(
+    "args, what", [(["--rate", "fast"], "--rate"), (["--rate", "0/s"], "--rate"), (["--connections", "0"], "--connections")]
+)
+def test_bad_cli_overrides_are_refused(project, run_cli, args, what):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config()
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", *args)
+    assert_fails(result, 2, what)
+    assert result.stdout == ""
+
+
+def test_cli_flags_win_over_the_file_in_a_real_send(project, run_cli, smtp_server):
+    """The file says 1 message a minute over 4 connections; the flags say 100/s over 1."""
+    project.csv("email,name\n" + "".join(f"user{i}@example.com,U{i}\n" for i in range(4)))
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config(
+        f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_server.port}\nsecurity = "none"\n'
+        '[send]\nrate = "1/min"\nconnections = 4\n[log]\npath = "send.sqlite3"\n'
+    )
+    started = time.monotonic()
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--yes", "--rate", "100/s", "--connections", "1")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert len(smtp_server.messages) == 4
+    assert smtp_server.connections == 1  # --connections 1, not the file's 4
+    assert elapsed < 30  # at the file's 1/min, four messages take three minutes
