@@ -2,7 +2,8 @@
 
 Signatures are verified with dkimpy's verifier, fed the TXT record our own code
 produced (no real DNS). RSA keys come from the openssl command (skipped without it);
-Ed25519 keys from PyNaCl.
+Ed25519 keys from PyNaCl. RSA signatures made through OpenSSL are also compared byte
+for byte with dkimpy's own pure-Python ones, with the clock pinned.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
+from types import SimpleNamespace
 
 import dkim
 import nacl.encoding
@@ -27,6 +29,7 @@ from dkim.crypto import parse_private_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mailer.dkim
 from mailer.config import DKIMConfig
 from mailer.dkim import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSigner
 from mailer.errors import DKIMError, ExitCode
@@ -111,6 +114,30 @@ def replace_header(message: bytes, name: str, new_value: str) -> bytes:
     result, count = pattern.subn(lambda m: m.group(1) + b" " + new_value.encode(), message, count=1)
     assert count == 1, f"no {name} header to replace"
     return result
+
+
+def sign_with_dkimpy_alone(message: bytes, pem_key: bytes, include_headers: list[str]) -> bytes:
+    """What dkimpy produces by itself (pure-Python RSA) for the settings DKIMSigner uses."""
+    linesep = b"\n" if b"\r\n" not in message else b"\r\n"
+    header = dkim.DKIM(message, signature_algorithm=b"rsa-sha256", linesep=linesep).sign(
+        SELECTOR.encode(), DOMAIN.encode(), pem_key, canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[name.encode() for name in include_headers],
+    )
+    return header + message
+
+
+def refuse_pure_python_rsa(digest, private_key):  # pragma: no cover - must not be called
+    raise AssertionError("the OpenSSL path called dkimpy's pure-Python RSA")
+
+
+PINNED_TIME = 1767225600  # t= is signed, so byte-for-byte comparisons need one clock
+
+
+@pytest.fixture
+def pinned_clock(monkeypatch):
+    # dkimpy reads time.time() through its module's "time" name; swap that name
+    # only, so t= is fixed without touching the time module everyone else uses.
+    monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: float(PINNED_TIME)))
 
 
 def der(tag: int, contents: bytes) -> bytes:
@@ -271,6 +298,66 @@ def test_lf_messages_get_an_lf_signature_that_verifies(rsa_signer):
 
 
 @needs_openssl
+@pytest.mark.parametrize("cc", [False, True], ids=["no-cc", "cc"])
+@pytest.mark.parametrize("linesep", ["\r\n", "\n"], ids=["crlf", "lf"])
+def test_rsa_signature_comes_from_openssl_and_is_dkimpys_byte_for_byte(
+    rsa_signer, rsa_2048_pkcs8, pinned_clock, monkeypatch, cc, linesep
+):
+    message = build_message(cc=cc, linesep=linesep)
+    with monkeypatch.context() as patch:
+        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", refuse_pure_python_rsa)
+        signed = rsa_signer.sign(message)
+    tags = signature_tags(signed)
+    assert tags["t"] == str(PINNED_TIME)
+    # RSASSA-PKCS1-v1_5 is deterministic: same key, same hash, same bytes.
+    assert signed == sign_with_dkimpy_alone(message, rsa_2048_pkcs8, tags["h"].split(":"))
+    assert verify(signed, rsa_signer)
+    assert not verify(replace_header(signed, "Subject", "Your Pro plan was cancelled"), rsa_signer)
+    assert not verify(signed.replace(b"Your plan renews soon.", b"Your plan renews NOW.", 1), rsa_signer)
+
+
+@needs_openssl
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    subject=st.text(min_size=1, max_size=120).filter(lambda s: s.strip() and len(s.splitlines()) == 1),
+    body=st.text(max_size=2000),
+    linesep=st.sampled_from(["\r\n", "\n"]),
+)
+def test_openssl_and_dkimpy_rsa_signatures_are_identical_for_any_message(
+    rsa_signer, rsa_2048_pkcs8, pinned_clock, subject, body, linesep
+):
+    message = build_message(subject=subject, body_text=body, linesep=linesep)
+    signed = rsa_signer.sign(message)
+    assert signed == sign_with_dkimpy_alone(message, rsa_2048_pkcs8, signature_tags(signed)["h"].split(":"))
+    assert verify(signed, rsa_signer)
+
+
+@needs_openssl
+def test_key_openssl_refuses_still_signs_through_dkimpy_with_a_warning(tmp_path, rsa_2048_pkcs1):
+    # A wrong private exponent: dkimpy signs with the CRT numbers only (and its
+    # signatures verify), OpenSSL's key check refuses the key.
+    fields = parse_private_key(base64.b64decode(b"".join(rsa_2048_pkcs1.split(b"\n")[1:-2])))
+    fields["privateExponent"] += 2
+    order = ["version", "modulus", "publicExponent", "privateExponent", "prime1", "prime2",
+             "exponent1", "exponent2", "coefficient"]
+    path = write_key(tmp_path, pem("RSA PRIVATE KEY", der(0x30, b"".join(der_int(fields[n]) for n in order))))
+    signer = load(path)
+    assert any("falls back" in w and "OpenSSL refuses" in w and str(path) in w for w in signer.warnings)
+    assert verify(signer.sign(build_message()), signer)
+
+
+@needs_openssl
+def test_openssl_path_that_fails_its_self_test_is_not_used(tmp_path, rsa_2048_pkcs8, monkeypatch):
+    # Stands for a dkimpy release whose internals no longer fit _OpenSSLRSADKIM:
+    # the load-time test signature does not verify, so plain dkimpy signs instead.
+    with monkeypatch.context() as patch:
+        patch.setattr(mailer.dkim._PrehashedRSAKey, "sign", lambda self, digest: mailer.dkim._Signature(bytes(256)))
+        signer = load(write_key(tmp_path, rsa_2048_pkcs8))
+        assert any("falls back" in w and "do not verify" in w for w in signer.warnings)
+        assert verify(signer.sign(build_message()), signer)
+
+
+@needs_openssl
 def test_cc_is_signed_when_present(rsa_signer):
     signed = rsa_signer.sign(build_message(cc=True))
     assert signature_tags(signed)["h"].split(":").count("cc") == 2
@@ -353,14 +440,16 @@ def test_any_subject_and_body_sign_and_verify(ed25519_signer, subject, body):
 # ---------------------------------------------------------------- thread safety
 
 
-def test_one_signer_is_safe_to_share_between_threads(ed25519_signer):
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_one_signer_is_safe_to_share_between_threads(request, kind):
+    signer: DKIMSigner = request.getfixturevalue(f"{kind}_signer")  # rsa: skipped without openssl
     results: dict[int, bytes] = {}
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
         try:
             for i in range(15):
-                results[worker * 100 + i] = ed25519_signer.sign(build_message(subject=f"message {worker}-{i}"))
+                results[worker * 100 + i] = signer.sign(build_message(subject=f"message {worker}-{i}"))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -373,7 +462,7 @@ def test_one_signer_is_safe_to_share_between_threads(ed25519_signer):
     assert len(results) == 120
     for key, signed in results.items():
         assert f"message {key // 100}-{key % 100}".encode() in signed
-        assert verify(signed, ed25519_signer), key
+        assert verify(signed, signer), key
 
 
 # ---------------------------------------------------------------- bad keys
