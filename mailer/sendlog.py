@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, TextIO
 
+from email_validator import EmailNotValidError, validate_email
+
 from .contacts import check_address as check_contact_address
 from .errors import ContactsError, LockedError, SendLogError, UsageError
 
@@ -165,6 +167,24 @@ def normalize_address(address: str) -> str:
 def _domain_of(normalized: str) -> str:
     local, at, domain = normalized.rpartition("@")
     return domain if at else ""
+
+
+def _idna_twin(normalized: str) -> str | None:
+    """The address with its domain in the other IDNA form, or None if it has only one.
+
+    ``ann@bücher.example`` <-> ``ann@xn--bcher-kva.example``: contacts are mailed and
+    bounce-suppressed under the ASCII form, while people type the Unicode one into
+    ``mailer suppress``; both must find the same suppression.
+    """
+    local, at, domain = normalized.rpartition("@")
+    if not at or (domain.isascii() and "xn--" not in domain):
+        return None
+    try:
+        checked = validate_email(f"x@{domain}", check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    other = (checked.domain if domain.isascii() else checked.ascii_domain).lower()
+    return f"{local}@{other}" if other and other != domain else None
 
 
 def check_address(address: str) -> str | None:
@@ -866,8 +886,13 @@ class SendLog:
     # --- suppressions ---
 
     def is_suppressed(self, address: str) -> bool:
-        """Whether ``address`` is on the suppression list (the local part's case is ignored)."""
-        return self._fetch_one("SELECT 1 FROM suppressions WHERE address = ?", (normalize_address(address),)) is not None
+        """Whether ``address`` is on the suppression list (the local part's case is ignored,
+        and so is the form of an internationalized domain)."""
+        key = normalize_address(address)
+        twin = _idna_twin(key)
+        if twin is None:
+            return self._fetch_one("SELECT 1 FROM suppressions WHERE address = ?", (key,)) is not None
+        return self._fetch_one("SELECT 1 FROM suppressions WHERE address IN (?, ?)", (key, twin)) is not None
 
     def add_suppressions(
         self, addresses: Iterable[str], *, reason: str | None = None, source: str = "manual"
@@ -915,18 +940,22 @@ class SendLog:
         """Take addresses off the suppression list; returns how many were on it."""
         if isinstance(addresses, str):
             addresses = [addresses]
-        keys = [(normalize_address(address),) for address in addresses]
+        keys = []
+        for address in addresses:
+            key = normalize_address(address)
+            keys.append((key, _idna_twin(key) or key))
+        removed = 0
         with self._guard as conn:
-            before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("DELETE FROM suppressions WHERE address = ?", keys)
+                for key in keys:
+                    removed += conn.execute("DELETE FROM suppressions WHERE address IN (?, ?)", key).rowcount > 0
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            return conn.total_changes - before
+        return removed
 
     def list_suppressions(self, *, batch_size: int = 1000) -> Iterator[Suppression]:
         """Every suppressed address, in address order.

@@ -206,3 +206,24 @@ def test_suppressed_addresses_are_never_mailed_and_logged_suppressed(smtp_server
     assert (counts["sent"], counts["suppressed"], counts["already_done"]) == (1, 1, 1)
     assert received_addresses(smtp_server) == ["pat@example.com", "jane@example.com"]
     assert project.statuses()["omar@example.net"] == "suppressed"
+
+
+def test_an_internationalized_domain_is_suppressed_in_either_form(smtp_server, tmp_path):
+    # Contacts are mailed (and bounce-suppressed) under their ASCII domain
+    # (xn--bcher-kva.example), while people type the Unicode one (bücher.example).
+    project = Project(tmp_path, smtp_server)
+    assert project.cli("suppress", "add", "ann@bücher.example", "bea@xn--bcher-kva.example").exit_code == 0
+    project.write_contacts(["ann@bücher.example", "bea@bücher.example", "cid@bücher.example"])
+
+    outcome = project.send("--json")
+
+    assert outcome.exit_code == 0, outcome
+    assert json.loads(outcome.stdout)["counts"]["suppressed"] == 2
+    assert received_addresses(smtp_server) == ["cid@xn--bcher-kva.example"]
+
+    removed = project.cli("suppress", "remove", "ann@xn--bcher-kva.example", "bea@bücher.example")
+    assert removed.exit_code == 0 and "removed 2, not on the list 0" in removed.stderr, removed
+    assert listed(project) == {}
+    assert project.send().exit_code == 0
+    assert sorted(received_addresses(smtp_server)) == [
+        "ann@xn--bcher-kva.example", "bea@xn--bcher-kva.example", "cid@xn--bcher-kva.example"]
