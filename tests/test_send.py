@@ -465,6 +465,62 @@ def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_
     assert '"auth"' in check.stdout and "rejected" in check.stdout
 
 
+
+# ---------------------------------------------------------------- TLS
+
+# The fixture's throwaway CA is trusted through OpenSSL's SSL_CERT_FILE, so the product
+# verifies certificates exactly as it does in production (no test-only context).
+
+
+def trusting(tls_files, **env):
+    return {"SSL_CERT_FILE": str(tls_files.ca), "SSL_CERT_DIR": None, **env}
+
+
+def test_starttls_with_a_verified_certificate_then_login(make_smtp_server, tls_files, tmp_path):
+    server = make_smtp_server(starttls=True, password=SECRET)  # AUTH offered only after STARTTLS
+    project = Project(tmp_path, server)
+    project.configure(smtp={"security": "starttls", "username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
+    emails = addresses(3)
+    project.write_contacts(emails)
+
+    outcome = project.send("--json", env=trusting(tls_files, MAILER_TEST_PASSWORD=SECRET))
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(server)) == emails
+    assert server.auth_attempts and all(ok for _, ok in server.auth_attempts)
+    assert "warning" not in outcome.stderr
+    assert_nowhere(SECRET, outcome.stdout, outcome.stderr, project.log_bytes())
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_an_untrusted_certificate_is_refused_before_login_with_exit_2(make_smtp_server, tmp_path, security):
+    server = make_smtp_server(starttls=security == "starttls", implicit_tls=security == "tls", password=SECRET)
+    project = Project(tmp_path, server)
+    project.configure(smtp={"security": security, "username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
+    project.write_contacts(addresses(2))
+
+    outcome = project.send(env={"MAILER_TEST_PASSWORD": SECRET, "SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+
+    assert outcome.exit_code == 2, outcome
+    assert f"the TLS certificate of 127.0.0.1:{server.port} could not be verified" in outcome.stderr
+    assert "tls_verify = false" in outcome.stderr  # the way out, named with its risk
+    assert server.auth_attempts == [] and server.messages == []
+    assert "sending" not in project.statuses().values()
+
+
+def test_tls_verify_false_sends_and_warns(make_smtp_server, tmp_path):
+    server = make_smtp_server(implicit_tls=True)
+    project = Project(tmp_path, server)
+    project.configure(smtp={"security": "tls", "tls_verify": False})
+    project.write_contacts(addresses(2))
+
+    outcome = project.send(env={"SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+
+    assert outcome.exit_code == 0, outcome
+    assert "TLS certificate verification is OFF" in outcome.stderr
+    assert sorted(received_addresses(server)) == addresses(2)
+
+
 # ---------------------------------------------------------------- on a terminal
 
 
