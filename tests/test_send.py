@@ -286,6 +286,72 @@ def test_stall_past_the_timeout_defers(smtp_server, tmp_path):
     assert row.attempts == 2 and "timed out" in row.smtp_reply
 
 
+
+def test_a_relay_that_hangs_up_idle_connections_gets_every_message_once(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1})
+    emails = addresses(5)
+    project.write_contacts(emails)
+    smtp_server.close_connections_after(1, notice="421 4.4.2 idle timeout, closing")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert set(smtp_server.messages_per_connection().values()) == {1}
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+
+
+def test_max_per_connection_quits_and_reconnects(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1, "max_per_connection": 2})
+    emails = addresses(5)
+    project.write_contacts(emails)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(smtp_server.messages_per_connection().values()) == [1, 2, 2]
+    assert smtp_server.quits == 3
+    assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
+
+
+def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
+    import socket
+
+    project = Project(tmp_path, smtp_server)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    try:
+        project.configure(smtp={"port": closed.getsockname()[1]})
+        emails = addresses(3)
+        project.write_contacts(emails)
+        outcome = project.send("--json")
+    finally:
+        closed.close()
+
+    assert outcome.exit_code == 75, outcome
+    assert json.loads(outcome.stdout)["counts"]["deferred"] == 3
+    assert project.statuses() == {email: "deferred" for email in emails}
+    assert "cannot connect" in project.delivery(emails[0]).smtp_reply
+
+    project.configure(smtp={"port": smtp_server.port})  # the relay is back
+    again = project.send()
+    assert again.exit_code == 0, again
+    assert sorted(received_addresses(smtp_server)) == emails
+
+
+def test_contacts_from_standard_input(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+
+    outcome = project.cli("send", "-", str(project.template_path), "--campaign", "piped",
+                          input="email,name\nann@example.com,Ann\nbob@example.org,Bob\n")
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(smtp_server)) == ["ann@example.com", "bob@example.org"]
+    assert b"Hello Ann," in smtp_server.received_by("ann@example.com")[0].data
+    assert project.statuses("piped") == {"ann@example.com": "sent", "bob@example.org": "sent"}
+
+
 # ---------------------------------------------------------------- rate
 
 
