@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from jinja2 import Environment, StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2 import Environment, StrictUndefined, TemplateSyntaxError, UndefinedError, meta
 
 from .config import Config
 from .contacts import Contact, ContactReader, Rejected, SeenAddresses, address_key, compile_where
@@ -132,8 +132,10 @@ class Campaign:
         env = Environment(undefined=StrictUndefined, autoescape=False)
         self._unsubscribe_url = None
         if message.list_unsubscribe:
+            self._unsubscribe_url = self._compile_config_template(
+                env, "message.list_unsubscribe", message.list_unsubscribe, available=available
+            )
             available.add("unsubscribe_url")
-            self._unsubscribe_url = self._compile_config_template(env, "message.list_unsubscribe", message.list_unsubscribe)
         self._unsubscribe_mailto = message.list_unsubscribe_mailto
         self.template.check_variables(available, columns=self.reader.columns)
         if "from" not in [n.lower() for n in self.template.header_names] and not message.from_:
@@ -148,13 +150,23 @@ class Campaign:
         self.feedback_id = message.feedback_id
         self.contacts_name = self.reader.display_name
 
-    def _compile_config_template(self, env: Environment, key: str, source: str) -> Any:
+    def _compile_config_template(self, env: Environment, key: str, source: str, *, available: set[str]) -> Any:
+        where = str(self.config.path or "mailer.toml")
         try:
-            template = env.from_string(source)
+            parsed = env.parse(source)
         except TemplateSyntaxError as exc:
-            raise ConfigError(f"'{key}' is not a valid template: {exc.message}.", key=key,
-                              path=str(self.config.path or "mailer.toml")) from None
-        return template
+            raise ConfigError(f"'{key}' is not a valid template: {exc.message}.", key=key, path=where) from None
+        # Checked here, like the template's own variables: at render time an unknown
+        # name would fail every row and log the whole list as invalid.
+        unknown = sorted(meta.find_undeclared_variables(parsed) - available)
+        if unknown:
+            raise ConfigError(
+                f"'{key}' uses {{{{ {unknown[0]} }}}}, which is not defined.",
+                key=key,
+                path=where,
+                hint=f"It can use email, campaign and the contact file's columns: {', '.join(self.reader.columns)}.",
+            )
+        return env.from_string(parsed)
 
     @property
     def unsubscribe_configured(self) -> bool:

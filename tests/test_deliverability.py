@@ -190,3 +190,17 @@ def test_an_unusable_dkim_key_exits_2_before_anything_is_sent(smtp_server, tmp_p
     assert "openssl genrsa" in outcome.stderr  # how to make a good one
     assert smtp_server.connections == 0 and smtp_server.messages == []
     assert not project.log_path.exists()
+
+
+def test_an_unsubscribe_url_using_an_unknown_column_exits_2_before_sending(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(message={**UNSUBSCRIBE, "list_unsubscribe": "https://acme.test/u?id={{ user_id }}"})
+    project.write_contacts(addresses(3))
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 2, outcome
+    assert "mailer.toml" in outcome.stderr and "message.list_unsubscribe" in outcome.stderr
+    assert "user_id" in outcome.stderr and "email, name" in outcome.stderr  # what it can use instead
+    assert smtp_server.connections == 0
+    assert not project.log_path.exists()  # no row was logged as invalid for a config mistake
