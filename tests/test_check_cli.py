@@ -201,3 +201,31 @@ def test_contacts_invalid_duplicates_suppressed_and_dead_domains_are_counted(rea
     plain = project.cli("check", str(contacts))
     assert plain.exit_code == 1
     assert "FAIL contacts/recipient domains" in plain.stdout and "WARN contacts/duplicates" in plain.stdout
+
+
+def test_the_relay_check_does_starttls_verified_and_login_without_showing_the_password(
+    ready, make_smtp_server, tls_files
+):
+    project, _, _ = ready
+    password = "Check-pw-90e1-secret"
+    server = make_smtp_server(starttls=True, password=password)
+    project.configure(smtp={"port": server.port, "security": "starttls", "username": "mailer-test",
+                            "password_env": "MAILER_TEST_CHECK_PASSWORD"})
+    trusted = {"MAILER_TEST_CHECK_PASSWORD": password, "SSL_CERT_FILE": str(tls_files.ca), "SSL_CERT_DIR": None}
+
+    outcome = project.cli("check", env=trusted)
+
+    assert outcome.exit_code == 0, outcome
+    checks = lines_of(outcome)
+    assert checks["smtp/starttls"] == checks["smtp/auth"] == checks["config/password"] == "OK"
+    assert "certificate verified" in outcome.stdout and "logged in as 'mailer-test'" in outcome.stdout
+    assert server.auth_attempts == [("mailer-test", True)] and server.messages == []
+    assert password not in outcome.stdout + outcome.stderr
+    assert base64.b64encode(password.encode()).decode() not in outcome.stdout + outcome.stderr
+
+    untrusted = project.cli("check", env={**trusted, "SSL_CERT_FILE": None})
+
+    assert untrusted.exit_code == 1, untrusted
+    assert lines_of(untrusted)["smtp/starttls"] == "FAIL"
+    assert "could not be verified" in untrusted.stdout
+    assert len(server.auth_attempts) == 1  # no login over the unverified connection
