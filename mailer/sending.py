@@ -169,10 +169,11 @@ def run_send(
         reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         counts = summary.counts
 
-        def progress(*, last: bool = False) -> None:
+        def progress() -> None:
+            # Every time: the reporter itself decides when to redraw (a plain line every
+            # 10 seconds must not wait for a multiple of some count at a slow rate).
             done = counts["sent"] + counts["failed"] + counts["deferred"]
-            if done % 64 == 0 or last:
-                reporter.update_progress(done, {k: counts[k] for k in ("sent", "failed", "deferred")})
+            reporter.update_progress(done, {k: counts[k] for k in ("sent", "failed", "deferred")})
 
         recorder = _Recorder(job, log, summary, progress)
         try:
@@ -186,7 +187,7 @@ def run_send(
                 ssl_context=ssl_context,
             )
         finally:
-            progress(last=True)  # the bar must end on the real counts, not the last multiple of 64
+            progress()  # the bar ends on the real counts
             reporter.stop_progress()
             _restore_signal_handlers(interrupted)
             summary.finished = time.time()

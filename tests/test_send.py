@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -672,3 +673,21 @@ def test_on_a_terminal_yes_sends_and_stdout_holds_only_the_json(smtp_server, tmp
     again_code, _, again_stdout, again_shown = run_on_a_terminal(project, None, "--yes")
     assert again_code == 0 and again_stdout == "", again_shown
     assert "Send campaign" not in again_shown and len(smtp_server.messages) == 3
+
+
+def test_without_a_terminal_a_plain_progress_line_comes_every_interval(smtp_server, tmp_path, monkeypatch):
+    # The contract says every 10 seconds; the interval is shortened so the run stays short.
+    import mailer.reporting
+
+    monkeypatch.setattr(mailer.reporting, "PLAIN_PROGRESS_INTERVAL", 0.25)
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(12))
+
+    outcome = project.send("--rate", "10/s")
+
+    assert outcome.exit_code == 0, outcome
+    lines = [line for line in outcome.stderr.splitlines() if line.startswith("sending news:")]
+    assert len(lines) >= 3, outcome.stderr  # ~1.1 s of sending
+    assert all(re.fullmatch(r"sending news: \d+ done \(sent \d+\), \d+/s", line) for line in lines), lines
+    done = [int(line.split()[2]) for line in lines]
+    assert done == sorted(done) and len(set(done)) == len(done) and done[-1] <= 12
