@@ -42,6 +42,19 @@ _PLACEHOLDER = re.compile(r"MAILERJ(\d+)X")
 # Placeholders of statements ({% ... %}) that ended up alone in a paragraph: unwrap them
 # so that a false `{% if %}` does not leave an empty <p></p> behind.
 _STATEMENT_PARAGRAPH = re.compile(r"<p>((?:MAILERJ\d+X\s*)+)</p>\n?")
+# A line holding only statements becomes an HTML comment before Markdown sees it: an
+# HTML block interrupts a paragraph (CommonMark §4.6), so the tag is not swallowed as a
+# lazy continuation line into the list item above it. (It was: a {% for %} around list
+# items put {% endfor %} inside the last <li> and nested one more <ul> per iteration.)
+_STATEMENT_LINE = re.compile(r"^([ \t]*)((?:MAILERJ\d+X[ \t]*)+)$", re.MULTILINE)
+_STATEMENT_COMMENT = re.compile(r"<!--((?:MAILERJ\d+X[ \t]*)+)-->\n?")
+# A loop around exactly one list: the list's tags go outside the loop, so that the loop
+# makes items of one list rather than one list per item.
+_LOOPED_LIST = re.compile(
+    r"(MAILERJ(\d+)X)\n(<(?:ul|ol)\b[^>]*>\n)((?:(?!<[uo]l\b).)*?)(</(?:ul|ol)>\n)(MAILERJ(\d+)X)", re.DOTALL
+)
+_FOR_TAG = re.compile(r"\{%-?\s*for\b")
+_ENDFOR_TAG = re.compile(r"\{%-?\s*endfor\b")
 _TABLE_CONTEXT = re.compile(
     r"<(?:/?(?:table|thead|tbody|tfoot|tr)|/td|/th)\b[^>]*>\s*$|^\s*<(?:/?(?:table|thead|tbody|tfoot|tr)|td|th)\b",
     re.IGNORECASE,
@@ -231,7 +244,29 @@ def _statement_order(text: str, tags: list[str]) -> list[int]:
 
 def _markdown_to_html_source(body: str) -> str:
     protected, tags = _protect(body)
+
+    def comment_out(match: re.Match[str]) -> str:
+        held = _PLACEHOLDER.findall(match.group(2))
+        if all(_is_statement(tags[int(i)]) for i in held):
+            return f"{match.group(1)}<!--{match.group(2).strip()}-->"
+        return match.group(0)
+
+    def hoist_list(match: re.Match[str]) -> str:
+        if not (_FOR_TAG.match(tags[int(match.group(2))]) and _ENDFOR_TAG.match(tags[int(match.group(7))])):
+            return match.group(0)
+        depth = 0  # the endfor must close this for: loops inside the list must be balanced
+        for index in _PLACEHOLDER.findall(match.group(4)):
+            depth += 1 if _FOR_TAG.match(tags[int(index)]) else -1 if _ENDFOR_TAG.match(tags[int(index)]) else 0
+            if depth < 0:
+                return match.group(0)
+        if depth:
+            return match.group(0)
+        return f"{match.group(3)}{match.group(1)}\n{match.group(4)}{match.group(6)}\n{match.group(5)}"
+
+    protected = _STATEMENT_LINE.sub(comment_out, protected)
     html = MarkdownIt("commonmark", {"html": True}).render(protected)
+    html = _STATEMENT_COMMENT.sub(lambda match: match.group(1).strip() + "\n", html)
+    html = _LOOPED_LIST.sub(hoist_list, html)
 
     def unwrap(match: re.Match[str]) -> str:
         held = _PLACEHOLDER.findall(match.group(1))

@@ -321,3 +321,94 @@ def test_a_line_break_from_the_csv_in_the_body_is_fine(project, run_cli):
     assert message["Bcc"] is None
     assert "line one\nBcc: victim@evil.test" in message.get_content().replace("\r\n", "\n")
     assert [a.addr_spec for a in message["To"].addresses] == ["bob@example.com"]
+
+
+# --- Markdown with statements: the HTML stays well-formed ----------------------------------
+
+_VOID = {"meta", "br", "hr", "img", "input", "link"}
+
+
+def open_tags_left(html: str) -> list[str]:
+    """Tags opened and not closed (or closed out of order) in ``html``: [] when well nested."""
+    from html.parser import HTMLParser
+
+    stack: list[str] = []
+    errors: list[str] = []
+
+    class Checker(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag not in _VOID:
+                stack.append(tag)
+
+        def handle_endtag(self, tag):
+            if stack and stack[-1] == tag:
+                stack.pop()
+            else:
+                errors.append(f"</{tag}> closes {stack[-1] if stack else 'nothing'}")
+
+    Checker().feed(html)
+    return errors + stack
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            "Your items:\n\n{% for item in items.split(';') %}\n* {{ item }}\n{% endfor %}\n\nBye\n",
+            r"<ul>\s*<li>apple</li>\s*<li>pear</li>\s*</ul>\s*<p[^>]*>Bye</p>",
+        ),
+        (
+            "Steps:\n\n{% for item in items.split(';') %}\n1. {{ item }}\n{% endfor %}\n",
+            r"<ol>\s*<li>apple</li>\s*<li>pear</li>\s*</ol>",
+        ),
+        (
+            "1. One\n2. Two\n{% if plan == 'pro' %}\n3. Pro only\n{% endif %}\n\nEnd\n",
+            r"<li>Two</li>\s*</ol>\s*<ol start=\"3\">\s*<li>Pro only</li>\s*</ol>\s*<p[^>]*>End</p>",
+        ),
+        (
+            "Hello {{ first_name }}\n{% if plan == 'pro' %}\nyou are **pro**\n{% endif %}\nbye\n",
+            r"<p[^>]*>Hello Ann</p>\s*<p[^>]*>you are <strong>pro</strong></p>\s*<p[^>]*>bye</p>",
+        ),
+        (
+            "* first\n{% for item in items.split(';') %}\n* {{ item }} {% if loop.last %}(last){% endif %}\n{% endfor %}\n",
+            r"<li>first</li>\s*</ul>\s*<ul>\s*<li>apple </li>\s*<li>pear \(last\)</li>\s*</ul>",
+        ),
+        (
+            "{% for item in items.split(';') %}\n* {% for c in item %}{{ c }}{% endfor %}\n{% endfor %}\n",
+            r"<ul>\s*<li>apple</li>\s*<li>pear</li>\s*</ul>",
+        ),
+    ],
+    ids=["loop-ul", "loop-ol", "if-in-list", "if-paragraph", "loop-after-item", "nested-loop"],
+)
+def test_statements_in_markdown_keep_the_html_well_formed(project, run_cli, body, expected):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\nSubject: Hi\n\n" + body, name="mail.md.j2")
+    result, summary, messages = dry_run(project, run_cli, template="mail.md.j2")
+    assert result.exit_code == 0, result.stderr
+    html = html_of(messages[0])
+    assert open_tags_left(html) == [], html
+    assert re.search(expected, html), html
+    assert open_tags_left(html_of(messages[1])) == []
+
+
+def test_the_bundled_welcome_template_is_well_formed_for_every_plan(run_cli, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "send", repo / "samples/contacts.csv", repo / "templates/welcome.md.j2", "-c", repo / "samples/mailer.toml",
+        "--dry-run", "--output", "out",
+    )
+    assert result.exit_code == 0, result.stderr
+    from cli_fixtures import parse_message
+
+    plans = set()
+    for path in sorted((tmp_path / "out").glob("*.eml")):
+        message = parse_message(path.read_bytes())
+        html = html_of(message)
+        assert open_tags_left(html) == [], html
+        team = "Your team mates can join" in html
+        plans.add(team)
+        assert team == ("Your team mates can join" in text_of(message))
+    assert plans == {True, False}
