@@ -10,6 +10,8 @@ without defects, to what the ``email`` package itself builds from the same input
 Safety rules that hold for every message:
 * a header value from a template (and so from the CSV) that contains CR, LF or NUL
   is refused (:class:`~mailer.errors.RowError`), so no value can add a header;
+* a value cannot change how many addresses an address header of the template holds
+  (``Rendered.address_counts``), so no value can add a recipient;
 * boundaries start with ``=_``, which quoted-printable and base64 output can never
   contain, so no body can end a MIME part early;
 * every line stays under 998 octets (RFC 5322 §2.1.1): headers are folded or
