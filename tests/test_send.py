@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import pty
 import re
+import select
+import socket
+import subprocess
+import time
 from collections import Counter
 
 import pytest
 
-from send_support import Project, addresses, received_addresses
+import mailer.reporting
+from send_support import MAILER, Project, addresses, received_addresses
 from smtp_fixtures import TEST_USERNAME
 
 
@@ -317,8 +324,6 @@ def test_max_per_connection_quits_and_reconnects(smtp_server, tmp_path):
 
 
 def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
-    import socket
-
     project = Project(tmp_path, smtp_server)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
@@ -595,14 +600,6 @@ def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tup
     """Run `mailer send` with stdin and stderr on a pseudo-terminal and stdout piped (as in
     `mailer send ... --json > summary.json` typed at a shell). Answers the prompt with
     ``answer``. Returns (exit code, the prompt, stdout, everything the terminal showed)."""
-    import os
-    import pty
-    import select
-    import subprocess
-    import time
-
-    from send_support import MAILER
-
     master, slave = pty.openpty()
     process = subprocess.Popen(
         [*MAILER, "send", str(project.contacts_path), str(project.template_path), *args,
@@ -677,8 +674,6 @@ def test_on_a_terminal_yes_sends_and_stdout_holds_only_the_json(smtp_server, tmp
 
 def test_without_a_terminal_a_plain_progress_line_comes_every_interval(smtp_server, tmp_path, monkeypatch):
     # The contract says every 10 seconds; the interval is shortened so the run stays short.
-    import mailer.reporting
-
     monkeypatch.setattr(mailer.reporting, "PLAIN_PROGRESS_INTERVAL", 0.25)
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(12))
