@@ -73,9 +73,12 @@ class Summary:
         """The documented exit code for this outcome."""
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        if self.counts["failed"] or self.counts["invalid"] or self.counts["fields"] or self.counts["error"]:
+        # An unknown outcome (a run killed mid-transaction) will not change by waiting,
+        # so it is reported with the failures (1), not as "try again later" (75).
+        bad = ("failed", "invalid", "fields", "error", "unknown")
+        if any(self.counts[key] for key in bad):
             return ExitCode.PARTIAL
-        if self.counts["deferred"] or self.counts["unknown"]:
+        if self.counts["deferred"]:
             return ExitCode.TEMPFAIL
         return ExitCode.OK
 

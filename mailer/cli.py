@@ -110,7 +110,9 @@ def init(
     reporter = Reporter()
     for path in written:
         reporter.info(f"wrote {path}")
-    prefix = "" if directory.resolve() == Path.cwd().resolve() else f"cd {directory} && "
+    import shlex
+
+    prefix = "" if directory.resolve() == Path.cwd().resolve() else f"cd {shlex.quote(str(directory))} && "
     typer.echo(f"Next: {prefix}mailer send contacts.csv welcome.md.j2 --dry-run | less")
 
 
@@ -161,6 +163,11 @@ def send(
         config = config.replace_send(**overrides)
     if output is not None and not dry_run:
         raise UsageError("--output is for dry runs only.", hint="Add --dry-run, or drop --output.")
+    if dry_run and json_output and output is None:
+        raise UsageError(
+            "--json cannot share stdout with the dry-run messages.",
+            hint="Add --output DIR to write the messages as files, then --json prints the summary on stdout.",
+        )
     reporter = Reporter(quiet=quiet)
     job = Campaign(contacts=contacts, template=template, config=config, name=campaign, where=where, limit=limit, email_column=email_column)
     try:
@@ -225,7 +232,8 @@ _SUMMARY_LABELS = (
     ("already_done", "already settled in an earlier run"),
     ("failed", "failed (permanent)"),
     ("deferred", "deferred (will retry next run)"),
-    ("unknown", "outcome unknown (status sending)"),
+    ("unknown", "outcome unknown (status sending; see mailer report)"),
+    ("bounced_suppressed", "hard bounces added to the suppression list"),
     ("suppressed", "suppressed"),
     ("invalid", "invalid address"),
     ("fields", "wrong number of fields"),
@@ -343,10 +351,14 @@ suppress_app = typer.Typer(
 app.add_typer(suppress_app, name="suppress")
 
 
-def _open_log(config_path: Optional[Path]):
+def _open_log(config_path: Optional[Path], *, create: bool = True):
     from .sendlog import SendLog
 
-    return SendLog.open(load_config(config_path).log.path)
+    return SendLog.open(load_config(config_path).log.path, create=create)
+
+
+def _log_exists(config_path: Optional[Path]) -> bool:
+    return load_config(config_path).log.path.exists()
 
 
 @suppress_app.command("add")
@@ -369,6 +381,9 @@ def suppress_remove(
     config_path: ConfigOption = None,
 ) -> None:
     """Take addresses off the suppression list. Example: mailer suppress remove jane@example.com"""
+    if not _log_exists(config_path):  # nothing to remove from; do not create an empty log
+        Reporter().console.print(f"removed 0, not on the list {len(addresses)}")
+        return
     with _open_log(config_path) as log:
         removed = log.remove_suppressions(addresses)
     Reporter().console.print(f"removed {removed}, not on the list {len(addresses) - removed}")
@@ -380,9 +395,11 @@ def suppress_list(config_path: ConfigOption = None) -> None:
     """Print the suppression list as CSV (address, reason, source, added_at). Example: mailer suppress list > out.csv"""
     import csv
 
-    with _open_log(config_path) as log:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["email", "reason", "source", "added_at"])
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["email", "reason", "source", "added_at"])
+    if not _log_exists(config_path):  # an empty list; do not create an empty log
+        return
+    with _open_log(config_path, create=False) as log:
         for row in log.list_suppressions():
             writer.writerow([row.address, row.reason or "", row.source, row.added_at])
 

@@ -384,3 +384,27 @@ class ContactReader:
                 variables[alias] = row[index]
             variables["email"] = checked.address
             yield Contact(start, checked.address, checked.envelope, checked.smtputf8, variables)
+
+    def scan(self) -> int:
+        """Read every row (decoding and CSV syntax only) and return how many there are.
+
+        A real send calls this on a fresh reader first, so that a bad byte or an
+        unclosed quote deep in the file stops the run before the first message
+        instead of halfway through (exit 2 promises that nothing was sent).
+        """
+        rows = self._rows
+        count = 0
+        while True:
+            start = self._line + 1
+            try:
+                next(rows)
+            except StopIteration:
+                return count
+            except csv.Error as exc:
+                raise ContactsError(
+                    f"this row is not valid CSV: {exc}.",
+                    path=self.display_name,
+                    line=start,
+                    hint="Check for an unclosed quote.",
+                ) from None
+            count += 1

@@ -143,6 +143,10 @@ def run_send(
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
 
+    if job.reader.source != "-":
+        # Find a broken byte or quote anywhere in the file before the first message goes.
+        with ContactReader(job.reader.source, email_column=job.email_column) as reader:
+            reader.scan()
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
     with SendLog.open(config.log.path) as log, log.acquire_lock(job.name):
         plan = None

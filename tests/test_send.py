@@ -396,6 +396,25 @@ def test_invalid_rows_give_exit_1_and_are_logged_invalid(smtp_server, tmp_path):
     assert statuses["ann@example.com"] == statuses["bob@example.com"] == "sent"
 
 
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [(b"user049@example.com,Caf\xe9\n", "not valid UTF-8"), (b'user049@example.com,"unclosed\n', "not valid CSV")],
+    ids=["latin-1-byte", "unclosed-quote"],
+)
+def test_a_broken_row_deep_in_the_file_stops_the_send_before_anything_goes(smtp_server, tmp_path, bad_line, message):
+    project = Project(tmp_path, smtp_server)
+    path = project.write_contacts(addresses(49))
+    with path.open("ab") as file:
+        file.write(bad_line)
+        file.write(b"user050@example.com,after\n")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 2, outcome
+    assert "contacts.csv:51" in outcome.stderr and message in outcome.stderr
+    assert smtp_server.connections == 0 and received_addresses(smtp_server) == []
+
+
 def test_bad_config_gives_exit_2_naming_the_file_and_key_and_sends_nothing(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(2))
