@@ -136,6 +136,20 @@ class SeenAddresses:
             self._grow()
         return None
 
+    def get(self, key: bytes) -> int | None:
+        """The line remembered for ``key``, or None."""
+        digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") or 1
+        mask = self._size - 1
+        slot = digest & mask
+        digests = self._digests
+        while True:
+            found = digests[slot]
+            if found == 0:
+                return None
+            if found == digest:
+                return self._lines[slot]
+            slot = (slot + 1) & mask
+
     def _grow(self) -> None:
         old_digests, old_lines = self._digests, self._lines
         self._size *= 2

@@ -119,7 +119,8 @@ class Result:
 class DeliveryListener(Protocol):
     """How :func:`deliver` reports. Both methods are called from worker threads, one
     call at a time (the engine serializes them), so an implementation needs no locking
-    of its own; it must be quick, since the other workers wait meanwhile. An exception
+    of its own; it must be quick, since the other workers wait meanwhile. A listener
+    with a true ``thread_safe`` attribute is called concurrently instead. An exception
     raised here stops the whole run and comes out of :func:`deliver`."""
 
     def on_sending(self, item: Outgoing, attempt: int) -> None:
@@ -841,6 +842,9 @@ class _Engine:
         self.fatal: BaseException | None = None
         self.stats = DeliveryStats()
         self.listener_lock = threading.Lock()
+        # A listener that declares ``thread_safe = True`` is called concurrently: it can
+        # then group the log writes of several workers into one commit.
+        self.listener_is_thread_safe = bool(getattr(listener, "thread_safe", False))
 
     # -- called by the feeding (calling) thread
 
@@ -946,14 +950,20 @@ class _Engine:
         self.halt_all()
 
     def announce(self, job: _Job, attempt: int) -> None:
-        with self.listener_lock:
+        if self.listener_is_thread_safe:
             self.listener.on_sending(job.item, attempt)
+        else:
+            with self.listener_lock:
+                self.listener.on_sending(job.item, attempt)
         job.announced = True
 
     def report(self, job: _Job, result: Result) -> None:
         job.announced = False
-        with self.listener_lock:
+        if self.listener_is_thread_safe:
             self.listener.on_result(job.item, result)
+        else:
+            with self.listener_lock:
+                self.listener.on_result(job.item, result)
 
     def finish(self, job: _Job, result: Result) -> str:
         self.report(job, result)

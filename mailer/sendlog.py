@@ -28,6 +28,7 @@ import re
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,6 +79,24 @@ class Status(StrEnum):
 
 _STATUS_BY_VALUE = {status.value: status for status in Status}
 _RESULT_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.DEFERRED})
+
+# One statement for both kinds of delivery event, so that a batch of them runs in order
+# through one executemany. "sending" counts an attempt and keeps the last reply; an
+# outcome records the reply and keeps the attempts.
+_EVENT_SQL = """
+    INSERT INTO deliveries (campaign, recipient, domain, status, attempts, smtp_code, smtp_reply,
+                            message_id, line, first_at, updated_at)
+    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (campaign, recipient) DO UPDATE SET
+        status = excluded.status,
+        attempts = attempts + (excluded.status = 'sending'),
+        smtp_code = CASE WHEN excluded.status = 'sending' THEN smtp_code ELSE excluded.smtp_code END,
+        smtp_reply = CASE WHEN excluded.status = 'sending' THEN smtp_reply ELSE excluded.smtp_reply END,
+        message_id = coalesce(excluded.message_id, message_id),
+        line = coalesce(excluded.line, line),
+        reason = CASE WHEN excluded.status = 'sending' THEN NULL ELSE reason END,
+        updated_at = excluded.updated_at
+"""
 _SKIPPED_STATUSES = frozenset({Status.INVALID, Status.SUPPRESSED})
 SUPPRESSION_SOURCES = ("manual", "import", "bounce")
 FAILED_CSV_HEADER = ("email", "status", "smtp_code", "smtp_reply")
@@ -539,6 +558,8 @@ class SendLog:
         self._point_cursor: sqlite3.Cursor | None = conn.cursor()
         self._lock = threading.Lock()
         self._guard = _Guarded(self)
+        self._now_second = -1
+        self._now_prefix = ""
         self._clock = clock
 
     # --- opening, closing, migrating ---
@@ -629,7 +650,16 @@ class SendLog:
             self._lock.release()
 
     def _now(self) -> str:
-        return self._clock().astimezone(timezone.utc).isoformat(timespec="milliseconds")
+        if self._clock is not _utc_now:  # a test's clock
+            return self._clock().astimezone(timezone.utc).isoformat(timespec="milliseconds")
+        # Called twice per message on the delivery path: format the date and time once
+        # per second and append the milliseconds (datetime costs ~10 µs a call here).
+        now = time.time()
+        second = int(now)
+        if second != self._now_second:
+            self._now_second = second
+            self._now_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._now_prefix}.{int((now - second) * 1000):03d}+00:00"
 
     # --- deliveries ---
 
@@ -656,24 +686,7 @@ class SendLog:
         Call it just before the SMTP transaction: if the process dies before
         :meth:`record_result`, the row stays ``sending`` (outcome unknown).
         """
-        key = normalize_address(recipient)
-        now = self._now()
-        with self._guard as conn:
-            conn.execute(
-                """
-                INSERT INTO deliveries (campaign, recipient, domain, status, attempts, message_id, line,
-                                        first_at, updated_at)
-                VALUES (?, ?, ?, 'sending', 1, ?, ?, ?, ?)
-                ON CONFLICT (campaign, recipient) DO UPDATE SET
-                    status = 'sending',
-                    attempts = attempts + 1,
-                    message_id = excluded.message_id,
-                    line = coalesce(excluded.line, line),
-                    reason = NULL,
-                    updated_at = excluded.updated_at
-                """,
-                (campaign, key, _domain_of(key), message_id, line, now, now),
-            )
+        self.record_events(campaign, [(recipient, Status.SENDING, None, None, message_id, line)])
 
     def record_result(
         self,
@@ -692,23 +705,37 @@ class SendLog:
         """
         if status not in _RESULT_STATUSES:
             raise ValueError(f"record_result() takes sent, failed or deferred, not {status!r}")
-        key = normalize_address(recipient)
+        self.record_events(campaign, [(recipient, status, smtp_code, smtp_reply, message_id, None)])
+
+    def record_events(self, campaign: str, events: Iterable[tuple]) -> None:
+        """Apply delivery events in order, in ONE transaction (one commit for them all).
+
+        Each event is ``(recipient, status, smtp_code, smtp_reply, message_id, line)``:
+        status ``sending`` is :meth:`mark_sending` (one more attempt; the last reply is
+        kept), ``sent`` / ``failed`` / ``deferred`` is :meth:`record_result`. The
+        delivery process groups the events of several workers this way: a commit each
+        would cost more than the SMTP transaction itself.
+        """
         now = self._now()
+        rows = []
+        for recipient, status, smtp_code, smtp_reply, message_id, line in events:
+            if status != Status.SENDING and status not in _RESULT_STATUSES:
+                raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
+            key = normalize_address(recipient)
+            rows.append((campaign, key, _domain_of(key), str(status), smtp_code, smtp_reply, message_id, line, now, now))
+        if not rows:
+            return
         with self._guard as conn:
-            conn.execute(
-                """
-                INSERT INTO deliveries (campaign, recipient, domain, status, attempts, smtp_code, smtp_reply,
-                                        message_id, first_at, updated_at)
-                VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
-                ON CONFLICT (campaign, recipient) DO UPDATE SET
-                    status = excluded.status,
-                    smtp_code = excluded.smtp_code,
-                    smtp_reply = excluded.smtp_reply,
-                    message_id = coalesce(excluded.message_id, message_id),
-                    updated_at = excluded.updated_at
-                """,
-                (campaign, key, _domain_of(key), str(status), smtp_code, smtp_reply, message_id, now, now),
-            )
+            if len(rows) == 1:
+                conn.execute(_EVENT_SQL, rows[0])
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_EVENT_SQL, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def record_skipped(self, campaign: str, recipient: str, *, status: str, reason: str, line: int | None) -> None:
         """Record a contact that is not mailed: ``invalid`` (bad row) or ``suppressed``.
@@ -976,6 +1003,33 @@ class SendLog:
             if len(rows) < batch_size:
                 return
             last = rows[-1][0]
+
+    def iter_recipients(self, campaign: str, *, batch_size: int = 5000) -> Iterator[str]:
+        """Every recipient logged for ``campaign`` (any status), in batches of short queries."""
+        last = ""
+        while True:
+            with self._guard as conn:
+                rows = conn.execute(
+                    "SELECT recipient FROM deliveries WHERE campaign = ? AND recipient > ? ORDER BY recipient LIMIT ?",
+                    (campaign, last, batch_size),
+                ).fetchall()
+            for (recipient,) in rows:
+                yield recipient
+            if len(rows) < batch_size:
+                return
+            last = rows[-1][0]
+
+    def iter_suppressed_keys(self) -> Iterator[str]:
+        """Every suppressed address in lower case, in both IDNA forms where it has two.
+
+        For a fast in-memory prefilter; :meth:`is_suppressed` stays the authority.
+        """
+        for row in self.list_suppressions(batch_size=5000):
+            address = row.address.lower()
+            yield address
+            twin = _idna_twin(address)
+            if twin:
+                yield twin
 
     def import_suppressions(
         self, file_path: Path, *, reason: str | None = None, source: str = "import"
