@@ -118,8 +118,10 @@ def run_send(
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
     with SendLog.open(config.log.path) as log, log.acquire_lock(job.name):
         plan = None
-        if confirm is not None and job.reader.source != "-":
+        wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
+        if (confirm is not None or wants_total) and job.reader.source != "-":
             plan = plan_send(job, log, resend_unknown=resend_unknown)
+        if confirm is not None and plan is not None:
             question = (
                 f"Send campaign {job.name!r} to {plan.recipients} recipients through "
                 f"{smtp.host}:{smtp.effective_port} ({smtp.security})?"
@@ -136,9 +138,11 @@ def run_send(
             if not confirm(question):
                 raise UsageError("not confirmed; nothing was sent.")
         run_id = log.start_run(job.name, template=str(job.template.path), contacts=job.contacts_name)
-        reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         counts = summary.counts
+        # Fork before the progress display starts its thread: a child must not inherit
+        # a lock (stderr's, say) that a thread of ours held at that instant.
         delivery = _DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name)
+        reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         interrupted = _install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
         try:
@@ -169,9 +173,12 @@ class _Counters:
 
     def __init__(self, context: Any) -> None:
         self.values = context.Array("q", len(self.NAMES), lock=False)
+        # Only the child's threads write (+= is a read and a write); the parent reads.
+        self._lock = threading.Lock()
 
     def add(self, name: str, amount: int = 1) -> None:
-        self.values[self.NAMES.index(name)] += amount
+        with self._lock:
+            self.values[self.NAMES.index(name)] += amount
 
     def as_dict(self) -> dict[str, int]:
         return {name: self.values[index] for index, name in enumerate(self.NAMES)}
