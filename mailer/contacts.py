@@ -116,20 +116,24 @@ class SeenAddresses:
     def __len__(self) -> int:
         return self._count
 
-    def add(self, key: bytes, line: int) -> int | None:
-        """Remember ``key`` at ``line``; return the earlier line if it was already there."""
+    def _slot(self, key: bytes) -> tuple[int, int]:
+        """The key's digest and its slot: where it is, or the empty slot where it goes."""
         digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") or 1
         mask = self._size - 1
         slot = digest & mask
         digests = self._digests
         while True:
             found = digests[slot]
-            if found == 0:
-                break
-            if found == digest:
-                return self._lines[slot]
+            if found == 0 or found == digest:
+                return digest, slot
             slot = (slot + 1) & mask
-        digests[slot] = digest
+
+    def add(self, key: bytes, line: int) -> int | None:
+        """Remember ``key`` at ``line``; return the earlier line if it was already there."""
+        digest, slot = self._slot(key)
+        if self._digests[slot]:
+            return self._lines[slot]
+        self._digests[slot] = digest
         self._lines[slot] = line
         self._count += 1
         if self._count * 2 > self._size:
@@ -138,17 +142,8 @@ class SeenAddresses:
 
     def get(self, key: bytes) -> int | None:
         """The line remembered for ``key``, or None."""
-        digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") or 1
-        mask = self._size - 1
-        slot = digest & mask
-        digests = self._digests
-        while True:
-            found = digests[slot]
-            if found == 0:
-                return None
-            if found == digest:
-                return self._lines[slot]
-            slot = (slot + 1) & mask
+        _, slot = self._slot(key)
+        return self._lines[slot] if self._digests[slot] else None
 
     def _grow(self) -> None:
         old_digests, old_lines = self._digests, self._lines
