@@ -239,7 +239,7 @@ def bench_mailmerge(work: Path, port: int, count: int) -> dict:
 
 def bench_dkim(args: argparse.Namespace) -> dict:
     """Signatures per second of DKIMSigner.sign on the benchmark's ~4 KB multipart message."""
-    from mailer.config import Config, DKIMConfig
+    from mailer.config import DKIMConfig
     from mailer.contacts import ContactReader
     from mailer.dkim import DKIMSigner
     from mailer.message import MessageBuilder

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import Config, find_config_path, load_config
-from .contacts import Contact, ContactReader, Rejected, SeenAddresses, address_key
+from .contacts import ContactReader, Rejected, SeenAddresses, address_key
 from .errors import MailerError
 
 __all__ = ["Check", "run_checks"]
@@ -117,7 +117,7 @@ def run_checks(
             yield Check("smtp", "extensions", "ok" if "PIPELINING" in offered else "warn", detail,
                         None if "PIPELINING" in offered else "Without PIPELINING each message costs more round trips.")
 
-    from .dns_checks import check_recipient_domains, check_sender_domain, make_resolver
+    from .dns_checks import check_sender_domain, make_resolver
 
     resolver = resolver or make_resolver(config.dns)
     domain = _from_domain(config)

@@ -17,7 +17,7 @@ import typer
 
 from . import __version__
 from .campaign import Campaign, Summary, write_dry_run
-from .config import Config, load_config, parse_rate
+from .config import load_config, parse_rate
 from .errors import ExitCode, MailerError, UsageError
 from .reporting import Reporter, count_data_rows
 
