@@ -209,7 +209,15 @@ class _DeliveryProcess:
             name="mailer-delivery",
             daemon=True,
         )
-        self.process.start()
+        # Until the child has its own SIGUSR1 handler, a stop request must not kill it
+        # (the default action): it inherits "ignore" from here for that instant.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if in_main_thread else None
+        try:
+            self.process.start()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGUSR1, previous)
         items_reader.close()
         events_writer.close()
 
