@@ -356,20 +356,7 @@ class ContactReader:
         width = len(names)
         aliases = header.aliases
         email_index = header.email_index
-        rows = self._rows
-        while True:
-            start = self._line + 1
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise ContactsError(
-                    f"this row is not valid CSV: {exc}.",
-                    path=self.display_name,
-                    line=start,
-                    hint="Check for an unclosed quote.",
-                ) from None
+        for start, row in self._raw_rows():
             if not row or not any(cell.strip() for cell in row):
                 yield Rejected(start, "blank", "blank row")
                 continue
@@ -400,14 +387,17 @@ class ContactReader:
         unclosed quote deep in the file stops the run before the first message
         instead of halfway through (exit 2 promises that nothing was sent).
         """
+        return sum(1 for _ in self._raw_rows())
+
+    def _raw_rows(self) -> Iterator[tuple[int, list[str]]]:
+        """(first line, fields) for every row after the header; bad CSV is a ContactsError."""
         rows = self._rows
-        count = 0
         while True:
             start = self._line + 1
             try:
-                next(rows)
+                row = next(rows)
             except StopIteration:
-                return count
+                return
             except csv.Error as exc:
                 raise ContactsError(
                     f"this row is not valid CSV: {exc}.",
@@ -415,4 +405,4 @@ class ContactReader:
                     line=start,
                     hint="Check for an unclosed quote.",
                 ) from None
-            count += 1
+            yield start, row
