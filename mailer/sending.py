@@ -137,6 +137,7 @@ def run_send(
                 question += f" ({'; '.join(notes)})"
             if not confirm(question):
                 raise UsageError("not confirmed; nothing was sent.")
+        summary.started = time.time()  # the run's time, not the time spent at the prompt
         run_id = log.start_run(job.name, template=str(job.template.path), contacts=job.contacts_name)
         counts = summary.counts
         # Fork before the progress display starts its thread: a child must not inherit
@@ -418,6 +419,7 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
     signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())
     untouched = 0
     ended = threading.Event()  # the parent's end marker (or end of file) was read
+    left_in_batch = [0]  # items of the batch being unpacked that deliver() has not taken
 
     def received() -> Iterator[Outgoing]:
         while True:
@@ -430,7 +432,9 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
             if batch is None:
                 ended.set()
                 return
+            left_in_batch[0] = len(batch)
             for key, sender, recipients, data, message_id, smtputf8 in batch:
+                left_in_batch[0] -= 1
                 yield Outgoing(key=key, sender=sender, recipients=recipients, data=data,
                                message_id=message_id, smtputf8=smtputf8)
 
@@ -442,7 +446,7 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
                                 listener=recorder, stop=stop, ssl_context=ssl_context)
             finally:
                 recorder.close()
-        untouched = stats.untouched
+        untouched = stats.untouched + left_in_batch[0]
         # Stopped early: take what the parent still sends, so that it never blocks on a full pipe.
         while not ended.is_set():
             try:

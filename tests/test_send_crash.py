@@ -137,6 +137,10 @@ def test_one_signal_finishes_the_messages_in_flight_prints_the_summary_and_exits
     assert {a for a, s in statuses.items() if s == "sent"} == set(received)
     assert summary["counts"]["sent"] == len(received)
     assert len(received) < len(emails), "the signal did not stop the run"
+    # Every row read is accounted for: sent, or deferred, or never attempted.
+    counts = summary["counts"]
+    accounted = counts["sent"] + counts.get("deferred", 0) + counts.get("not_attempted", 0)
+    assert accounted == counts["rows"] == len(emails), counts
     untouched = set(emails) - set(received)
     assert all(statuses.get(a) in (None, "deferred") for a in untouched)
     with SendLog.open(project.log_path, create=False) as log:
@@ -149,6 +153,31 @@ def test_one_signal_finishes_the_messages_in_flight_prints_the_summary_and_exits
     assert rerun.exit_code == 0, rerun
     assert sorted(received_addresses(smtp_server)) == emails
     assert set(project.statuses().values()) == {"sent"}
+
+
+def test_an_interrupted_long_list_accounts_for_every_row(smtp_server, tmp_path):
+    # More contacts than the delivery queue holds (1,000), so that the run stops with
+    # messages still in the pipe and in a half-unpacked batch: all must be counted.
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1})
+    emails = addresses(1500)
+    project.write_contacts(emails)
+    slow_down(smtp_server, stall=0.2)
+
+    process = project.spawn_send("--json")
+    try:
+        wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    counts = json.loads(stdout)["counts"]
+    assert counts["not_attempted"] > 1000, counts
+    accounted = counts["sent"] + counts.get("deferred", 0) + counts["not_attempted"]
+    assert accounted == counts["rows"], counts
+    assert counts["sent"] == len(received_addresses(smtp_server))
 
 
 def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
