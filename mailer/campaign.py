@@ -249,7 +249,7 @@ class Campaign:
             yield item, message
 
 
-def _mbox_from_line(message: BuiltMessage) -> bytes:
+def _mbox_from_line() -> bytes:
     return b"From MAILER-DAEMON " + time.asctime(time.gmtime()).encode() + b"\n"
 
 
@@ -295,7 +295,7 @@ def write_dry_run(
             body = message.data.replace(b"\r\n", b"\n")
             if b"From " in body:
                 body = _MBOX_ESCAPE.sub(rb">\1", body)
-            out.write(_mbox_from_line(message) + body + b"\n")
+            out.write(_mbox_from_line() + body + b"\n")
         summary.counts["rendered"] += 1
         if on_message:
             on_message()

@@ -26,7 +26,7 @@ from .delivery import Outgoing, Result, check_relay_settings, deliver, is_hard_b
 from .errors import ExitCode, MailerError, SendLogError, UsageError
 from .sendlog import SendLog, Status, normalize_address
 
-__all__ = ["run_send", "SendPlan", "plan_send", "unsubscribe_warning"]
+__all__ = ["run_send", "unsubscribe_warning"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -57,7 +57,46 @@ class SendPlan:
     suppressed: int
 
 
-def plan_send(job: Campaign, log: SendLog, *, resend_unknown: bool) -> SendPlan:
+class _Resume:
+    """Decides, per contact, whether an earlier run or the suppression list settles it.
+
+    In-memory prefilters keep this cheap: a point query per contact costs ~30 µs while
+    the delivery process is writing the same database, more than building the
+    message. A digest hit is confirmed by the real query, so a (rare) false hit
+    changes nothing.
+    """
+
+    def __init__(self, log: SendLog, campaign: str, *, resend_unknown: bool) -> None:
+        self.log = log
+        self.campaign = campaign
+        self.resend_unknown = resend_unknown
+        self.logged = SeenAddresses()
+        for recipient in log.iter_recipients(campaign):
+            self.logged.add(recipient.encode("utf-8", "surrogatepass"), 1)
+        self.suppressed = SeenAddresses()
+        for address in log.iter_suppressed_keys():
+            self.suppressed.add(address.encode("utf-8", "surrogatepass"), 1)
+
+    def settled_by(self, contact: Contact) -> str | None:
+        """``already_done``, ``unknown`` or ``suppressed`` when the contact is not mailed now."""
+        recipient = normalize_address(contact.envelope)
+        status = None
+        if len(self.logged) and self.logged.get(recipient.encode("utf-8", "surrogatepass")) is not None:
+            status = self.log.status_of(self.campaign, recipient)
+        if status in _SETTLED:
+            return "already_done"
+        if status == Status.SENDING and not self.resend_unknown:
+            return "unknown"
+        if (
+            len(self.suppressed)
+            and self.suppressed.get(contact.envelope.lower().encode("utf-8", "surrogatepass")) is not None
+            and self.log.is_suppressed(contact.envelope)
+        ):
+            return "suppressed"
+        return None
+
+
+def plan_send(job: Campaign, resume: _Resume) -> SendPlan:
     """Count who would be mailed, without rendering (a second, cheap pass over the CSV)."""
     plan = SendPlan(0, 0, 0, 0)
     seen = SeenAddresses()
@@ -70,12 +109,12 @@ def plan_send(job: Campaign, log: SendLog, *, resend_unknown: bool) -> SendPlan:
                 continue
             if seen.add(address_key(item.envelope), item.line) is not None:
                 continue
-            status = log.status_of(job.name, normalize_address(item.envelope))
-            if status in _SETTLED:
+            reason = resume.settled_by(item)
+            if reason == "already_done":
                 plan.settled += 1
-            elif status == Status.SENDING and not resend_unknown:
+            elif reason == "unknown":
                 plan.unknown += 1
-            elif log.is_suppressed(item.envelope):
+            elif reason == "suppressed":
                 plan.suppressed += 1
             elif job.limit is None or plan.recipients < job.limit:
                 plan.recipients += 1
@@ -117,10 +156,11 @@ def run_send(
             reader.scan()
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
     with SendLog.open(config.log.path) as log, log.acquire_lock(job.name):
+        resume = _Resume(log, job.name, resend_unknown=resend_unknown)
         plan = None
         wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
         if (confirm is not None or wants_total) and job.reader.source != "-":
-            plan = plan_send(job, log, resend_unknown=resend_unknown)
+            plan = plan_send(job, resume)
         if confirm is not None and plan is not None:
             question = (
                 f"Send campaign {job.name!r} to {plan.recipients} recipients through "
@@ -147,7 +187,7 @@ def run_send(
         interrupted = _install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
         try:
-            produced = delivery.feed(_outgoing(job, log, summary, signer=signer, resend_unknown=resend_unknown),
+            produced = delivery.feed(_outgoing(job, log, summary, signer=signer, resume=resume),
                                      stopped=lambda: interrupted["signal"] is not None)
             result = delivery.wait()
         finally:
@@ -465,40 +505,19 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
         events.send(("error", {"message": str(exc), "exit_code": int(code), "traceback": traceback.format_exc()}))
 
 
-def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, resend_unknown: bool) -> Iterator[Outgoing]:
+def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, resume: _Resume) -> Iterator[Outgoing]:
     campaign = job.name
     counts = summary.counts
 
-    # In-memory prefilters: a point query per contact costs ~30 µs while the delivery
-    # process is writing the same database, more than building the message. A digest
-    # hit is confirmed by the real query, so a (rare) false hit changes nothing.
-    logged = SeenAddresses()
-    for recipient in log.iter_recipients(campaign):
-        logged.add(recipient.encode("utf-8", "surrogatepass"), 1)
-    suppressed = SeenAddresses()
-    for address in log.iter_suppressed_keys():
-        suppressed.add(address.encode("utf-8", "surrogatepass"), 1)
-
     def skip(contact: Contact) -> bool:
-        recipient = normalize_address(contact.envelope)
-        status = None
-        if len(logged) and logged.get(recipient.encode("utf-8", "surrogatepass")) is not None:
-            status = log.status_of(campaign, recipient)
-        if status in _SETTLED:
-            counts["already_done"] += 1
-            return True
-        if status == Status.SENDING and not resend_unknown:
-            counts["unknown"] += 1
-            return True
-        if (
-            len(suppressed)
-            and suppressed.get(contact.envelope.lower().encode("utf-8", "surrogatepass")) is not None
-            and log.is_suppressed(contact.envelope)
-        ):
-            counts["suppressed"] += 1
+        reason = resume.settled_by(contact)
+        if reason is None:
+            return False
+        counts[reason] += 1
+        if reason == "suppressed":
+            recipient = normalize_address(contact.envelope)
             log.record_skipped(campaign, recipient, status="suppressed", reason="on the suppression list", line=contact.line)
-            return True
-        return False
+        return True
 
     def on_problem(problem: Problem, contact: Contact | None) -> None:
         if problem.kind in ("duplicate", "blank"):
