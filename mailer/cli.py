@@ -323,8 +323,11 @@ def report(
 
     from .sendlog import SendLog
 
+    from .journal import recover_all
+
     config = load_config(config_path)
     with SendLog.open(config.log.path, create=False) as log:
+        recover_all(log)  # what a killed run left in its journal (a live run's is left alone)
         if failed is not None:
             if campaign is None:
                 raise UsageError("--failed needs --campaign NAME.")

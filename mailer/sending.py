@@ -24,6 +24,8 @@ from .campaign import Campaign, Problem, Summary
 from .contacts import Contact, ContactReader, SeenAddresses, address_key
 from .delivery import Outgoing, Result, check_relay_settings, deliver, is_hard_bounce, tls_verification_warning
 from .errors import ExitCode, MailerError, SendLogError, UsageError
+from .journal import JournalWriter
+from .journal import recover as recover_journal
 from .sendlog import SendLog, Status, normalize_address
 
 __all__ = ["run_send", "unsubscribe_warning"]
@@ -155,7 +157,9 @@ def run_send(
         with ContactReader(job.reader.source, email_column=job.email_column) as reader:
             reader.scan()
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
-    with SendLog.open(config.log.path) as log, log.acquire_lock(job.name):
+    with SendLog.open(config.log.path) as log, log.acquire_lock(job.name) as lock:
+        # What a killed run of this campaign left in its journal goes into the log first.
+        recover_journal(log, job.name, lock)
         resume = _Resume(log, job.name, resend_unknown=resend_unknown)
         plan = None
         wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
@@ -182,7 +186,8 @@ def run_send(
         counts = summary.counts
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
-        delivery = _DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name)
+        delivery = _DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name,
+                                    run_id=run_id)
         reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         interrupted = _install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
@@ -239,14 +244,14 @@ class _DeliveryProcess:
 
     BATCH = 64
 
-    def __init__(self, config: Any, *, password: str | None, ssl_context: Any, campaign: str) -> None:
+    def __init__(self, config: Any, *, password: str | None, ssl_context: Any, campaign: str, run_id: int) -> None:
         context = multiprocessing.get_context("fork")
         self.shared = _Counters(context)
         items_reader, self.items = context.Pipe(duplex=False)
         self.events, events_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_delivery_child,
-            args=(items_reader, events_writer, self.shared, config, password, ssl_context, campaign),
+            args=(items_reader, events_writer, self.shared, config, password, ssl_context, campaign, run_id),
             name="mailer-delivery",
             daemon=True,
         )
@@ -344,107 +349,38 @@ class _ProgressThread:
 
 
 class _ChildRecorder:
-    """The delivery listener in the child: the send log and the shared counts.
+    """The delivery listener in the child: the send log (through the journal) and the shared counts.
 
-    Log writes go through one writer thread that applies whatever has queued up in a
-    single transaction (group commit): several workers' events share one commit and
-    one ``executemany``, which costs far less than a commit each. ``on_sending``
-    returns only once its row is committed, so "sending" is durable before the SMTP
-    transaction starts; an outcome is committed with the next group, at most
-    milliseconds later (a process killed in between leaves "sending": unknown, never
-    resent by default — the safe side).
+    ``on_sending`` returns once its ``sending`` line is in the delivery journal, so it
+    is on record before the SMTP transaction starts; the outcome is appended the same
+    way. The send log itself is brought up to date from the journal in batches
+    (:class:`mailer.journal.JournalWriter`), which costs far less than a commit each.
     """
 
     thread_safe = True
 
-    def __init__(self, log: SendLog, campaign: str, shared: _Counters) -> None:
-        self.log = log
-        self.campaign = campaign
+    def __init__(self, journal: JournalWriter, shared: _Counters) -> None:
+        self.journal = journal
         self.shared = shared
-        self._pending: list[tuple] = []
-        self._waiters: list[threading.Event] = []
-        self._bounces: list[tuple[str, str]] = []
-        self._condition = threading.Condition()
-        self._closed = False
-        self._error: BaseException | None = None
-        self._local = threading.local()
-        self._writer = threading.Thread(target=self._write, name="mailer-log-writer", daemon=True)
-        self._writer.start()
-
-    def _submit(self, event: tuple, *, wait: bool, bounce: tuple[str, str] | None = None) -> None:
-        done = None
-        if wait:
-            done = getattr(self._local, "event", None)
-            if done is None:
-                done = self._local.event = threading.Event()
-            done.clear()
-        with self._condition:
-            if self._error is not None:
-                raise self._error
-            self._pending.append(event)
-            if done is not None:
-                self._waiters.append(done)
-            if bounce is not None:
-                self._bounces.append(bounce)
-            self._condition.notify()
-        if done is not None:
-            done.wait()
-            if self._error is not None:
-                raise self._error
-
-    def _write(self) -> None:
-        while True:
-            with self._condition:
-                while not self._pending and not self._closed:
-                    self._condition.wait()
-                if not self._pending and self._closed:
-                    return
-                events, self._pending = self._pending, []
-                waiters, self._waiters = self._waiters, []
-                bounces, self._bounces = self._bounces, []
-            try:
-                self.log.record_events(self.campaign, events)
-                for recipient, reason in bounces:
-                    # A "user unknown" reply will not change: never mail this address again.
-                    self.log.add_suppressions([recipient], reason=reason, source="bounce")
-            except BaseException as exc:  # the log is unusable: stop the run, say why
-                with self._condition:
-                    self._error = exc
-                    waiters += self._waiters
-            for done in waiters:
-                done.set()
-            if self._error is not None:
-                return
-
-    def close(self) -> None:
-        """Commit what is queued and stop the writer."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
-        self._writer.join()
-        if self._error is not None:
-            raise self._error
 
     def on_sending(self, item: Outgoing, attempt: int) -> None:
         recipient, line = item.key
-        self._submit((recipient, Status.SENDING, None, None, item.message_id, line), wait=True)
+        self.journal.append((recipient, Status.SENDING.value, None, None, item.message_id, line))
 
     def on_result(self, item: Outgoing, result: Result) -> None:
         recipient, _ = item.key
-        bounce = None
-        if result.final and result.status == Status.FAILED and result.smtp_code and is_hard_bounce(
-            result.smtp_code, result.smtp_reply
-        ):
-            bounce = (recipient, f"{result.smtp_code} {result.smtp_reply}"[:500])
-            self.shared.add("bounced_suppressed")
-        event = (recipient, result.status, result.smtp_code, result.smtp_reply, item.message_id, None)
-        self._submit(event, wait=False, bounce=bounce)
+        self.journal.append((recipient, str(result.status), result.smtp_code, result.smtp_reply, item.message_id, None))
         if result.final:
+            if result.status == Status.FAILED and result.smtp_code and is_hard_bounce(
+                result.smtp_code, result.smtp_reply or ""
+            ):
+                # A "user unknown" reply will not change: never mail this address again.
+                self.shared.add("bounced_suppressed")
             self.shared.add(result.status)
 
 
 def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, password: str | None,
-                    ssl_context: Any, campaign: str) -> None:
+                    ssl_context: Any, campaign: str, run_id: int) -> None:
     """Body of the delivery process (runs after fork; reports through ``events``)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -480,12 +416,12 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
 
     try:
         with SendLog.open(config.log.path) as log:
-            recorder = _ChildRecorder(log, campaign, shared)
+            journal = JournalWriter(log, campaign, run_id)
             try:
                 stats = deliver(received(), smtp=config.smtp, send=config.send, password=password,
-                                listener=recorder, stop=stop, ssl_context=ssl_context)
+                                listener=_ChildRecorder(journal, shared), stop=stop, ssl_context=ssl_context)
             finally:
-                recorder.close()
+                journal.close()
         untouched = stats.untouched + left_in_batch[0]
         # Stopped early: take what the parent still sends, so that it never blocks on a full pipe.
         while not ended.is_set():

@@ -97,6 +97,9 @@ _EVENT_SQL = """
         reason = CASE WHEN excluded.status = 'sending' THEN NULL ELSE reason END,
         updated_at = excluded.updated_at
 """
+_SUPPRESSION_SQL = (
+    "INSERT INTO suppressions (address, reason, source, added_at) VALUES (?, ?, ?, ?) ON CONFLICT (address) DO NOTHING"
+)
 _SKIPPED_STATUSES = frozenset({Status.INVALID, Status.SUPPRESSED})
 SUPPRESSION_SOURCES = ("manual", "import", "bounce")
 FAILED_CSV_HEADER = ("email", "status", "smtp_code", "smtp_reply")
@@ -157,6 +160,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE INDEX deliveries_campaign_status ON deliveries (campaign, status)",
         "CREATE INDEX runs_campaign ON runs (campaign)",
+    ),
+    # 3: how much of a run's delivery journal is applied (mailer.journal). The index on
+    # every status cost a third of each log write (each message changes its status
+    # twice); only the rare statuses that the retry CSV selects keep one.
+    (
+        "ALTER TABLE runs ADD COLUMN journal_applied INTEGER",
+        "DROP INDEX deliveries_campaign_status",
+        "CREATE INDEX deliveries_campaign_retry ON deliveries (campaign, status) "
+        "WHERE status IN ('failed', 'deferred')",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -237,8 +249,8 @@ def should_send(status: str | None, *, resend_unknown: bool = False) -> bool:
     raise ValueError(f"unknown send-log status {status!r}")
 
 
-def campaign_lock_path(db_path: Path, campaign: str) -> Path:
-    """The lock file of ``campaign`` beside the send log at ``db_path``.
+def campaign_file_path(db_path: Path, campaign: str, suffix: str) -> Path:
+    """A file of ``campaign`` (its ``lock``, its ``journal``) beside the send log at ``db_path``.
 
     The name keeps the safe characters of the campaign for people reading the folder
     and adds a hash of the full name, so any campaign name gives a distinct, safe
@@ -246,7 +258,12 @@ def campaign_lock_path(db_path: Path, campaign: str) -> Path:
     """
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", campaign).strip("._")[:40] or "campaign"
     digest = hashlib.sha256(campaign.encode("utf-8")).hexdigest()[:10]
-    return db_path.with_name(f"{db_path.name}.{readable}.{digest}.lock")
+    return db_path.with_name(f"{db_path.name}.{readable}.{digest}.{suffix}")
+
+
+def campaign_lock_path(db_path: Path, campaign: str) -> Path:
+    """The lock file of ``campaign`` beside the send log at ``db_path``."""
+    return campaign_file_path(db_path, campaign, "lock")
 
 
 def _utc_now() -> datetime:
@@ -707,7 +724,14 @@ class SendLog:
             raise ValueError(f"record_result() takes sent, failed or deferred, not {status!r}")
         self.record_events(campaign, [(recipient, status, smtp_code, smtp_reply, message_id, None)])
 
-    def record_events(self, campaign: str, events: Iterable[tuple]) -> None:
+    def record_events(
+        self,
+        campaign: str,
+        events: Iterable[tuple],
+        *,
+        journal: tuple[int, int] | None = None,
+        bounces: Iterable[tuple[str, str]] = (),
+    ) -> None:
         """Apply delivery events in order, in ONE transaction (one commit for them all).
 
         Each event is ``(recipient, status, smtp_code, smtp_reply, message_id, line)``:
@@ -715,6 +739,10 @@ class SendLog:
         kept), ``sent`` / ``failed`` / ``deferred`` is :meth:`record_result`. The
         delivery process groups the events of several workers this way: a commit each
         would cost more than the SMTP transaction itself.
+
+        ``journal=(run_id, offset)`` records, in the same transaction, that the run's
+        journal is applied up to ``offset`` (:mod:`mailer.journal`); ``bounces`` are
+        ``(address, reason)`` pairs for the suppression list (source ``bounce``).
         """
         now = self._now()
         rows = []
@@ -723,19 +751,35 @@ class SendLog:
                 raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
             key = normalize_address(recipient)
             rows.append((campaign, key, _domain_of(key), str(status), smtp_code, smtp_reply, message_id, line, now, now))
-        if not rows:
+        bounces = [(normalize_address(address), reason, "bounce", now) for address, reason in bounces]
+        if not rows and journal is None:
             return
         with self._guard as conn:
-            if len(rows) == 1:
+            if len(rows) == 1 and journal is None and not bounces:
                 conn.execute(_EVENT_SQL, rows[0])
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_EVENT_SQL, rows)
+                if bounces:
+                    conn.executemany(_SUPPRESSION_SQL, bounces)
+                if journal is not None:
+                    conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (journal[1], journal[0]))
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def journal_applied(self, run_id: int) -> int | None:
+        """How far the run's delivery journal is applied (None: not at all yet)."""
+        row = self._fetch_one("SELECT journal_applied FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise ValueError(f"no run with id {run_id} in {self.path}")
+        return row[0]
+
+    def set_journal_applied(self, run_id: int, offset: int) -> None:
+        with self._guard as conn:
+            conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (offset, run_id))
 
     def record_skipped(self, campaign: str, recipient: str, *, status: str, reason: str, line: int | None) -> None:
         """Record a contact that is not mailed: ``invalid`` (bad row) or ``suppressed``.
@@ -950,11 +994,7 @@ class SendLog:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT INTO suppressions (address, reason, source, added_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (address) DO NOTHING",
-                    ((address, reason, source, now) for address, reason in entries),
-                )
+                conn.executemany(_SUPPRESSION_SQL, ((address, reason, source, now) for address, reason in entries))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

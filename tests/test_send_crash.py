@@ -67,6 +67,11 @@ def test_sigkill_mid_run_leaves_unknown_outcomes_that_are_reported_and_resent_on
         finish(process)
     assert process.returncode == -signal.SIGKILL
 
+    # The killed run's last events may still be only in its delivery journal: the next
+    # `mailer report` (or `mailer send`) moves them into the send log and removes it.
+    assert list(tmp_path.glob("*.journal")), "a killed run leaves its journal"
+    project.report("--campaign", "news")
+    assert not list(tmp_path.glob("*.journal"))
     after_kill = project.peek_statuses()
     assert "sent" in after_kill.values()
     assert len(after_kill) < len(emails), "the run was not killed midway"
@@ -245,3 +250,35 @@ def test_a_second_run_of_the_same_campaign_is_refused_with_75_naming_the_holder(
     assert process.returncode == 0, stderr
     assert sorted(received_addresses(smtp_server)) == sorted(emails + ["solo@example.org"])
     assert set(project.statuses().values()) == {"sent"}
+
+
+def test_every_message_is_on_record_as_sending_before_its_transaction_reaches_the_relay(smtp_server, tmp_path):
+    """The property a kill relies on, checked at the relay: when the content of a
+    message arrives, its ``sending`` line is already in the journal or the send log."""
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(40)
+    project.write_contacts(emails)
+    handler = smtp_server._controller.handler
+    accept = type(handler).handle_DATA
+    on_record_at_data: dict[str, bool] = {}
+
+    def claimed(recipient: str) -> bool:
+        for path in tmp_path.glob("*.journal"):
+            for raw in path.read_bytes().splitlines()[1:]:
+                event = json.loads(raw)
+                if event[0] == recipient and event[1] == "sending":
+                    return True
+        return project.peek_statuses().get(recipient) is not None
+
+    async def checking_data(smtp, session, envelope):
+        for recipient in envelope.rcpt_tos:
+            on_record_at_data[recipient] = claimed(recipient)
+        return await accept(handler, smtp, session, envelope)
+
+    handler.handle_DATA = checking_data
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(on_record_at_data) == emails
+    assert all(on_record_at_data.values()), [a for a, ok in on_record_at_data.items() if not ok]
+    assert not list(tmp_path.glob("*.journal"))  # a run that ends normally removes its journal

@@ -180,12 +180,36 @@ def test_a_version_1_log_is_migrated_forward(db_path: Path, clock: FakeClock) ->
     conn.close()
 
     with SendLog.open(db_path, clock=clock) as log:
-        assert log.schema_version == SCHEMA_VERSION >= 2
+        assert log.schema_version == SCHEMA_VERSION >= 3
         assert log.status_of("news", "old@example.com") == "sent"
     conn = sqlite3.connect(db_path)
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    run_columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
     conn.close()
-    assert "deliveries_campaign_status" in indexes
+    assert {"deliveries_campaign_retry", "runs_campaign"} <= indexes
+    assert "deliveries_campaign_status" not in indexes  # version 2's, dropped by version 3
+    assert "journal_applied" in run_columns
+
+
+def test_a_version_2_log_with_runs_is_migrated_forward(db_path: Path, clock: FakeClock) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for step in MIGRATIONS[:2]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO runs (campaign, pid, host, started_at) VALUES ('news', 1, 'h', 't0')")
+    conn.execute(
+        "INSERT INTO deliveries (campaign, recipient, domain, status, attempts, first_at, updated_at) "
+        "VALUES ('news', 'gone@example.com', 'example.com', 'failed', 1, 't0', 't0')"
+    )
+    conn.close()
+
+    with SendLog.open(db_path, clock=clock) as log:
+        (run,) = log.list_runs("news")
+        assert log.journal_applied(run.id) is None
+        failed = io.StringIO()
+        assert log.write_failed_csv("news", failed) == 1  # served by the new partial index
+        assert "gone@example.com" in failed.getvalue()
 
 
 def test_a_log_from_a_newer_mailer_is_refused(db_path: Path, clock: FakeClock) -> None:

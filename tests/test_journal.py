@@ -1,0 +1,234 @@
+"""The delivery journal: events on record before SQLite has them, recovered exactly once after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mailer import journal as journal_module
+from mailer.errors import SendLogError
+from mailer.journal import JournalWriter, journal_path, recover, recover_all
+from mailer.sendlog import SendLog
+
+CAMPAIGN = "news"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "mailer.sqlite3"
+
+
+def sending(n: int) -> tuple:
+    return (f"user{n}@example.com", "sending", None, None, f"<{n}@acme.example>", n + 2)
+
+
+def sent(n: int) -> tuple:
+    return (f"user{n}@example.com", "sent", 250, "2.0.0 queued", f"<{n}@acme.example>", None)
+
+
+def rows(db_path: Path) -> dict[str, tuple[str, int]]:
+    """recipient -> (status, attempts) for the campaign."""
+    with SendLog.open(db_path, create=False) as log, log._guard as conn:
+        found = conn.execute(
+            "SELECT recipient, status, attempts FROM deliveries WHERE campaign = ?", (CAMPAIGN,)
+        ).fetchall()
+    return {recipient: (status, attempts) for recipient, status, attempts in found}
+
+
+def new_run(db_path: Path) -> int:
+    with SendLog.open(db_path) as log:
+        return log.start_run(CAMPAIGN, template=None, contacts=None)
+
+
+def write_journal(db_path: Path, run_id: int, body: bytes) -> Path:
+    path = journal_path(db_path, CAMPAIGN)
+    header = json.dumps({"mailer_journal": 1, "campaign": CAMPAIGN, "run": run_id}).encode() + b"\n"
+    path.write_bytes(header + body)
+    return path
+
+
+def line(event: tuple) -> bytes:
+    return json.dumps(event).encode() + b"\n"
+
+
+def test_a_run_that_ends_normally_applies_everything_and_removes_its_journal(db_path):
+    run_id = new_run(db_path)
+    with SendLog.open(db_path) as log:
+        writer = JournalWriter(log, CAMPAIGN, run_id)
+        assert writer.path.exists()
+        for n in range(50):
+            writer.append(sending(n))
+            writer.append(sent(n))
+        writer.append(sending(50))
+        writer.append((f"user{50}@example.com", "failed", 550, "5.1.1 no such user", "<50@acme.example>", None))
+        writer.close()
+        assert not writer.path.exists()
+        assert log.is_suppressed("user50@example.com")  # a hard bounce, suppressed in the same commit
+    statuses = rows(db_path)
+    assert statuses == {**{f"user{n}@example.com": ("sent", 1) for n in range(50)}, "user50@example.com": ("failed", 1)}
+
+
+# A real process writes a journal, is killed with SIGKILL, and the test recovers it.
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mailer import journal
+    from mailer.sendlog import SendLog
+
+    db, run_id, applied_pairs, more_pairs, truncate_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    journal._BATCH_SECONDS = 3600  # apply only when told to (a full batch), never by the clock
+    journal._BATCH_EVENTS = 2 * applied_pairs
+    journal._TRUNCATE_AT = truncate_at
+    log = SendLog.open(Path(db))
+    lock = log.acquire_lock("news")
+    writer = journal.JournalWriter(log, "news", run_id)
+    def event(n, status):
+        if status == "sending":
+            return (f"user{n}@example.com", "sending", None, None, f"<{n}@acme.example>", n + 2)
+        return (f"user{n}@example.com", "sent", 250, "2.0.0 queued", f"<{n}@acme.example>", None)
+    for n in range(applied_pairs):
+        writer.append(event(n, "sending"))
+        writer.append(event(n, "sent"))
+    while log.journal_applied(run_id) is None:  # the full batch went to SQLite
+        time.sleep(0.01)
+    journal._BATCH_EVENTS = 10**9
+    while truncate_at < 10**9 and log.journal_applied(run_id) != writer._header_size:  # and the file was cut back
+        time.sleep(0.01)
+    for n in range(applied_pairs, applied_pairs + more_pairs):
+        writer.append(event(n, "sending"))
+        writer.append(event(n, "sent"))
+    writer.append(event(10**6, "sending"))  # in flight when the kill comes
+    print("ready", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def start_killed_writer(db_path: Path, run_id: int, *, applied_pairs: int, more_pairs: int, truncate_at: int = 10**9):
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(db_path), str(run_id), str(applied_pairs), str(more_pairs), str(truncate_at)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    ready = process.stdout.readline()
+    assert ready == "ready\n", "the writer process did not get ready"
+    return process
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    process.stdout.close()
+
+
+def test_a_killed_run_is_recovered_exactly_once(db_path):
+    run_id = new_run(db_path)
+    process = start_killed_writer(db_path, run_id, applied_pairs=10, more_pairs=5)
+    # While the run lives, its journal is its own: recovery leaves it alone.
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 0
+        assert recover_all(log) == 0
+    assert journal_path(db_path, CAMPAIGN).exists()
+    kill(process)
+
+    before = rows(db_path)
+    assert len(before) == 10 and all(value == ("sent", 1) for value in before.values())
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 11  # five sending/sent pairs and the one in flight
+        assert recover(log, CAMPAIGN) == 0
+    after = rows(db_path)
+    assert after == {
+        **{f"user{n}@example.com": ("sent", 1) for n in range(15)},
+        f"user{10**6}@example.com": ("sending", 1),
+    }
+    assert not journal_path(db_path, CAMPAIGN).exists()
+
+
+def test_a_journal_cut_back_mid_run_is_still_recovered_exactly_once(db_path):
+    run_id = new_run(db_path)
+    # A 1-byte threshold: the writer cuts the file back right after the first batch.
+    process = start_killed_writer(db_path, run_id, applied_pairs=10, more_pairs=3, truncate_at=1)
+    kill(process)
+    with SendLog.open(db_path) as log:
+        assert recover_all(log) == 7
+    assert rows(db_path) == {
+        **{f"user{n}@example.com": ("sent", 1) for n in range(13)},
+        f"user{10**6}@example.com": ("sending", 1),
+    }
+
+
+def test_the_journal_stays_small_on_a_long_run(db_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "_TRUNCATE_AT", 4096)
+    monkeypatch.setattr(journal_module, "_BATCH_SECONDS", 0.005)
+    run_id = new_run(db_path)
+    sizes = []
+    with SendLog.open(db_path) as log:
+        writer = JournalWriter(log, CAMPAIGN, run_id)
+        for n in range(2000):
+            writer.append(sending(n))
+            writer.append(sent(n))
+            if n % 100 == 0:
+                time.sleep(0.02)
+                sizes.append(os.path.getsize(writer.path))
+        writer.close()
+    # 2,000 pairs are ~300 KB of journal; cut back every 4 KB applied, it never holds them all.
+    assert max(sizes) < 100_000
+    assert rows(db_path) == {f"user{n}@example.com": ("sent", 1) for n in range(2000)}
+
+
+def test_a_line_cut_off_by_the_kill_is_ignored(db_path):
+    run_id = new_run(db_path)
+    write_journal(db_path, run_id, line(sending(1)) + line(sent(1)) + line(sending(2))[:-9])
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 2
+    assert rows(db_path) == {"user1@example.com": ("sent", 1)}
+
+
+def test_a_journal_cut_back_before_the_log_said_so_applies_nothing(db_path):
+    # Killed between the cut-back and its commit: the log says more is applied than the
+    # file holds, which means all of it was.
+    run_id = new_run(db_path)
+    with SendLog.open(db_path) as log:
+        log.record_events(CAMPAIGN, [sending(1), sent(1)], journal=(run_id, 5000))
+    write_journal(db_path, run_id, b"")
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 0
+    assert rows(db_path) == {"user1@example.com": ("sent", 1)}
+    assert not journal_path(db_path, CAMPAIGN).exists()
+
+
+def test_recovered_hard_bounces_are_suppressed(db_path):
+    run_id = new_run(db_path)
+    bounce = ("gone@example.com", "failed", 550, "5.1.1 <gone@example.com>: user unknown", "<9@acme.example>", None)
+    write_journal(db_path, run_id, line(("gone@example.com", "sending", None, None, "<9@acme.example>", 3)) + line(bounce))
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 2
+        assert log.is_suppressed("gone@example.com")
+
+
+def test_a_damaged_journal_is_an_error_that_keeps_the_file(db_path):
+    run_id = new_run(db_path)
+    path = write_journal(db_path, run_id, line(sending(1)) + b"{not json\n" + line(sent(1)))
+    with SendLog.open(db_path) as log, pytest.raises(SendLogError) as caught:
+        recover(log, CAMPAIGN)
+    message = str(caught.value)
+    assert "journal of campaign 'news' is damaged" in message and str(path) in message
+    assert "Keep a copy" in message
+    assert path.exists()
+    assert rows(db_path) == {}  # nothing half-applied
+
+
+def test_a_journal_that_cannot_be_created_is_a_clear_error(db_path, tmp_path):
+    run_id = new_run(db_path)
+    journal_path(db_path, CAMPAIGN).mkdir()  # something in the way
+    with SendLog.open(db_path) as log, pytest.raises(SendLogError) as caught:
+        JournalWriter(log, CAMPAIGN, run_id)
+    assert "cannot write the delivery journal" in str(caught.value)
