@@ -207,16 +207,28 @@ class Campaign:
         settled (it counts them itself); ``on_problem`` is told of each bad row.
         """
         seen = SeenAddresses()
-        handled = 0
-        where = self.where
-        campaign = self.name
-        counts = summary.counts
 
         def problem(item: Problem, contact: Contact | None = None) -> None:
             summary.add_problem(item)
             if on_problem:
                 on_problem(item, contact)
 
+        try:
+            yield from self._selected(summary, seen, skip, problem)
+        finally:
+            seen.close()
+
+    def _selected(
+        self,
+        summary: Summary,
+        seen: SeenAddresses,
+        skip: Callable[[Contact], bool] | None,
+        problem: Callable[..., None],
+    ) -> Iterator[tuple[Contact, BuiltMessage]]:
+        handled = 0
+        where = self.where
+        campaign = self.name
+        counts = summary.counts
         for item in self.reader:
             counts["rows"] += 1
             if isinstance(item, Rejected):

@@ -368,6 +368,43 @@ def test_seen_addresses_grow_and_remember_the_first_line():
     assert len(seen) == total + 1
 
 
+def test_seen_addresses_give_the_same_answers_once_spilled_to_disk():
+    seen = SeenAddresses(capacity=4, spill_at=1000)
+    total = 5000
+    for index in range(total):
+        assert seen.add(f"user{index}@example.com".encode(), index + 2) is None
+        if index == 998:
+            assert seen._disk is None
+    assert seen._disk is not None  # past 1,000 addresses the table is on disk
+    assert len(seen) == total
+    # Addresses from before and after the spill: found with their first line.
+    for index in (0, 500, 999, 1000, 4999):
+        assert seen.add(f"user{index}@example.com".encode(), 999_999) == index + 2
+        assert seen.get(f"user{index}@example.com".encode()) == index + 2
+    assert seen.get(b"nobody@example.com") is None
+    assert seen.add(b"nobody@example.com", 7) is None and len(seen) == total + 1
+    seen.close()
+
+
+def test_seen_addresses_memory_stays_flat_past_the_spill():
+    """The in-memory table stops growing at ``spill_at`` addresses."""
+    keys = [f"user{index}@example.com".encode() for index in range(60_000)]
+    tracemalloc.start()
+    try:
+        seen = SeenAddresses(spill_at=10_000)
+        peaks = []
+        for line, key in enumerate(keys, start=2):
+            seen.add(key, line)
+            if line % 20_000 == 0:
+                peaks.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert len(seen) == 60_000
+    # 20,000 then 60,000 addresses: the same memory, give or take SQLite's small cache.
+    assert peaks[-1] - peaks[0] < 512 * 1024, peaks
+    seen.close()
+
+
 def test_seen_addresses_with_address_keys():
     seen = SeenAddresses()
     assert seen.add(address_key("a@X.com"), 2) is None
