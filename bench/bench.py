@@ -5,6 +5,7 @@
     python bench/bench.py dry-run --contacts 1000000
     python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge]
     python bench/bench.py dkim --key rsa|ed25519 --messages 2000
+    python bench/bench.py check --contacts 100000 --domains 5000 --latency 0.02
 
 Each run generates N contacts into a temporary folder, runs the installed `mailer`
 command in a child process (output to /dev/null or into a loopback SMTP sink) and
@@ -69,13 +70,13 @@ path = "bench.sqlite3"
 """
 
 
-def write_contacts(path: Path, count: int) -> None:
+def write_contacts(path: Path, count: int, *, domains: int = 5000) -> None:
     plans = ("free", "pro", "team")
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(["email", "First Name", "Last Name", "plan", "renewal_date", "card_last4", "seats", "since"])
         for i in range(count):
-            writer.writerow([f"user{i}@example{i % 5000}.com", f"First{i}", f"Lást{i}", plans[i % 3],
+            writer.writerow([f"user{i}@example{i % domains}.com", f"First{i}", f"Lást{i}", plans[i % 3],
                              "2027-01-01", f"{i % 10000:04d}", str(i % 50 + 1), str(2015 + i % 10)])
 
 
@@ -97,7 +98,7 @@ def _tree_rss_kb(root: int) -> int:
     return total
 
 
-def run_child(command: list[str], *, cwd: Path, stdout=subprocess.DEVNULL) -> tuple[float, int, int]:
+def run_child(command: list[str], *, cwd: Path, stdout=subprocess.DEVNULL, accept=(0,)) -> tuple[float, int, int]:
     """Run a command; return (wall seconds, exit code, peak RSS in MB of it and its children).
 
     The RSS of the whole process tree (mailer delivers from a child process) is sampled
@@ -111,7 +112,7 @@ def run_child(command: list[str], *, cwd: Path, stdout=subprocess.DEVNULL) -> tu
         time.sleep(0.05)
     elapsed = time.perf_counter() - start
     stderr = process.stderr.read()
-    if process.returncode != 0:
+    if process.returncode not in accept:
         sys.stderr.write(stderr.decode(errors="replace")[-2000:])
         raise SystemExit(f"{command[0]} exited with {process.returncode}: no figure (see above)")
     return elapsed, process.returncode, peak // 1024
@@ -237,6 +238,55 @@ def bench_mailmerge(work: Path, port: int, count: int) -> dict:
             "messages_per_second": round(count / elapsed) if code == 0 else None, "peak_rss_mb": peak_mb}
 
 
+DNS_SERVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from dns_fixtures import DNSTestServer
+domains, latency = int(sys.argv[2]), float(sys.argv[3])
+zone = {(f"example{i}.com", "MX"): [f"10 mx.example{i}.com."] for i in range(domains)}
+zone[("acme.example", "MX")] = ["10 mx.acme.example."]
+zone[("acme.example", "TXT")] = ['"v=spf1 ip4:127.0.0.1 -all"']
+zone[("_dmarc.acme.example", "TXT")] = ['"v=DMARC1; p=none"']
+server = DNSTestServer(zone)
+server.latency = latency
+server.start()
+print(server.port, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def bench_check(args: argparse.Namespace) -> dict:
+    """`mailer check CONTACTS` against a loopback DNS server that answers after ``--latency`` seconds."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    dns_server = subprocess.Popen([sys.executable, "-c", DNS_SERVER, str(tests), str(args.domains), str(args.latency)],
+                                  stdout=subprocess.PIPE, text=True)
+    port = free_port()
+    sink, _used = start_sink("auto", port)
+    try:
+        dns_port = int(dns_server.stdout.readline())
+        with tempfile.TemporaryDirectory() as folder:
+            work = Path(folder)
+            write_contacts(work / "contacts.csv", args.contacts, domains=args.domains)
+            config = CONFIG.format(port=port, connections=4).replace('kind = "transactional"', 'from = "news@acme.example"\nkind = "transactional"')
+            config += f'\n[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 5\n'
+            (work / "mailer.toml").write_text(config, encoding="utf-8")
+            command = mailer_command() + ["check", "contacts.csv", "--json"]
+            with (work / "check.json").open("wb") as output:
+                elapsed, code, peak_mb = run_child(command, cwd=work, stdout=output, accept=(0, 1))
+            report = json.loads((work / "check.json").read_text(encoding="utf-8"))
+            checks = [f"{c['name']}: {c['status']}: {c['detail']}" for c in report["checks"] if c["section"] == "contacts"]
+    finally:
+        dns_server.terminate()
+        dns_server.wait()
+        sink.terminate()
+        sink.wait()
+    return {"mode": "check", "contacts": args.contacts, "domains": args.domains, "dns_latency_s": args.latency,
+            "exit_code": code, "seconds": round(elapsed, 2), "peak_rss_mb": peak_mb, "checks": checks,
+            "command": f"python bench/bench.py check --contacts {args.contacts} --domains {args.domains} "
+            f"--latency {args.latency}"}
+
+
 def bench_dkim(args: argparse.Namespace) -> dict:
     """Signatures per second of DKIMSigner.sign on the benchmark's ~4 KB multipart message."""
     from mailer.config import DKIMConfig
@@ -282,8 +332,12 @@ def main() -> None:
     dkim = sub.add_parser("dkim", help="DKIM signatures per second (one thread)")
     dkim.add_argument("--key", choices=("rsa", "ed25519"), default="rsa")
     dkim.add_argument("--messages", type=int, default=2000)
+    check = sub.add_parser("check", help="mailer check CONTACTS against a loopback DNS server")
+    check.add_argument("--contacts", type=int, default=100_000)
+    check.add_argument("--domains", type=int, default=5000)
+    check.add_argument("--latency", type=float, default=0.02, help="seconds before each DNS answer")
     args = parser.parse_args()
-    modes = {"dry-run": bench_dry_run, "send": bench_send, "dkim": bench_dkim}
+    modes = {"dry-run": bench_dry_run, "send": bench_send, "dkim": bench_dkim, "check": bench_check}
     result = modes[args.mode](args)
     print(json.dumps(result, ensure_ascii=False))
 
