@@ -12,6 +12,7 @@ derived the same way. Per contact only Jinja rendering remains.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -106,6 +107,9 @@ class MessageTemplate:
     kind: str  # "txt" | "md" | "html"
     header_sources: list[tuple[str, str]]
     attachment_sources: list[str]
+    # Per attachment: the folder its rendered path must stay in when the path is
+    # templated (the literal part before the first tag), or None when it is literal.
+    attachment_folders: list[Path | None]
     text_source: str
     html_source: str | None
     text_from_html: bool  # no precompiled text alternative: derive it per message
@@ -166,7 +170,10 @@ class MessageTemplate:
         count = len(self.header_sources)
         headers = [(name, value) for (name, _), value in zip(self.header_sources, parts)]
         attachment_count = len(self.attachment_sources)
-        attachments = [self.path.parent / value.strip() for value in parts[count : count + attachment_count]]
+        attachments = [
+            _attachment_path(self.path.parent, value.strip(), folder)
+            for value, folder in zip(parts[count : count + attachment_count], self.attachment_folders)
+        ]
         text = parts[count + attachment_count]
         html = parts[-1] if self.html_source is not None else None
         if self.text_from_html and html is not None:
@@ -360,6 +367,36 @@ def _compile(env: Environment, part: _Part, path: Path, used: dict[str, int]) ->
 
 
 
+_TAG_START = re.compile(r"\{[{%#]")
+
+
+def _attachment_folder(template_folder: Path, source: str) -> Path | None:
+    """The folder a templated ``Attachment:`` path must stay in; None for a literal path.
+
+    ``invoices/{{ invoice_id }}.pdf`` may name any file under ``invoices/`` (and its
+    subfolders), whatever the contact list holds; the template's author chose that
+    folder. A value such as ``../../home/me/.ssh/id_rsa`` or ``/etc/passwd`` cannot
+    send a file from elsewhere to a recipient.
+    """
+    source = source.strip()
+    tag = _TAG_START.search(source)
+    if tag is None:
+        return None
+    literal_folder = source[: tag.start()].rpartition("/")[0]
+    return Path(os.path.normpath(template_folder.absolute() / literal_folder))
+
+
+def _attachment_path(template_folder: Path, value: str, folder: Path | None) -> Path:
+    path = template_folder / value
+    # Compared by name, not by resolving links: a link the user made in that folder is theirs.
+    if folder is not None and not Path(os.path.normpath(path.absolute())).is_relative_to(folder):
+        raise RowError(
+            f"attachment path {value!r} leads outside {folder}: a templated Attachment: path "
+            "may only name files in the folder its template gives (check the contact's values)"
+        )
+    return path
+
+
 def load_template(path: Path) -> MessageTemplate:
     """Read, parse and compile a template file."""
     kind = _template_kind(path)
@@ -378,6 +415,7 @@ def load_template(path: Path) -> MessageTemplate:
     used: dict[str, int] = {}
     headers: list[tuple[str, str]] = []
     attachments: list[str] = []
+    attachment_folders: list[Path | None] = []
     seen: set[str] = set()
     for name, value, line in raw_headers:
         lowered = name.lower()
@@ -394,6 +432,7 @@ def load_template(path: Path) -> MessageTemplate:
         compiled = _compile(text_env, _Part(value, line), path, used)
         if lowered == "attachment":
             attachments.append(compiled)
+            attachment_folders.append(_attachment_folder(path.parent, value))
         else:
             headers.append((name, compiled))
     if "subject" not in seen:
@@ -419,6 +458,7 @@ def load_template(path: Path) -> MessageTemplate:
         kind=kind,
         header_sources=headers,
         attachment_sources=attachments,
+        attachment_folders=attachment_folders,
         text_source=text,
         html_source=html,
         text_from_html=text_from_html,

@@ -293,6 +293,55 @@ def test_a_missing_attachment_skips_that_row_only(project, run_cli):
     assert "contacts.csv:3:" in result.stderr and "INV-404.pdf" in result.stderr
 
 
+def test_a_value_from_the_csv_cannot_pick_an_attachment_outside_the_templates_folder(project, run_cli):
+    secret = project.write("secret.txt", b"do not send")
+    project.write("mail/invoices/INV-1.pdf", b"%PDF ann")
+    project.write("mail/invoices/2026/INV-2.pdf", b"%PDF bob")
+    project.csv(
+        "email,invoice\n"
+        "ann@example.com,INV-1.pdf\n"
+        "bob@example.com,2026/INV-2.pdf\n"  # a subfolder of invoices/ is fine
+        "eve@example.com,../../secret.txt\n"
+        f"mal@example.com,{secret}\n"  # an absolute path
+        "cy@example.com,2026/../../invoices/INV-1.pdf\n"  # leaves and comes back: still inside
+    )
+    project.template(
+        "From: a@acme.example\nSubject: Invoice\nAttachment: invoices/{{ invoice }}\n\nAttached.\n",
+        name="mail/invoice.txt.j2",
+    )
+    result, summary, messages = dry_run(project, run_cli, template="mail/invoice.txt.j2")
+    assert result.exit_code == 1
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com", "bob@example.com", "cy@example.com"]
+    assert all(b"do not send" not in a.get_payload(decode=True) for m in messages for a in m.iter_attachments())
+    problems = {p["email"]: p["reason"] for p in summary["problems"]}
+    assert set(problems) == {"eve@example.com", "mal@example.com"}
+    assert "leads outside" in problems["eve@example.com"] and "invoices" in problems["eve@example.com"]
+    assert "not found" in problems["mal@example.com"]  # under invoices/, like any other value
+    assert "contacts.csv:4:" in result.stderr and "contacts.csv:5:" in result.stderr
+
+
+def test_a_wholly_templated_attachment_path_stays_in_the_templates_folder(project, run_cli):
+    secret = project.write("secret.txt", b"do not send")
+    project.write("mail/terms.txt", b"terms")
+    project.csv(f"email,file\nann@example.com,terms.txt\nmal@example.com,{secret}\neve@example.com,../secret.txt\n")
+    project.template("From: a@acme.example\nSubject: Hi\nAttachment: {{ file }}\n\nHi.\n", name="mail/hi.txt.j2")
+    result, summary, messages = dry_run(project, run_cli, template="mail/hi.txt.j2")
+    assert result.exit_code == 1
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com"]
+    reasons = {p["email"]: p["reason"] for p in summary["problems"]}
+    assert set(reasons) == {"mal@example.com", "eve@example.com"}
+    assert all("leads outside" in reason for reason in reasons.values())
+
+
+def test_a_literal_attachment_path_may_reach_outside_the_templates_folder(project, run_cli):
+    project.write("shared/terms.txt", b"terms")
+    project.csv("email\nann@example.com\n")
+    project.template("From: a@acme.example\nSubject: Hi\nAttachment: ../shared/terms.txt\n\nHi.\n", name="mail/hi.txt.j2")
+    result, summary, messages = dry_run(project, run_cli, template="mail/hi.txt.j2")
+    assert result.exit_code == 0, result.stderr
+    assert [a.get_payload(decode=True) for a in messages[0].iter_attachments()] == [b"terms"]
+
+
 # --- header injection ----------------------------------------------------------------------
 
 
