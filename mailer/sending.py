@@ -199,6 +199,12 @@ def run_send(
             progress.stop()
             _restore_signal_handlers(interrupted)
             delivery.close()
+            try:
+                # A delivery process that died (killed by the system, say) left its last
+                # events in the journal: put them in the log now, not at the next run.
+                recover_journal(log, job.name, lock)
+            except MailerError as exc:  # the next send or report tries again
+                reporter.warning(f"the delivery journal could not be applied yet: {exc}")
             for key, value in delivery.counts().items():
                 counts[key] += value
             reporter.update_progress(counts["sent"] + counts["failed"] + counts["deferred"],
@@ -484,10 +490,11 @@ def _install_signal_handlers(delivery: _DeliveryProcess, reporter: Any) -> dict[
 
     def handle(signum: int, frame: Any) -> None:
         if state["signal"] is not None:
-            # Every log write is its own committed transaction: stopping both processes
-            # now leaves the log consistent (at worst some rows say `sending`).
+            # Every event is in the delivery journal before the next step: stopping both
+            # processes now loses nothing (at worst some recipients end as `sending`),
+            # and the next `mailer report` or `mailer send` applies the journal.
             delivery.kill()
-            os.write(2, b"\nmailer: aborted; the send log is consistent (see `mailer report`).\n")
+            os.write(2, b"\nmailer: aborted; every outcome is on record (see `mailer report`).\n")
             os._exit(int(ExitCode.INTERRUPTED))
         state["signal"] = signum
         delivery.stop()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -220,7 +222,9 @@ def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
     assert process.returncode == 130
     assert elapsed < 3.0, "the second Ctrl-C waited for the stalled transaction"
     assert "aborted" in stderr
-    # The transaction in flight had no outcome: its row says so.
+    # The transaction in flight had no outcome: its row says so (once `mailer report`
+    # has applied what the aborted run left in its journal).
+    project.report("--campaign", "news")
     assert list(project.peek_statuses().values()) == ["sending"]
     assert smtp_server.messages == []
 
@@ -282,3 +286,28 @@ def test_every_message_is_on_record_as_sending_before_its_transaction_reaches_th
     assert sorted(on_record_at_data) == emails
     assert all(on_record_at_data.values()), [a for a, ok in on_record_at_data.items() if not ok]
     assert not list(tmp_path.glob("*.journal"))  # a run that ends normally removes its journal
+
+
+def test_a_killed_delivery_process_is_reported_and_its_journal_applied_by_the_same_run(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.configure(send={"connections": 1})
+    project.write_contacts(addresses(6))
+    slow_down(smtp_server, stall=5.0)
+
+    process = project.spawn_send()
+    try:
+        wait_for(lambda: list(tmp_path.glob("*.journal")) and b'"sending"' in next(tmp_path.glob("*.journal")).read_bytes(),
+                 timeout=20)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        (child,) = [int(pid) for pid in children]
+        os.kill(child, signal.SIGKILL)
+        _, stderr = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode not in (0, 1), stderr
+    assert "the delivery process ended unexpectedly" in stderr
+    # The parent applied the dead child's journal before it exited: no later command needed.
+    assert not list(tmp_path.glob("*.journal"))
+    assert list(project.peek_statuses().values()) == ["sending"]
+    assert smtp_server.messages == []
