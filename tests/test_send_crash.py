@@ -201,13 +201,17 @@ def test_an_interrupted_long_list_accounts_for_every_row(smtp_server, tmp_path):
     assert counts["sent"] == len(received_addresses(smtp_server))
 
 
-def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
+def stalled_send(smtp_server, tmp_path, count: int) -> tuple[Project, subprocess.Popen]:
+    """A real send of ``count`` contacts over one connection to a server that stalls 5 s a message."""
     project = Project(tmp_path, smtp_server)
     project.configure(send={"connections": 1})
-    project.write_contacts(addresses(4))
+    project.write_contacts(addresses(count))
     slow_down(smtp_server, stall=5.0)
+    return project, project.spawn_send()
 
-    process = project.spawn_send()
+
+def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
+    project, process = stalled_send(smtp_server, tmp_path, 4)
     try:
         wait_for(lambda: "sending" in project.peek_statuses().values(), timeout=20)
         process.send_signal(signal.SIGINT)
@@ -289,12 +293,7 @@ def test_every_message_is_on_record_as_sending_before_its_transaction_reaches_th
 
 
 def test_a_killed_delivery_process_is_reported_and_its_journal_applied_by_the_same_run(smtp_server, tmp_path):
-    project = Project(tmp_path, smtp_server)
-    project.configure(send={"connections": 1})
-    project.write_contacts(addresses(6))
-    slow_down(smtp_server, stall=5.0)
-
-    process = project.spawn_send()
+    project, process = stalled_send(smtp_server, tmp_path, 6)
     try:
         wait_for(lambda: list(tmp_path.glob("*.journal")) and b'"sending"' in next(tmp_path.glob("*.journal")).read_bytes(),
                  timeout=20)
