@@ -180,7 +180,7 @@ def test_the_journal_stays_small_on_a_long_run(db_path, monkeypatch):
                 sizes.append(os.path.getsize(writer.path))
         writer.close()
     # 2,000 pairs are ~300 KB of journal; cut back every 4 KB applied, it never holds them all.
-    assert max(sizes) < 100_000
+    assert max(sizes) < 150_000, sizes
     assert rows(db_path) == {f"user{n}@example.com": ("sent", 1) for n in range(2000)}
 
 
