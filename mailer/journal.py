@@ -6,8 +6,9 @@ returned before the worker goes on, so whatever the kernel holds survives a kill
 process, exactly like a committed SQLite transaction in WAL mode with
 ``synchronous=NORMAL`` (neither survives a power cut before the data reaches disk).
 The send log (SQLite) is brought up to date from the same events in large batches,
-about every 50 ms, instead of one commit per message: committing before every
-transaction cost a third of the delivery process's time.
+about every 50 ms, instead of one commit per message: waiting for a commit before
+every transaction held a 50,000-message send into smtp-sink at 2,585 msg/s, against
+3,492 with no log writes at all (and about 3,600 with this journal).
 
 Each batch commit also stores how far into the journal it got (``runs.journal_applied``),
 in the same transaction, so the events after that point are exactly the ones the
