@@ -25,6 +25,7 @@ from .contacts import Contact, ContactReader, SeenAddresses, address_key
 from .delivery import Outgoing, Result, check_relay_settings, deliver, is_hard_bounce, tls_verification_warning
 from .errors import ExitCode, MailerError, SendLogError, UsageError
 from .journal import JournalWriter
+from .signing import SigningPool
 from .journal import recover as recover_journal
 from .sendlog import SendLog, Status, normalize_address
 
@@ -188,17 +189,26 @@ def run_send(
         # a lock (stderr's, say) that a thread of ours held at that instant.
         delivery = _DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name,
                                     run_id=run_id)
+        # DKIM signing costs several times what rendering does: on a machine with more
+        # than one core, worker processes sign while this one renders.
+        signing = SigningPool(signer, _signing_workers()) if signer is not None and _signing_workers() else None
         reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         interrupted = _install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
         try:
-            produced = delivery.feed(_outgoing(job, log, summary, signer=signer, resume=resume),
-                                     stopped=lambda: interrupted["signal"] is not None)
+            outgoing = _outgoing(job, log, summary, signer=None if signing else signer, resume=resume)
+            stream = signing.signed(outgoing) if signing else outgoing
+            try:
+                produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
+            finally:
+                stream.close()  # a stop leaves it unfinished: count what it still held
             result = delivery.wait()
         finally:
             progress.stop()
             _restore_signal_handlers(interrupted)
             delivery.close()
+            if signing is not None:
+                signing.close()
             try:
                 # A delivery process that died (killed by the system, say) left its last
                 # events in the journal: put them in the log now, not at the next run.
@@ -213,7 +223,7 @@ def run_send(
             summary.finished = time.time()
             summary.interrupted = interrupted["signal"] is not None
             log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
-        counts["not_attempted"] += result["untouched"] + produced["unsent"]
+        counts["not_attempted"] += result["untouched"] + produced["unsent"] + (signing.dropped if signing else 0)
         counts["deferred"] += result["waiting_retry"]
     return summary
 
@@ -445,6 +455,12 @@ def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, pas
 
         code = getattr(exc, "exit_code", ExitCode.TEMPFAIL)
         events.send(("error", {"message": str(exc), "exit_code": int(code), "traceback": traceback.format_exc()}))
+
+
+def _signing_workers() -> int:
+    """How many DKIM signing processes: one per core, none on a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if cores > 1 else 0
 
 
 def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, resume: _Resume) -> Iterator[Outgoing]:

@@ -1,0 +1,155 @@
+"""DKIM signing in worker processes: order kept, signatures verify, stops and errors accounted for."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import dkim
+import pytest
+
+from mailer import sending
+from mailer.config import DKIMConfig
+from mailer.delivery import Outgoing
+from mailer.dkim import DKIMSigner
+from mailer.errors import DKIMError
+from mailer.signing import BATCH, SigningPool
+from send_support import Project, addresses, received_addresses, wait_for
+
+DOMAIN = "acme.example"
+SELECTOR = "pool"
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dkim") / "rsa.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(path), "2048"], check=True, capture_output=True)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def signer(key) -> DKIMSigner:
+    return DKIMSigner.load(DKIMConfig(domain=DOMAIN, selector=SELECTOR, private_key=key))
+
+
+def verifies(data: bytes, signer: DKIMSigner) -> bool:
+    name, value = signer.dns_record()
+    return dkim.verify(data, dnsfunc=lambda qname, timeout=5: value.encode() if qname.decode().rstrip(".") == name else None)
+
+
+def item(n: int) -> Outgoing:
+    data = (f"From: a@{DOMAIN}\r\nTo: user{n}@example.com\r\nSubject: n{n}\r\n\r\nmessage {n}\r\n").encode()
+    return Outgoing(key=n, sender=f"a@{DOMAIN}", recipients=[f"user{n}@example.com"], data=data, message_id=f"<{n}@x>")
+
+
+def test_the_pool_signs_every_message_and_keeps_their_order(signer):
+    pool = SigningPool(signer, 2)
+    try:
+        count = BATCH * 5 + 3  # several rounds, and a last partial batch
+        out = list(pool.signed(iter([item(n) for n in range(count)])))
+    finally:
+        pool.close()
+    assert [o.key for o in out] == list(range(count))
+    for o in out:
+        assert o.data.startswith(b"DKIM-Signature:") and f"message {o.key}\r\n".encode() in o.data
+        assert verifies(o.data, signer)
+    assert pool.dropped == 0
+
+
+def test_a_consumer_that_stops_early_is_told_how_many_messages_the_pool_still_held(signer):
+    pool = SigningPool(signer, 2)
+    taken_in = []
+
+    def source():
+        for n in range(200):
+            taken_in.append(n)
+            yield item(n)
+
+    try:
+        stream = pool.signed(source())
+        given = [next(stream) for _ in range(5)]
+        stream.close()
+    finally:
+        pool.close()
+    assert [g.key for g in given] == [0, 1, 2, 3, 4]
+    # Everything it read from the source is either given back or counted as dropped.
+    assert len(given) + pool.dropped == len(taken_in)
+    assert pool.dropped > 0
+
+
+def test_a_message_the_signer_refuses_is_a_dkim_error(signer):
+    pool = SigningPool(signer, 2)
+    bad = Outgoing(key="x", sender=f"a@{DOMAIN}", recipients=["x@example.com"], data=b"Subject: no From\r\n\r\nhi\r\n",
+                   message_id="<x@x>")
+    try:
+        with pytest.raises(DKIMError) as caught:
+            list(pool.signed(iter([item(0), bad])))
+    finally:
+        pool.close()
+    assert "From" in str(caught.value)
+
+
+def test_a_signed_send_through_the_pool_gives_each_recipient_their_own_message(smtp_server, tmp_path, key, signer):
+    project = Project(tmp_path, smtp_server)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
+    emails = addresses(BATCH * 3 + 5)
+    project.write_contacts(emails)
+    if sending._signing_workers() == 0:
+        pytest.skip("one core: no signing processes")
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(smtp_server)) == emails
+    for message in smtp_server.messages:
+        parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+        assert [parsed["To"].addresses[0].addr_spec] == message.rcpt_tos  # the order was kept
+        assert verifies(message.data, signer)
+
+
+def test_on_one_core_the_send_signs_in_process(smtp_server, tmp_path, key, signer, monkeypatch):
+    monkeypatch.setattr(sending.os, "sched_getaffinity", lambda pid: {0})
+    assert sending._signing_workers() == 0
+    project = Project(tmp_path, smtp_server)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
+    emails = addresses(5)
+    project.write_contacts(emails)
+
+    outcome = project.send()
+
+    assert outcome.exit_code == 0, outcome
+    assert all(verifies(message.data, signer) for message in smtp_server.messages)
+
+
+def test_an_interrupted_signed_send_accounts_for_every_row(smtp_server, tmp_path, key):
+    project = Project(tmp_path, smtp_server)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)}, send={"connections": 1})
+    emails = addresses(300)
+    project.write_contacts(emails)
+    handler = smtp_server._controller.handler
+    accept = type(handler).handle_DATA
+
+    async def slow_data(smtp, session, envelope):
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        return await accept(handler, smtp, session, envelope)
+
+    handler.handle_DATA = slow_data
+    process = project.spawn_send("--json")
+    try:
+        wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=30)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    counts = json.loads(stdout)["counts"]
+    assert counts["sent"] == len(received_addresses(smtp_server)) < len(emails)
+    assert counts["sent"] + counts.get("deferred", 0) + counts["not_attempted"] == counts["rows"], counts
