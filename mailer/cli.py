@@ -321,9 +321,8 @@ def report(
     """
     import json
 
-    from .sendlog import SendLog
-
     from .journal import recover_all
+    from .sendlog import SendLog
 
     config = load_config(config_path)
     with SendLog.open(config.log.path, create=False) as log:

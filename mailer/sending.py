@@ -25,9 +25,9 @@ from .contacts import Contact, ContactReader, SeenAddresses, address_key
 from .delivery import Outgoing, Result, check_relay_settings, deliver, is_hard_bounce, tls_verification_warning
 from .errors import ExitCode, MailerError, SendLogError, UsageError
 from .journal import JournalWriter
-from .signing import SigningPool
 from .journal import recover as recover_journal
 from .sendlog import SendLog, Status, normalize_address
+from .signing import SigningPool
 
 __all__ = ["run_send", "unsubscribe_warning"]
 
@@ -252,10 +252,11 @@ class _DeliveryProcess:
     Rendering and delivery both need the CPU, and Python threads share one core (the
     GIL): in one process each slows the other down threefold. So this process renders
     and a forked child delivers; messages cross a pipe in batches (the pipe's buffer is
-    the bounded queue between them). The child writes ``sending`` and the outcome to
-    the send log through its own SQLite connection. It dies with its parent
-    (``PR_SET_PDEATHSIG``), so a killed ``mailer send`` stops sending at once, exactly
-    as a single process would; the log then says ``sending`` for the messages in flight.
+    the bounded queue between them). The child records ``sending`` and the outcome in
+    the delivery journal, and applies it to the send log through its own SQLite
+    connection (:mod:`mailer.journal`). It dies with its parent (``PR_SET_PDEATHSIG``),
+    so a killed ``mailer send`` stops sending at once, exactly as a single process
+    would; the log then says ``sending`` for the messages in flight.
     """
 
     BATCH = 64
