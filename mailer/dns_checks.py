@@ -16,6 +16,7 @@ user can act on, and a traceback is not.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,6 +26,7 @@ from typing import Literal, Protocol
 import dns.exception
 import dns.name
 import dns.resolver
+from publicsuffixlist import PublicSuffixList
 
 from .config import DNSConfig
 from .errors import ConfigError
@@ -499,11 +501,18 @@ def _is_dmarc(text: str) -> bool:
     return re.match(r"^\s*v\s*=\s*DMARC1\s*(;|$)", text, re.IGNORECASE) is not None
 
 
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    return PublicSuffixList()  # the list bundled with the package: no download
+
+
 def _organizational_domain(domain: str) -> str:
-    # Simplification: the last two labels. RFC 7489 §3.2 uses the Public Suffix
-    # List, which would give "example.co.uk" rather than "co.uk" — for such domains
-    # the fallback looks in the wrong place and reports DMARC missing.
-    return ".".join(domain.split(".")[-2:])
+    """RFC 7489 §3.2: the domain one label below its public suffix.
+
+    ``news.acme.co.uk`` → ``acme.co.uk`` (not ``co.uk``), from the Public Suffix
+    List; a domain that is itself a public suffix is its own organizational domain.
+    """
+    return _public_suffixes().privatesuffix(domain.lower().rstrip(".")) or domain.lower().rstrip(".")
 
 
 def _check_dmarc(resolver: dns.resolver.Resolver, domain: str, *, bulk: bool) -> CheckResult:

@@ -314,6 +314,20 @@ def test_dmarc_falls_back_to_the_organizational_domain(dns_server, resolver):
     assert dns_server.count("_dmarc.acme.test", "TXT") == 1
 
 
+def test_dmarc_of_a_subdomain_under_a_two_label_suffix_falls_back_past_the_suffix(dns_server, resolver):
+    # news.acme.co.uk's organizational domain is acme.co.uk (Public Suffix List), not co.uk.
+    zone = {
+        ("news.acme.co.uk", "MX"): ["10 mx1.acme.co.uk."],
+        ("_dmarc.acme.co.uk", "TXT"): ['"v=DMARC1; p=reject; rua=mailto:d@acme.co.uk"'],
+        ("_dmarc.co.uk", "TXT"): ['"v=DMARC1; p=none"'],  # must never be read
+    }
+    dns_server.set_zone(zone)
+    dmarc = check(resolver, domain="news.acme.co.uk")["DMARC"]
+    assert dmarc.status == "ok", dmarc
+    assert "inherited from the organizational domain acme.co.uk" in dmarc.detail and "p=reject" in dmarc.detail
+    assert dns_server.count("_dmarc.co.uk", "TXT") == 0
+
+
 # ---------------------------------------------------------------- DKIM
 
 
