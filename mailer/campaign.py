@@ -113,6 +113,7 @@ class Campaign:
         limit: int | None = None,
         email_column: str | None = None,
         stdin: IO[bytes] | None = None,
+        spool_stdin: bool = False,
         clock: Callable[[], float] = time.time,
         builder: MessageBuilder | None = None,
     ) -> None:
@@ -128,7 +129,7 @@ class Campaign:
         self.limit = limit
         self.email_column = email_column
         self.template = load_template(template)
-        self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin)
+        self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin, spool_stdin=spool_stdin)
         self.where = compile_where(where, columns=self.reader.variable_names)
         available = set(self.reader.variable_names) | set(BUILTIN_VARIABLES)
         message = config.message

@@ -171,7 +171,8 @@ def send(
             hint="Add --output DIR to write the messages as files, then --json prints the summary on stdout.",
         )
     reporter = Reporter(quiet=quiet)
-    job = Campaign(contacts=contacts, template=template, config=config, name=campaign, where=where, limit=limit, email_column=email_column)
+    job = Campaign(contacts=contacts, template=template, config=config, name=campaign, where=where, limit=limit,
+                   email_column=email_column, spool_stdin=not dry_run)
     try:
         if dry_run:
             summary = _dry_run(job, reporter, format=format, output=output)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import shutil
 import sqlite3
 import sys
+import tempfile
 from array import array
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -266,6 +268,23 @@ def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[di
     return predicate
 
 
+def _spool(stream: IO[bytes]) -> IO[bytes]:
+    """Copy ``stream`` into an anonymous-named temporary file, rewound; deleted when closed."""
+    spool = tempfile.NamedTemporaryFile(prefix="mailer-stdin-", suffix=".csv")
+    try:
+        shutil.copyfileobj(stream, spool, 1 << 20)
+        spool.flush()
+        spool.seek(0)
+    except OSError as exc:
+        spool.close()
+        raise ContactsError(
+            f"cannot keep a copy of the contacts read from stdin ({exc.strerror}).",
+            path="<stdin>",
+            hint="Free some space in the temporary folder (TMPDIR), or pass the contacts as a file.",
+        ) from None
+    return spool
+
+
 class ContactReader:
     """Reads contacts from a CSV path or ``-`` (stdin), one row at a time.
 
@@ -273,11 +292,28 @@ class ContactReader:
     read at once); iterate to get :class:`Contact` and :class:`Rejected` items.
     """
 
-    def __init__(self, source: str, *, email_column: str | None = None, stdin: IO[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        email_column: str | None = None,
+        stdin: IO[bytes] | None = None,
+        spool_stdin: bool = False,
+        display_name: str | None = None,
+    ) -> None:
         self.source = source
-        self.display_name = "<stdin>" if source == "-" else source
+        self.display_name = display_name or ("<stdin>" if source == "-" else source)
+        # A path that reads the same rows again (None: stdin that was not spooled).
+        self.rereadable: str | None = None if source == "-" else source
+        self._spool: IO[bytes] | None = None
         if source == "-":
             self._binary = stdin if stdin is not None else sys.stdin.buffer
+            if spool_stdin:
+                # Copied to a temporary file first, so that the whole list can be
+                # checked before the first message goes, as for a file.
+                self._spool = _spool(self._binary)
+                self._binary = self._spool
+                self.rereadable = self._spool.name
         else:
             try:
                 self._binary = open(source, "rb")
@@ -307,8 +343,8 @@ class ContactReader:
         return list(dict.fromkeys(self._header.names + [alias for _, alias in self._header.aliases]))
 
     def close(self) -> None:
-        if self.source != "-":
-            self._binary.close()
+        if self.source != "-" or self._spool is not None:
+            self._binary.close()  # a spool file is deleted as it closes
 
     def __enter__(self) -> "ContactReader":
         return self

@@ -99,11 +99,16 @@ class _Resume:
         return None
 
 
+def _reread(job: Campaign) -> ContactReader:
+    """A second reader over the campaign's contacts (a file, or stdin's spooled copy)."""
+    return ContactReader(job.reader.rereadable, email_column=job.email_column, display_name=job.reader.display_name)
+
+
 def plan_send(job: Campaign, resume: _Resume) -> SendPlan:
     """Count who would be mailed, without rendering (a second, cheap pass over the CSV)."""
     plan = SendPlan(0, 0, 0, 0)
     seen = SeenAddresses()
-    with ContactReader(job.reader.source, email_column=job.email_column) as reader:
+    with _reread(job) as reader:
         for item in reader:
             if not isinstance(item, Contact):
                 continue
@@ -153,9 +158,9 @@ def run_send(
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
 
-    if job.reader.source != "-":
-        # Find a broken byte or quote anywhere in the file before the first message goes.
-        with ContactReader(job.reader.source, email_column=job.email_column) as reader:
+    if job.reader.rereadable is not None:
+        # Find a broken byte or quote anywhere in the list before the first message goes.
+        with _reread(job) as reader:
             reader.scan()
     summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
     with SendLog.open(config.log.path) as log, log.acquire_lock(job.name) as lock:
@@ -164,7 +169,7 @@ def run_send(
         resume = _Resume(log, job.name, resend_unknown=resend_unknown)
         plan = None
         wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
-        if (confirm is not None or wants_total) and job.reader.source != "-":
+        if (confirm is not None or wants_total) and job.reader.rereadable is not None:
             plan = plan_send(job, resume)
         if confirm is not None and plan is not None:
             question = (
@@ -206,9 +211,9 @@ def run_send(
         finally:
             progress.stop()
             _restore_signal_handlers(interrupted)
-            delivery.close()
             if signing is not None:
-                signing.close()
+                signing.close()  # first: its processes hold copies of the pipe to the delivery process
+            delivery.close()
             try:
                 # A delivery process that died (killed by the system, say) left its last
                 # events in the journal: put them in the log now, not at the next run.
@@ -268,7 +273,8 @@ class _DeliveryProcess:
         self.events, events_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_delivery_child,
-            args=(items_reader, events_writer, self.shared, config, password, ssl_context, campaign, run_id),
+            args=(items_reader, self.items, events_writer, self.shared, config, password, ssl_context, campaign,
+                  run_id),
             name="mailer-delivery",
             daemon=True,
         )
@@ -396,9 +402,13 @@ class _ChildRecorder:
             self.shared.add(result.status)
 
 
-def _delivery_child(items: Any, events: Any, shared: _Counters, config: Any, password: str | None,
-                    ssl_context: Any, campaign: str, run_id: int) -> None:
+def _delivery_child(items: Any, items_writer: Any, events: Any, shared: _Counters, config: Any,
+                    password: str | None, ssl_context: Any, campaign: str, run_id: int) -> None:
     """Body of the delivery process (runs after fork; reports through ``events``)."""
+    # The fork copied the parent's end of the items pipe: without closing it here, a
+    # parent that stops feeding on an error (and closes its end) would never be seen
+    # to, and this process would wait for more messages.
+    items_writer.close()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -413,6 +414,53 @@ def test_a_broken_row_deep_in_the_file_stops_the_send_before_anything_goes(smtp_
     assert outcome.exit_code == 2, outcome
     assert "contacts.csv:51" in outcome.stderr and message in outcome.stderr
     assert smtp_server.connections == 0 and received_addresses(smtp_server) == []
+
+
+def piped_send(project: Project, contacts: bytes, tmpdir: Path) -> subprocess.CompletedProcess:
+    """`... | mailer send - TEMPLATE --json` as a real process, with its own TMPDIR."""
+    return subprocess.run(
+        project._command(("send", "-", str(project.template_path), "--json")), cwd=project.root,
+        env=project._environment({"TMPDIR": str(tmpdir)}), input=contacts, capture_output=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [(b"user049@example.com,Caf\xe9\n", "not valid UTF-8"), (b'user049@example.com,"unclosed\n', "not valid CSV")],
+    ids=["latin-1-byte", "unclosed-quote"],
+)
+def test_a_broken_row_deep_in_contacts_on_stdin_also_stops_the_send_before_anything_goes(
+    smtp_server, tmp_path, bad_line, message
+):
+    project = Project(tmp_path, smtp_server)
+    # More rows before the bad one than go to the delivery process in one batch.
+    bad_line = bad_line.replace(b"user049", b"user500")
+    contacts = project.write_contacts(addresses(500)).read_bytes() + bad_line + b"user501@example.com,after\n"
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+
+    done = piped_send(project, contacts, spool)
+
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "<stdin>:502" in stderr and message in stderr
+    assert smtp_server.connections == 0 and received_addresses(smtp_server) == []
+    assert list(spool.iterdir()) == []  # the copy of stdin is gone
+
+
+def test_contacts_on_stdin_are_sent_and_the_copy_is_removed(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    emails = addresses(30)
+    contacts = project.write_contacts(emails).read_bytes()
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+
+    done = piped_send(project, contacts, spool)
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["counts"]["sent"] == 30
+    assert sorted(received_addresses(smtp_server)) == emails
+    assert list(spool.iterdir()) == []
 
 
 def test_bad_config_gives_exit_2_naming_the_file_and_key_and_sends_nothing(smtp_server, tmp_path):

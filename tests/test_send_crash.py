@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from mailer.config import load_config
+from mailer.delivery import Outgoing
+from mailer.sending import _DeliveryProcess
 from mailer.sendlog import SendLog
 from send_support import Project, addresses, received_addresses, wait_for
 
@@ -310,3 +313,27 @@ def test_a_killed_delivery_process_is_reported_and_its_journal_applied_by_the_sa
     assert not list(tmp_path.glob("*.journal"))
     assert list(project.peek_statuses().values()) == ["sending"]
     assert smtp_server.messages == []
+
+
+def test_a_failure_while_feeding_ends_the_delivery_process_at_once(smtp_server, tmp_path):
+    """The renderer stops on an error: the delivery process must see the end of its
+    pipe and finish, not wait for more messages until it is killed."""
+    project = Project(tmp_path, smtp_server)
+    config = load_config(project.config_path)
+    with SendLog.open(config.log.path) as log:
+        run_id = log.start_run("news", template=None, contacts=None)
+    delivery = _DeliveryProcess(config, password=None, ssl_context=None, campaign="news", run_id=run_id)
+
+    def messages():
+        for n in range(3):
+            data = f"From: a@acme.example\r\nTo: u{n}@example.com\r\nSubject: n\r\n\r\nhi\r\n".encode()
+            yield Outgoing(key=(f"u{n}@example.com", n + 2), sender="a@acme.example",
+                           recipients=[f"u{n}@example.com"], data=data, message_id=f"<{n}@acme.example>")
+        raise RuntimeError("the renderer failed")
+
+    with pytest.raises(RuntimeError):
+        delivery.feed(messages(), stopped=lambda: False)
+    started = time.monotonic()
+    delivery.close()
+    assert time.monotonic() - started < 10
+    assert delivery.process.exitcode == 0  # it ended by itself, it was not killed
