@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import queue
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +23,8 @@ from .delivery import Outgoing
 from .errors import DKIMError
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-BATCH = 16
+BATCH = 16  # messages at most in one batch
+BATCH_BYTES = 256 * 1024  # and about this many bytes (messages with attachments are large)
 IN_FLIGHT_PER_WORKER = 2
 
 
@@ -47,8 +50,23 @@ def _worker(signer: Any, conn: Any) -> None:
             conn.send(("error", exc.message))
 
 
+def _receive(connection: Any, results: queue.SimpleQueue) -> None:
+    """Move one worker's results into ``results`` as they arrive, until it ends."""
+    while True:
+        try:
+            results.put(connection.recv())
+        except (EOFError, OSError):
+            results.put(("ended", None))
+            return
+
+
 class SigningPool:
-    """``workers`` signing processes. Create it before any thread of the caller starts."""
+    """``workers`` signing processes. Create it before any thread of the caller starts.
+
+    One thread per worker receives its results as they come: a worker is never left
+    blocked sending back a large result while the caller is blocked sending it the
+    next batch, whatever the size of the messages.
+    """
 
     def __init__(self, signer: Any, workers: int) -> None:
         context = multiprocessing.get_context("fork")
@@ -61,15 +79,24 @@ class SigningPool:
             theirs.close()
             self._connections.append(mine)
             self._processes.append(process)
+        # Threads only now: the workers are forked from a process with a single thread.
+        self._results: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self._receivers = [
+            threading.Thread(target=_receive, args=(connection, results), name="mailer-dkim-results", daemon=True)
+            for connection, results in zip(self._connections, self._results)
+        ]
+        for receiver in self._receivers:
+            receiver.start()
         self.dropped = 0  # messages taken in but never given back (the consumer stopped)
 
     def signed(self, items: Iterator[Outgoing]) -> Iterator[Outgoing]:
         """``items`` with their data DKIM-signed, in the same order."""
-        in_flight: deque[tuple[Any, list[Outgoing]]] = deque()
+        in_flight: deque[tuple[int, list[Outgoing]]] = deque()
         ready: deque[Outgoing] = deque()
         limit = len(self._connections) * IN_FLIGHT_PER_WORKER
         turn = 0
         batch: list[Outgoing] = []
+        batch_bytes = 0
         try:
             exhausted = False
             while not exhausted or batch or in_flight:
@@ -79,14 +106,16 @@ class SigningPool:
                         exhausted = True
                     else:
                         batch.append(item)
-                if batch and (len(batch) >= BATCH or exhausted):
+                        batch_bytes += len(item.data)
+                if batch and (len(batch) >= BATCH or batch_bytes >= BATCH_BYTES or exhausted):
                     if len(in_flight) >= limit:
                         ready.extend(self._collect(in_flight))
-                    connection = self._connections[turn % len(self._connections)]
+                    worker = turn % len(self._connections)
                     turn += 1
-                    connection.send([message.data for message in batch])
-                    in_flight.append((connection, batch))
+                    self._connections[worker].send([message.data for message in batch])
+                    in_flight.append((worker, batch))
                     batch = []
+                    batch_bytes = 0
                 elif exhausted and in_flight:
                     ready.extend(self._collect(in_flight))
                 while ready:
@@ -97,11 +126,10 @@ class SigningPool:
 
     def _collect(self, in_flight: deque) -> list[Outgoing]:
         """The oldest batch in flight, signed."""
-        connection, items = in_flight[0]
-        try:
-            kind, payload = connection.recv()
-        except EOFError:
-            raise DKIMError("a DKIM signing process ended unexpectedly; nothing it held was sent.") from None
+        worker, items = in_flight[0]
+        kind, payload = self._results[worker].get()
+        if kind == "ended":
+            raise DKIMError("a DKIM signing process ended unexpectedly; nothing it held was sent.")
         if kind == "error":
             raise DKIMError(payload)
         in_flight.popleft()
@@ -114,11 +142,15 @@ class SigningPool:
                 connection.send(None)
             except OSError:
                 pass
-            connection.close()
         for process in self._processes:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
                 process.join()
+        for receiver in self._receivers:
+            receiver.join(timeout=5)  # each saw its worker's end of the pipe
+        for connection in self._connections:
+            connection.close()
         self._connections = []
         self._processes = []
+        self._receivers = []

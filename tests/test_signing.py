@@ -7,6 +7,7 @@ import email.policy
 import json
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import dkim
@@ -153,3 +154,28 @@ def test_an_interrupted_signed_send_accounts_for_every_row(smtp_server, tmp_path
     counts = json.loads(stdout)["counts"]
     assert counts["sent"] == len(received_addresses(smtp_server)) < len(emails)
     assert counts["sent"] + counts.get("deferred", 0) + counts["not_attempted"] == counts["rows"], counts
+
+
+def test_large_messages_go_through_without_the_pipes_filling_up(signer):
+    """Messages of 300 KB (an attachment, say): batches are cut by size, and no worker
+    is handed a batch while its result may still be waiting in the pipe."""
+    body = ("x" * 998 + "\r\n") * 300
+    items = [
+        Outgoing(key=n, sender=f"a@{DOMAIN}", recipients=[f"u{n}@example.com"], message_id=f"<{n}@x>",
+                 data=(f"From: a@{DOMAIN}\r\nTo: u{n}@example.com\r\nSubject: big {n}\r\n\r\n" + body).encode())
+        for n in range(70)
+    ]
+    pool = SigningPool(signer, 2)
+    out: list[Outgoing] = []
+    consumer = threading.Thread(target=lambda: out.extend(pool.signed(iter(items))), daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    deadlocked = consumer.is_alive()
+    if deadlocked:  # unblock the pipes so that the test ends
+        for process in pool._processes:
+            process.kill()
+        consumer.join(timeout=10)
+    pool.close()
+    assert not deadlocked, "the parent and a signing process were each waiting for the other"
+    assert [o.key for o in out] == list(range(70))
+    assert all(verifies(o.data, signer) for o in out[::23])
