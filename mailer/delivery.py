@@ -81,6 +81,10 @@ TLS_VERIFY_DISABLED_WARNING = (
 _QUIT_TIMEOUT = 5.0
 # Workers and the feeder wake at least this often to notice the stop event.
 _POLL = 0.25
+# Besides at most ``queue_size`` messages, the engine holds at most about this many
+# bytes of them (queued, in flight or waiting for a retry): 1,000 messages with a
+# 5 MB attachment each would otherwise take 5 GB.
+_MAX_OUTSTANDING_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -834,6 +838,7 @@ class _Engine:
         self.retry_heap: list[tuple[float, int, _Job]] = []
         self.sequence = 0
         self.outstanding = 0  # taken from the iterator and without a final result
+        self.outstanding_bytes = 0  # their sizes: messages with attachments can be large
         self.limit = max(1, queue_size)
         # Once the queue is full the feeder sleeps until it has drained to half: one
         # wake-up per limit/2 messages instead of a thread switch for every message.
@@ -865,14 +870,17 @@ class _Engine:
                 stats.items += 1
                 # The bound covers the queue, the retry heap and the items in flight, so
                 # memory stays flat even when every message is being deferred.
-                if self.outstanding >= limit:
-                    while self.outstanding > self.low_water and not (stop.is_set() or halt.is_set()):
+                if self.outstanding >= limit or self.outstanding_bytes >= _MAX_OUTSTANDING_BYTES:
+                    while (
+                        self.outstanding > self.low_water or self.outstanding_bytes > _MAX_OUTSTANDING_BYTES // 2
+                    ) and not (stop.is_set() or halt.is_set()):
                         room.wait(_POLL)
                 if stop.is_set() or halt.is_set():
                     stats.untouched += 1
                     continue  # the loop's first check halts everything
                 fresh.append(job)
                 self.outstanding += 1
+                self.outstanding_bytes += len(item.data)
                 work_ready.notify()
 
     def halt_all(self) -> None:
@@ -920,7 +928,8 @@ class _Engine:
             self.work_ready.notify()
             return
         self.outstanding -= 1
-        if self.outstanding <= self.low_water:
+        self.outstanding_bytes -= len(job.item.data)
+        if self.outstanding <= self.low_water and self.outstanding_bytes <= _MAX_OUTSTANDING_BYTES // 2:
             self.room.notify()
         if disposition == SENT:
             stats.sent += 1

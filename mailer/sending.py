@@ -264,7 +264,8 @@ class _DeliveryProcess:
     would; the log then says ``sending`` for the messages in flight.
     """
 
-    BATCH = 64
+    BATCH = 64  # messages at most per batch
+    BATCH_BYTES = 1024 * 1024  # and about this many bytes
 
     def __init__(self, config: Any, *, password: str | None, ssl_context: Any, campaign: str, run_id: int) -> None:
         context = multiprocessing.get_context("fork")
@@ -305,13 +306,16 @@ class _DeliveryProcess:
     def feed(self, outgoing: Iterator[Outgoing], *, stopped: Callable[[], bool]) -> dict[str, int]:
         """Send every message to the child; returns how many were produced but never sent over."""
         batch: list[tuple] = []
+        batch_bytes = 0
         unsent = 0
         try:
             for item in outgoing:
                 batch.append((item.key, item.sender, item.recipients, item.data, item.message_id, item.smtputf8))
-                if len(batch) >= self.BATCH:
+                batch_bytes += len(item.data)
+                if len(batch) >= self.BATCH or batch_bytes >= self.BATCH_BYTES:
                     self.items.send(batch)
                     batch = []
+                    batch_bytes = 0
                 if stopped():
                     break
             if batch and not stopped():

@@ -13,6 +13,8 @@ import threading
 import time
 
 import pytest
+
+import mailer.delivery as delivery_module
 from smtp_fixtures import TEST_USERNAME
 
 from mailer.config import SMTPConfig, SendConfig
@@ -691,6 +693,28 @@ def test_memory_stays_bounded_by_the_queue_size(smtp_server):
     stats, _ = run(smtp_server, lazily(), listener=listener, queue_size=4)
     assert stats.sent == 100
     assert state["worst"] <= 4 + 1  # the queue, plus the one item the feeder holds
+
+
+def test_memory_stays_bounded_by_bytes_for_large_messages(smtp_server, monkeypatch):
+    # Messages of ~100 KB with a 1 MB byte bound: at most about ten held at once, far
+    # below the queue size of 1,000 messages.
+    monkeypatch.setattr(delivery_module, "_MAX_OUTSTANDING_BYTES", 1024 * 1024)
+    body = ("x" * 998 + "\r\n").encode() * 100
+    items = make_items(60, body=b"From: news@example.com\r\nSubject: big\r\n\r\n" + body)
+    state = {"pulled": 0, "done": 0, "worst": 0}
+
+    def lazily():
+        for item in items:
+            state["pulled"] += 1
+            yield item
+
+    listener = RecordingListener(
+        on_sending=lambda item, attempt: state.update(worst=max(state["worst"], state["pulled"] - state["done"])),
+        on_result=lambda item, result: state.update(done=state["done"] + result.final),
+    )
+    stats, _ = run(smtp_server, lazily(), listener=listener)
+    assert stats.sent == 60
+    assert state["worst"] <= 1024 * 1024 // len(items[0].data) + 2, state
 
 
 def test_rate_is_never_exceeded_over_any_second_at_the_server(smtp_server):
