@@ -49,13 +49,18 @@ def journal_path(db_path: Path, campaign: str) -> Path:
     return campaign_file_path(db_path, campaign, "journal")
 
 
+def is_bounce(status: str, code: int | None, reply: str | None) -> bool:
+    """Whether an outcome puts the address on the suppression list (a permanent "user unknown")."""
+    return status == Status.FAILED and bool(code) and is_hard_bounce(code, reply or "")
+
+
 def bounces_of(events: list[tuple]) -> list[tuple[str, str]]:
     """``(recipient, reason)`` for each permanent "user unknown" failure among ``events``."""
-    found = []
-    for recipient, status, code, reply, _message_id, _line in events:
-        if status == Status.FAILED and code and is_hard_bounce(code, reply or ""):
-            found.append((recipient, f"{code} {reply}"[:500]))
-    return found
+    return [
+        (recipient, f"{code} {reply}"[:500])
+        for recipient, status, code, reply, _message_id, _line in events
+        if is_bounce(status, code, reply)
+    ]
 
 
 class JournalWriter:

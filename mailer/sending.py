@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 
 from .campaign import Campaign, Problem, Summary
 from .contacts import Contact, ContactReader, SeenAddresses, address_key
-from .delivery import Outgoing, Result, check_relay_settings, deliver, is_hard_bounce, tls_verification_warning
+from .delivery import Outgoing, Result, check_relay_settings, deliver, tls_verification_warning
 from .errors import ExitCode, MailerError, SendLogError, UsageError
-from .journal import JournalWriter
+from .journal import JournalWriter, is_bounce
 from .journal import recover as recover_journal
 from .sendlog import SendLog, Status, normalize_address
 from .signing import SigningPool
@@ -196,7 +196,8 @@ def run_send(
                                     run_id=run_id)
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
-        signing = SigningPool(signer, _signing_workers()) if signer is not None and _signing_workers() else None
+        workers = _signing_workers() if signer is not None else 0
+        signing = SigningPool(signer, workers) if workers else None
         reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         interrupted = _install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
@@ -398,10 +399,8 @@ class _ChildRecorder:
         recipient, _ = item.key
         self.journal.append((recipient, str(result.status), result.smtp_code, result.smtp_reply, item.message_id, None))
         if result.final:
-            if result.status == Status.FAILED and result.smtp_code and is_hard_bounce(
-                result.smtp_code, result.smtp_reply or ""
-            ):
-                # A "user unknown" reply will not change: never mail this address again.
+            if is_bounce(result.status, result.smtp_code, result.smtp_reply):
+                # The journal's writer suppresses it with the same rule (mailer.journal).
                 self.shared.add("bounced_suppressed")
             self.shared.add(result.status)
 
