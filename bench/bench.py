@@ -76,8 +76,18 @@ def write_contacts(path: Path, count: int, *, domains: int = 5000) -> None:
         writer = csv.writer(file)
         writer.writerow(["email", "First Name", "Last Name", "plan", "renewal_date", "card_last4", "seats", "since"])
         for i in range(count):
-            writer.writerow([f"user{i}@example{i % domains}.com", f"First{i}", f"Lást{i}", plans[i % 3],
-                             "2027-01-01", f"{i % 10000:04d}", str(i % 50 + 1), str(2015 + i % 10)])
+            writer.writerow(
+                [
+                    f"user{i}@example{i % domains}.com",
+                    f"First{i}",
+                    f"Lást{i}",
+                    plans[i % 3],
+                    "2027-01-01",
+                    f"{i % 10000:04d}",
+                    str(i % 50 + 1),
+                    str(2015 + i % 10),
+                ]
+            )
 
 
 def _tree_memory_kb(root: int) -> tuple[int, int]:
@@ -145,9 +155,15 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
         (work / "mailer.toml").write_text(CONFIG.format(port=25, connections=4), encoding="utf-8")
         command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--dry-run", "--quiet"]
         elapsed, code, peak_mb = run_child(command, cwd=work)
-    return {"mode": "dry-run", "contacts": args.contacts, "exit_code": code, "seconds": round(elapsed, 2),
-            "messages_per_second": round(args.contacts / elapsed), "peak_rss_mb": peak_mb,
-            "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)])}
+    return {
+        "mode": "dry-run",
+        "contacts": args.contacts,
+        "exit_code": code,
+        "seconds": round(elapsed, 2),
+        "messages_per_second": round(args.contacts / elapsed),
+        "peak_rss_mb": peak_mb,
+        "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)]),
+    }
 
 
 def free_port() -> int:
@@ -205,16 +221,26 @@ def bench_send(args: argparse.Namespace) -> dict:
             (work / "mailer.toml").write_text(config, encoding="utf-8")
             command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--yes", "--quiet", "--json"]
             elapsed, code, peak_mb = run_child(command, cwd=work)
-            result = {"mode": "send", "sink": used, "contacts": args.contacts, "connections": args.connections,
-                      "exit_code": code, "seconds": round(elapsed, 2),
-                      "messages_per_second": round(args.contacts / elapsed), "peak_rss_mb": peak_mb,
-                      "peak_pss_mb": PEAK_PSS[0], "dkim": "rsa-2048" if args.dkim else None,
-                      "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"
-                      + (" --dkim" if args.dkim else "")}
+            result = {
+                "mode": "send",
+                "sink": used,
+                "contacts": args.contacts,
+                "connections": args.connections,
+                "exit_code": code,
+                "seconds": round(elapsed, 2),
+                "messages_per_second": round(args.contacts / elapsed),
+                "peak_rss_mb": peak_mb,
+                "peak_pss_mb": PEAK_PSS[0],
+                "dkim": "rsa-2048" if args.dkim else None,
+                "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"
+                + (" --dkim" if args.dkim else ""),
+            }
             if args.mailmerge:
                 result["mailmerge"] = bench_mailmerge(work, port, args.contacts)
                 if result["mailmerge"].get("messages_per_second"):
-                    result["ratio"] = round(result["messages_per_second"] / result["mailmerge"]["messages_per_second"], 1)
+                    result["ratio"] = round(
+                        result["messages_per_second"] / result["mailmerge"]["messages_per_second"], 1
+                    )
     finally:
         sink.terminate()
         sink.wait()
@@ -238,18 +264,37 @@ def bench_mailmerge(work: Path, port: int, count: int) -> dict:
         "CONTENT-TYPE: text/markdown\n\n" + body
     )
     (work / "mm_template.txt").write_text(template, encoding="utf-8")
-    with (work / "contacts.csv").open(encoding="utf-8") as source, (work / "mm_database.csv").open("w", encoding="utf-8", newline="") as target:
+    with (
+        (work / "contacts.csv").open(encoding="utf-8") as source,
+        (work / "mm_database.csv").open("w", encoding="utf-8", newline="") as target,
+    ):
         reader = csv.reader(source)
         writer = csv.writer(target)
         header = next(reader)
         writer.writerow(["email", "first_name", "last_name"] + header[3:])
         writer.writerows(reader)
     (work / "mm_server.conf").write_text(f"[smtp_server]\nhost = 127.0.0.1\nport = {port}\n", encoding="utf-8")
-    command = [str(binary), "--template", "mm_template.txt", "--database", "mm_database.csv", "--config", "mm_server.conf",
-               "--no-dry-run", "--no-limit", "--output-format", "raw"]
+    command = [
+        str(binary),
+        "--template",
+        "mm_template.txt",
+        "--database",
+        "mm_database.csv",
+        "--config",
+        "mm_server.conf",
+        "--no-dry-run",
+        "--no-limit",
+        "--output-format",
+        "raw",
+    ]
     elapsed, code, peak_mb = run_child(command, cwd=work)
-    return {"tool": "mailmerge 2.3.0", "exit_code": code, "seconds": round(elapsed, 2),
-            "messages_per_second": round(count / elapsed) if code == 0 else None, "peak_rss_mb": peak_mb}
+    return {
+        "tool": "mailmerge 2.3.0",
+        "exit_code": code,
+        "seconds": round(elapsed, 2),
+        "messages_per_second": round(count / elapsed) if code == 0 else None,
+        "peak_rss_mb": peak_mb,
+    }
 
 
 DNS_SERVER = """
@@ -273,8 +318,11 @@ while True:
 def bench_check(args: argparse.Namespace) -> dict:
     """`mailer check CONTACTS` against a loopback DNS server that answers after ``--latency`` seconds."""
     tests = Path(__file__).resolve().parent.parent / "tests"
-    dns_server = subprocess.Popen([sys.executable, "-c", DNS_SERVER, str(tests), str(args.domains), str(args.latency)],
-                                  stdout=subprocess.PIPE, text=True)
+    dns_server = subprocess.Popen(
+        [sys.executable, "-c", DNS_SERVER, str(tests), str(args.domains), str(args.latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     port = free_port()
     sink, _used = start_sink("auto", port)
     try:
@@ -282,32 +330,44 @@ def bench_check(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             write_contacts(work / "contacts.csv", args.contacts, domains=args.domains)
-            config = CONFIG.format(port=port, connections=4).replace('kind = "transactional"', 'from = "news@acme.example"\nkind = "transactional"')
+            config = CONFIG.format(port=port, connections=4).replace(
+                'kind = "transactional"', 'from = "news@acme.example"\nkind = "transactional"'
+            )
             config += f'\n[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 5\n'
             (work / "mailer.toml").write_text(config, encoding="utf-8")
             command = mailer_command() + ["check", "contacts.csv", "--json"]
             with (work / "check.json").open("wb") as output:
                 elapsed, code, peak_mb = run_child(command, cwd=work, stdout=output, accept=(0, 1))
             report = json.loads((work / "check.json").read_text(encoding="utf-8"))
-            checks = [f"{c['name']}: {c['status']}: {c['detail']}" for c in report["checks"] if c["section"] == "contacts"]
+            checks = [
+                f"{c['name']}: {c['status']}: {c['detail']}" for c in report["checks"] if c["section"] == "contacts"
+            ]
     finally:
         dns_server.terminate()
         dns_server.wait()
         sink.terminate()
         sink.wait()
-    return {"mode": "check", "contacts": args.contacts, "domains": args.domains, "dns_latency_s": args.latency,
-            "exit_code": code, "seconds": round(elapsed, 2), "peak_rss_mb": peak_mb, "checks": checks,
-            "command": f"python bench/bench.py check --contacts {args.contacts} --domains {args.domains} "
-            f"--latency {args.latency}"}
+    return {
+        "mode": "check",
+        "contacts": args.contacts,
+        "domains": args.domains,
+        "dns_latency_s": args.latency,
+        "exit_code": code,
+        "seconds": round(elapsed, 2),
+        "peak_rss_mb": peak_mb,
+        "checks": checks,
+        "command": f"python bench/bench.py check --contacts {args.contacts} --domains {args.domains} "
+        f"--latency {args.latency}",
+    }
 
 
 def bench_dkim(args: argparse.Namespace) -> dict:
     """Signatures per second of DKIMSigner.sign on the benchmark's ~4 KB multipart message."""
-    from mailer.config import DKIMConfig
-    from mailer.contacts import ContactReader
-    from mailer.dkim import DKIMSigner
-    from mailer.message import MessageBuilder
-    from mailer.templates import load_template
+    from mailer.compose.contacts import ContactReader
+    from mailer.compose.message import MessageBuilder
+    from mailer.compose.templates import load_template
+    from mailer.core.config import DKIMConfig
+    from mailer.dkim.signer import DKIMSigner
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -315,21 +375,32 @@ def bench_dkim(args: argparse.Namespace) -> dict:
         if args.key == "rsa":
             subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
         else:
-            subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True)
+            subprocess.run(
+                ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True
+            )
         key.chmod(0o600)
         signer = DKIMSigner.load(DKIMConfig(domain="acme.example", selector="bench", private_key=key))
         write_contacts(work / "contacts.csv", 50)
         (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
         template = load_template(work / "bench.md.j2")
         builder = MessageBuilder()
-        messages = [builder.build(template.render(c.variables), contact=c).data for c in ContactReader(str(work / "contacts.csv"))]
+        messages = [
+            builder.build(template.render(c.variables), contact=c).data
+            for c in ContactReader(str(work / "contacts.csv"))
+        ]
         start = time.perf_counter()
         for index in range(args.messages):
             signer.sign(messages[index % len(messages)])
         elapsed = time.perf_counter() - start
-    return {"mode": "dkim", "key": args.key, "messages": args.messages, "message_bytes": len(messages[0]),
-            "seconds": round(elapsed, 2), "signatures_per_second": round(args.messages / elapsed),
-            "command": f"python bench/bench.py dkim --key {args.key} --messages {args.messages}"}
+    return {
+        "mode": "dkim",
+        "key": args.key,
+        "messages": args.messages,
+        "message_bytes": len(messages[0]),
+        "seconds": round(elapsed, 2),
+        "signatures_per_second": round(args.messages / elapsed),
+        "command": f"python bench/bench.py dkim --key {args.key} --messages {args.messages}",
+    }
 
 
 def main() -> None:

@@ -13,14 +13,14 @@ import email.policy
 import itertools
 import json
 import mailbox
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from typer.testing import CliRunner, Result
 
-from mailer.cli import app
+from mailer.cli.app import app
 
 CONFIG_TEXT = """\
 [smtp]
@@ -103,7 +103,7 @@ def parse_mbox(data: bytes, folder: Path) -> list[EmailMessage]:
     path.write_bytes(data)
     box = mailbox.mbox(str(path), factory=lambda f: email.message_from_binary_file(f, policy=email.policy.default))
     try:
-        return [box[key] for key in box.keys()]
+        return [box[key] for key in box.keys()]  # noqa: SIM118 - iterating a mailbox yields messages
     finally:
         box.close()
 
@@ -119,7 +119,9 @@ def all_defects(message: EmailMessage) -> list:
 _runs = itertools.count()
 
 
-def dry_run(project: Project, run_cli, *args: str, contacts: str = "contacts.csv", template: str = "mail.txt.j2", input=None):
+def dry_run(
+    project: Project, run_cli, *args: str, contacts: str = "contacts.csv", template: str = "mail.txt.j2", input=None
+):
     """A dry run into a fresh ``--output`` folder with ``--json``: (result, summary, messages in order).
 
     With ``--output``, stdout holds only the JSON summary.

@@ -32,7 +32,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from mailer.config import DNSConfig
+from mailer.core.config import DNSConfig
 
 __all__ = ["DNSTestServer", "Query", "dns_server"]
 
@@ -173,7 +173,7 @@ class DNSTestServer:
 
     # ------------------------------------------------------------- sockets
 
-    def start(self) -> "DNSTestServer":
+    def start(self) -> DNSTestServer:
         """Bind UDP and TCP on one free loopback port and start answering."""
         for _attempt in range(50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

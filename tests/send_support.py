@@ -15,17 +15,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import tomli_w
 from typer.testing import CliRunner
 
-from mailer.cli import app
-from mailer.sendlog import SendLog
+from mailer.cli.app import app
+from mailer.store.sqlite import SendLog
 
-__all__ = ["Project", "Outcome", "MAILER", "wait_for", "addresses", "received_addresses"]
+__all__ = ["MAILER", "Outcome", "Project", "addresses", "received_addresses", "wait_for"]
 
 #: The mailer command as a real process (the package has no __main__).
 MAILER = [sys.executable, "-c", "from mailer.cli import main; main()"]
@@ -84,8 +85,12 @@ class Project:
         """(Re)write mailer.toml: defaults for a fast loopback send, updated by ``sections``
         (a section given as None is removed)."""
         config: dict[str, dict[str, Any]] = {
-            "smtp": {"host": "127.0.0.1", "port": self.server.port if self.server else 2525,
-                     "security": "none", "timeout": 5},
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": self.server.port if self.server else 2525,
+                "security": "none",
+                "timeout": 5,
+            },
             "send": {"rate": "unlimited", "connections": 2, "retries": 2, "retry_backoff": 0.01},
             "message": {"from": "Acme News <news@acme.example>", "kind": "transactional"},
             "log": {"path": self.log_path.name},
@@ -127,7 +132,9 @@ class Project:
 
     def send(self, *args: str, contacts: Path | None = None, template: Path | None = None, **kwargs) -> Outcome:
         """``mailer send CONTACTS TEMPLATE ARGS`` in this process."""
-        return self.cli("send", str(contacts or self.contacts_path), str(template or self.template_path), *args, **kwargs)
+        return self.cli(
+            "send", str(contacts or self.contacts_path), str(template or self.template_path), *args, **kwargs
+        )
 
     def _command(self, args: tuple[str, ...]) -> list[str]:
         return [*MAILER, *args, "--config", str(self.config_path)]
@@ -140,16 +147,26 @@ class Project:
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Outcome:
         """Run ``mailer ARGS`` as a real process and wait for it."""
         done = subprocess.run(
-            self._command(args), cwd=self.root, env=self._environment(env), stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=timeout,
+            self._command(args),
+            cwd=self.root,
+            env=self._environment(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         return Outcome(done.returncode, done.stdout, done.stderr)
 
     def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``mailer ARGS`` as a real process (stdout and stderr piped, stdin empty)."""
         return subprocess.Popen(
-            self._command(args), cwd=self.root, env=self._environment(env), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            self._command(args),
+            cwd=self.root,
+            env=self._environment(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def spawn_send(self, *args: str, **kwargs) -> subprocess.Popen:
@@ -194,6 +211,5 @@ class Project:
     def log_bytes(self) -> bytes:
         """The send log database and its WAL and shared-memory files, as bytes."""
         return b"".join(
-            path.read_bytes() for path in (self.log_path, self.root / (self.log_path.name + "-wal"))
-            if path.exists()
+            path.read_bytes() for path in (self.log_path, self.root / (self.log_path.name + "-wal")) if path.exists()
         )

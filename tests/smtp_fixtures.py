@@ -27,7 +27,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-__all__ = ["Fault", "Transaction", "TestSMTPServer", "TLSFiles", "TEST_USERNAME"]
+__all__ = ["TEST_USERNAME", "Fault", "TLSFiles", "TestSMTPServer", "Transaction"]
 
 TEST_USERNAME = "mailer-test"
 
@@ -74,7 +74,7 @@ class TLSFiles:
 
 
 class _RecordingHandler:
-    def __init__(self, owner: "TestSMTPServer") -> None:
+    def __init__(self, owner: TestSMTPServer) -> None:
         self.owner = owner
 
     def _connection(self, server) -> int:
@@ -285,8 +285,7 @@ def tls_files(tmp_path_factory) -> TLSFiles:
         pytest.skip("openssl is needed to make test certificates")
     folder = tmp_path_factory.mktemp("tls")
     (folder / "ca.cnf").write_text(
-        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
-        "subjectKeyIdentifier=hash\n"
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n"
     )
     (folder / "server.cnf").write_text(
         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -295,11 +294,40 @@ def tls_files(tmp_path_factory) -> TLSFiles:
     )
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-new", *ec, "-keyout", "ca.key", "-out", "ca.csr", "-subj", "/CN=mailer test CA", cwd=folder)
-    _openssl("x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-extfile", "ca.cnf", cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "ca.csr",
+        "-signkey",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ca.cnf",
+        cwd=folder,
+    )
     _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=folder)
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "2", "-extfile", "server.cnf", cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.cnf",
+        cwd=folder,
+    )
     return TLSFiles(ca=folder / "ca.pem", cert=folder / "server.pem", key=folder / "server.key")
 
 

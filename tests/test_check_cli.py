@@ -10,10 +10,10 @@ import subprocess
 
 import nacl.signing
 import pytest
-
-from mailer.config import DKIMConfig
-from mailer.dkim import DKIMSigner
 from send_support import Project
+
+from mailer.core.config import DKIMConfig
+from mailer.dkim.signer import DKIMSigner
 
 DOMAIN = "acme.example"
 SELECTOR = "mail2026"
@@ -74,9 +74,18 @@ def test_all_ok_exits_0_and_sends_nothing(ready, smtp_server, dns_server):
     assert outcome.exit_code == 0, outcome
     checks = lines_of(outcome)
     assert set(checks.values()) == {"OK"}, outcome.stdout
-    for name in ("config/config file", "config/unsubscribe", "config/DKIM key", "smtp/connect", "smtp/ehlo",
-                 "smtp/extensions", f"dns/MX ({DOMAIN})", f"dns/SPF ({DOMAIN})", f"dns/DMARC ({DOMAIN})",
-                 f"dns/DKIM ({DOMAIN})"):
+    for name in (
+        "config/config file",
+        "config/unsubscribe",
+        "config/DKIM key",
+        "smtp/connect",
+        "smtp/ehlo",
+        "smtp/extensions",
+        f"dns/MX ({DOMAIN})",
+        f"dns/SPF ({DOMAIN})",
+        f"dns/DMARC ({DOMAIN})",
+        f"dns/DKIM ({DOMAIN})",
+    ):
         assert name in checks, f"{name} missing from\n{outcome.stdout}"
     assert smtp_server.connections == 1 and smtp_server.messages == [] and smtp_server.rcpt_attempts == []
     assert dns_server.count(f"{SELECTOR}._domainkey.{DOMAIN}", "TXT") >= 1
@@ -98,10 +107,14 @@ def test_all_ok_as_json(ready):
 @pytest.mark.parametrize(
     "problem, failing, detail, fix",
     [
-        ("spf-missing", "SPF", "has no SPF record", f"Publish one TXT record at {DOMAIN}: \"v=spf1"),
+        ("spf-missing", "SPF", "has no SPF record", f'Publish one TXT record at {DOMAIN}: "v=spf1'),
         ("dmarc-missing", "DMARC", f"no DMARC record at _dmarc.{DOMAIN}", f"Publish a TXT record at _dmarc.{DOMAIN}"),
-        ("dkim-mismatch", "DKIM", "does not match [dkim] private_key",
-         f"Publish a TXT record at {SELECTOR}._domainkey.{DOMAIN}: \"v=DKIM1; k=rsa; p="),
+        (
+            "dkim-mismatch",
+            "DKIM",
+            "does not match [dkim] private_key",
+            f'Publish a TXT record at {SELECTOR}._domainkey.{DOMAIN}: "v=DKIM1; k=rsa; p=',
+        ),
         ("null-mx", "MX", "null MX", "Replace the null MX"),
     ],
 )
@@ -144,8 +157,9 @@ def test_an_unreachable_relay_and_a_missing_password_fail(ready, dns_server):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     try:
-        project.configure(smtp={"port": closed.getsockname()[1], "username": "news",
-                                "password_env": "MAILER_TEST_CHECK_PASSWORD"})
+        project.configure(
+            smtp={"port": closed.getsockname()[1], "username": "news", "password_env": "MAILER_TEST_CHECK_PASSWORD"}
+        )
         outcome = project.cli("check", env={"MAILER_TEST_CHECK_PASSWORD": None})
     finally:
         closed.close()
@@ -171,16 +185,18 @@ def test_a_broken_config_is_one_fail_line(ready):
 def test_contacts_invalid_duplicates_suppressed_and_dead_domains_are_counted(ready, smtp_server):
     project, _, _ = ready
     assert project.cli("suppress", "add", "sup@customers.example").exit_code == 0
-    contacts = project.write_contacts([
-        "ann@customers.example",
-        "bob@customers.example",
-        "ann@CUSTOMERS.example",  # duplicate of line 2
-        "not-an-email",  # invalid
-        "sup@customers.example",  # suppressed
-        "x@gone.example",  # NXDOMAIN
-        "y@nomail.example",  # null MX
-        "z@nomail.example",
-    ])
+    contacts = project.write_contacts(
+        [
+            "ann@customers.example",
+            "bob@customers.example",
+            "ann@CUSTOMERS.example",  # duplicate of line 2
+            "not-an-email",  # invalid
+            "sup@customers.example",  # suppressed
+            "x@gone.example",  # NXDOMAIN
+            "y@nomail.example",  # null MX
+            "z@nomail.example",
+        ]
+    )
 
     outcome = project.cli("check", str(contacts), "--json")
 
@@ -209,8 +225,14 @@ def test_the_relay_check_does_starttls_verified_and_login_without_showing_the_pa
     project, _, _ = ready
     password = "Check-pw-90e1-secret"
     server = make_smtp_server(starttls=True, password=password)
-    project.configure(smtp={"port": server.port, "security": "starttls", "username": "mailer-test",
-                            "password_env": "MAILER_TEST_CHECK_PASSWORD"})
+    project.configure(
+        smtp={
+            "port": server.port,
+            "security": "starttls",
+            "username": "mailer-test",
+            "password_env": "MAILER_TEST_CHECK_PASSWORD",
+        }
+    )
     trusted = {"MAILER_TEST_CHECK_PASSWORD": password, "SSL_CERT_FILE": str(tls_files.ca), "SSL_CERT_DIR": None}
 
     outcome = project.cli("check", env=trusted)

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mailer.config import load_config
-
 from cli_fixtures import all_defects, assert_fails, assert_no_traceback, parse_mbox, parse_message
+
+from mailer.core.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONTACTS = (
@@ -49,7 +48,11 @@ def test_mbox_on_stdout_and_the_summary_on_stderr(mail_project, run_cli):
     assert result.exit_code == 1  # one invalid row
     assert_no_traceback(result)
     messages = parse_mbox(result.stdout_bytes, mail_project.root)
-    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com", "bob@example.com", "cy@example.com"]
+    assert [m["To"].addresses[0].addr_spec for m in messages] == [
+        "ann@example.com",
+        "bob@example.com",
+        "cy@example.com",
+    ]
     for message in messages:
         assert all_defects(message) == []
         assert message["Message-ID"] and message["Date"] and message["MIME-Version"] == "1.0"
@@ -94,7 +97,11 @@ def test_output_folder_holds_one_eml_per_message(mail_project, run_cli):
     assert result.exit_code == 1
     assert result.stdout == ""
     files = sorted(mail_project.path("review").iterdir())
-    assert [f.name for f in files] == ["000001-ann@example.com.eml", "000002-bob@example.com.eml", "000003-cy@example.com.eml"]
+    assert [f.name for f in files] == [
+        "000001-ann@example.com.eml",
+        "000002-bob@example.com.eml",
+        "000003-cy@example.com.eml",
+    ]
     for path, name in zip(files, ("Ann", "Bob", "Cy")):
         data = path.read_bytes()
         assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
@@ -153,7 +160,12 @@ def test_the_bundled_samples_dry_run_cleanly(run_cli, template, tmp_path, monkey
     log = REPO / "samples/mailer.sqlite3"  # [log] path of the sample config
     log_before = log.stat().st_mtime_ns if log.exists() else None
     result = run_cli(
-        "send", REPO / "samples/contacts.csv", REPO / "templates" / template, "-c", REPO / "samples/mailer.toml", "--dry-run"
+        "send",
+        REPO / "samples/contacts.csv",
+        REPO / "templates" / template,
+        "-c",
+        REPO / "samples/mailer.toml",
+        "--dry-run",
     )
     assert result.exit_code == 0, result.stderr
     messages = parse_mbox(result.stdout_bytes, tmp_path)
@@ -263,7 +275,9 @@ def test_preview_by_address(preview_project, run_cli):
     assert result.exit_code == 0, result.output
     assert "Hello Bob" in result.stdout
     assert_fails(run_cli("preview", "contacts.csv", "mail.md.j2", "--to", "zed@example.com"), 2, "zed@example.com")
-    assert_fails(run_cli("preview", "contacts.csv", "mail.md.j2", "--to", "bob@example.com", "--row", "1"), 2, "not both")
+    assert_fails(
+        run_cli("preview", "contacts.csv", "mail.md.j2", "--to", "bob@example.com", "--row", "1"), 2, "not both"
+    )
 
 
 def test_preview_writes_the_html_part(preview_project, run_cli):
@@ -287,7 +301,17 @@ def test_preview_html_of_a_text_template(project, run_cli):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["init"], ["send"], ["preview"], ["check"], ["report"], ["suppress"], ["suppress", "add"], ["suppress", "import"]],
+    [
+        [],
+        ["init"],
+        ["send"],
+        ["preview"],
+        ["check"],
+        ["report"],
+        ["suppress"],
+        ["suppress", "add"],
+        ["suppress", "import"],
+    ],
     ids=lambda command: " ".join(command) or "mailer",
 )
 def test_help_exits_0_and_shows_an_example(run_cli, command):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-
-from mailer.config import Config, load_config, parse_rate, write_config
-from mailer.errors import ConfigError
-from mailer.starter import STARTER_CONFIG
-
 from cli_fixtures import assert_fails, dry_run
+
+from mailer.cli.starter import STARTER_CONFIG
+from mailer.core.config import Config, load_config, parse_rate, write_config
+from mailer.core.errors import ConfigError
 
 CONTACTS = "email,name\nann@example.com,Ann\n"
 # No From: in the template, so each message shows which config file was read.
@@ -183,7 +181,15 @@ def test_a_full_config_loads_into_frozen_dataclasses(tmp_path):
 
 @pytest.mark.parametrize(
     "text, per_second",
-    [("10/s", 10.0), ("600/min", 10.0), ("5000/h", 5000 / 3600), ("86400/day", 1.0), ("2.5/sec", 2.5), (" 7 / M ", 7 / 60), ("unlimited", 0.0)],
+    [
+        ("10/s", 10.0),
+        ("600/min", 10.0),
+        ("5000/h", 5000 / 3600),
+        ("86400/day", 1.0),
+        ("2.5/sec", 2.5),
+        (" 7 / M ", 7 / 60),
+        ("unlimited", 0.0),
+    ],
 )
 def test_parse_rate(text, per_second):
     assert parse_rate(text) == pytest.approx(per_second)
@@ -191,7 +197,7 @@ def test_parse_rate(text, per_second):
 
 @pytest.mark.parametrize("text", ["10", "ten/s", "10/week", "0/s", "-1/s", "10/"])
 def test_parse_rate_refuses(text):
-    with pytest.raises(ValueError, match="rate|more than zero"):
+    with pytest.raises(ValueError, match=r"rate|more than zero"):
         parse_rate(text)
 
 
@@ -208,7 +214,8 @@ def test_cli_rate_and_connections_override_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, what", [(["--rate", "fast"], "--rate"), (["--rate", "0/s"], "--rate"), (["--connections", "0"], "--connections")]
+    "args, what",
+    [(["--rate", "fast"], "--rate"), (["--rate", "0/s"], "--rate"), (["--connections", "0"], "--connections")],
 )
 def test_bad_cli_overrides_are_refused(project, run_cli, args, what):
     project.csv(CONTACTS)

@@ -6,26 +6,16 @@ import io
 import json
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
+from cli_fixtures import assert_fails, dry_run
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailer.contacts import (
-    _SIMPLE_ADDRESS,
-    Contact,
-    ContactReader,
-    Rejected,
-    SeenAddresses,
-    address_key,
-    check_address,
-    normalize_identifier,
-)
-from mailer.errors import ContactsError
-
-from cli_fixtures import assert_fails, assert_no_traceback, dry_run
+from mailer.compose.contacts import Contact, ContactReader, Rejected, normalize_identifier
+from mailer.compose.seen import SeenAddresses
+from mailer.core.addresses import _SIMPLE_ADDRESS, address_key, check_address
 
 TEMPLATE = """\
 From: Acme <news@acme.example>
@@ -99,7 +89,10 @@ def test_dash_reads_stdin():
     reader = ContactReader("-", stdin=io.BytesIO(b"email,name\na@example.com,Ann\nb@example.com,Bob\n"))
     items = read_all(reader)
     assert reader.display_name == "<stdin>"
-    assert [(i.line, i.email, i.variables["name"]) for i in items] == [(2, "a@example.com", "Ann"), (3, "b@example.com", "Bob")]
+    assert [(i.line, i.email, i.variables["name"]) for i in items] == [
+        (2, "a@example.com", "Ann"),
+        (3, "b@example.com", "Bob"),
+    ]
 
 
 def test_dash_reads_stdin_through_the_cli(project, run_cli):
@@ -277,7 +270,15 @@ def test_bad_rows_are_reported_with_lines_skipped_and_counted(project, run_cli):
         "duplicate": 1,
     }
     problems = {(p["line"], p["kind"]) for p in summary["problems"]}
-    assert problems == {(3, "fields"), (4, "blank"), (5, "invalid"), (7, "duplicate"), (11, "fields"), (12, "blank"), (13, "invalid")}
+    assert problems == {
+        (3, "fields"),
+        (4, "blank"),
+        (5, "invalid"),
+        (7, "duplicate"),
+        (11, "fields"),
+        (12, "blank"),
+        (13, "invalid"),
+    }
     by_line = {p["line"]: p for p in summary["problems"]}
     assert "line 2" in by_line[7]["reason"]
     assert "jane@" in by_line[5]["reason"]
@@ -310,7 +311,13 @@ def test_idn_domain_is_accepted_and_encoded_for_the_envelope(project, run_cli):
 
 @pytest.mark.parametrize(
     "value, reason",
-    [("jane@", "after the @"), ("jane.example.com", "@"), ("a@b@example.com", "@"), ("jane@example..com", "period"), ("x@localhost.test", "special-use")],
+    [
+        ("jane@", "after the @"),
+        ("jane.example.com", "@"),
+        ("a@b@example.com", "@"),
+        ("jane@example..com", "period"),
+        ("x@localhost.test", "special-use"),
+    ],
 )
 def test_check_address_refuses_with_a_reason(value, reason):
     with pytest.raises(ValueError, match=reason):
@@ -345,7 +352,9 @@ def test_the_fast_address_pattern_accepts_only_what_the_validator_accepts(addres
     assert checked.address == result.normalized
 
 
-@pytest.mark.parametrize("address", ["a@ab--cd.example", "a@xn--zz.example", "a@mail.test", "a@x.localhost", "a@x.onion"])
+@pytest.mark.parametrize(
+    "address", ["a@ab--cd.example", "a@xn--zz.example", "a@mail.test", "a@x.localhost", "a@x.onion"]
+)
 def test_the_fast_pattern_leaves_hard_cases_to_the_validator(address):
     assert not _SIMPLE_ADDRESS.fullmatch(address)
     with pytest.raises(ValueError):

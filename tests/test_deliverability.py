@@ -15,10 +15,10 @@ from pathlib import Path
 import dkim
 import nacl.signing
 import pytest
-
-from mailer.config import DKIMConfig
-from mailer.dkim import DKIMSigner
 from send_support import Project, addresses, received_addresses
+
+from mailer.core.config import DKIMConfig
+from mailer.dkim.signer import DKIMSigner
 
 DOMAIN = "acme.example"
 SELECTOR = "mail2026"
@@ -93,8 +93,10 @@ def parse(data: bytes) -> email.message.EmailMessage:
 def test_every_message_carries_a_dkim_signature_that_verifies(smtp_server, tmp_path, request, key_kind):
     key = request.getfixturevalue(f"{key_kind}_key")
     project = Project(tmp_path, smtp_server)
-    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)},
-                      message={**UNSUBSCRIBE, "feedback_id": "spring:news:acme"})
+    project.configure(
+        dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)},
+        message={**UNSUBSCRIBE, "feedback_id": "spring:news:acme"},
+    )
     emails = addresses(4)
     project.write_contacts(emails)
     signer = DKIMSigner.load(DKIMConfig(domain=DOMAIN, selector=SELECTOR, private_key=key))

@@ -13,34 +13,22 @@ import threading
 import time
 
 import pytest
-
-import mailer.delivery as delivery_module
 from smtp_fixtures import TEST_USERNAME
 
-from mailer.config import SMTPConfig, SendConfig
-from mailer.delivery import (
-    DEFERRED,
-    FAILED,
-    SENT,
+import mailer.delivery.pool as delivery_module
+from mailer.bounces.rules import is_hard_bounce
+from mailer.core.config import SendConfig, SMTPConfig
+from mailer.core.errors import ConnectionSetupError, ExitCode, PermanentDeliveryError, TemporaryDeliveryError
+from mailer.core.outcomes import DEFERRED, FAILED, SENT, Outgoing, Result
+from mailer.delivery.pool import deliver
+from mailer.smtp.policy import (
     TLS_VERIFY_DISABLED_WARNING,
-    Outgoing,
-    Result,
     check_relay_settings,
-    classify_exception,
-    classify_reply,
-    closes_connection,
-    deliver,
-    is_hard_bounce,
     is_loopback_host,
-    probe_relay,
     tls_verification_warning,
 )
-from mailer.errors import (
-    ConnectionSetupError,
-    ExitCode,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
-)
+from mailer.smtp.probe import probe_relay
+from mailer.smtp.replies import classify_exception, classify_reply, closes_connection
 
 PASSWORD = "s3cret-Pa55word!"
 
@@ -105,12 +93,22 @@ def make_items(count: int, *, prefix: str = "user", body: bytes | None = None) -
     items = []
     for index in range(count):
         address = f"{prefix}{index}@example.com"
-        data = body or (
-            f"From: news@example.com\r\nTo: {address}\r\nSubject: hello {index}\r\n"
-            f"Message-ID: <{index}@example.com>\r\n\r\nHi {index}\r\n.leading dot\r\n.\r\nbye\r\n"
-        ).encode()
-        items.append(Outgoing(key=index, sender="news@example.com", recipients=[address], data=data,
-                              message_id=f"<{index}@example.com>"))
+        data = (
+            body
+            or (
+                f"From: news@example.com\r\nTo: {address}\r\nSubject: hello {index}\r\n"
+                f"Message-ID: <{index}@example.com>\r\n\r\nHi {index}\r\n.leading dot\r\n.\r\nbye\r\n"
+            ).encode()
+        )
+        items.append(
+            Outgoing(
+                key=index,
+                sender="news@example.com",
+                recipients=[address],
+                data=data,
+                message_id=f"<{index}@example.com>",
+            )
+        )
     return items
 
 
@@ -213,10 +211,20 @@ def test_works_without_pipelining_and_resets_after_a_refusal(make_smtp_server):
 
 def test_multiple_recipients_partly_refused(smtp_server):
     smtp_server.set_fault("bad@example.com", "rcpt", "550 5.1.1 user unknown")
-    item = Outgoing(key="k", sender="news@example.com", recipients=["good@example.com", "bad@example.com"],
-                    data=b"Subject: two\r\n\r\nhi\r\n", message_id="<k@example.com>")
-    both_bad = Outgoing(key="b", sender="news@example.com", recipients=["bad@example.com", "bad@example.com"],
-                        data=b"Subject: two\r\n\r\nhi\r\n", message_id="<b@example.com>")
+    item = Outgoing(
+        key="k",
+        sender="news@example.com",
+        recipients=["good@example.com", "bad@example.com"],
+        data=b"Subject: two\r\n\r\nhi\r\n",
+        message_id="<k@example.com>",
+    )
+    both_bad = Outgoing(
+        key="b",
+        sender="news@example.com",
+        recipients=["bad@example.com", "bad@example.com"],
+        data=b"Subject: two\r\n\r\nhi\r\n",
+        message_id="<b@example.com>",
+    )
     _, listener = run(smtp_server, [item, both_bad], send=send_options(connections=1))
     finals = assert_consistent(listener, ["k", "b"])
     assert finals["k"].status == SENT and "bad@example.com: 550" in finals["k"].smtp_reply
@@ -225,8 +233,13 @@ def test_multiple_recipients_partly_refused(smtp_server):
 
 
 def test_invalid_envelope_address_fails_without_a_transaction(smtp_server):
-    item = Outgoing(key="x", sender="news@example.com", recipients=["a@example.com>\r\nRCPT TO:<b@example.com"],
-                    data=b"Subject: x\r\n\r\nx\r\n", message_id="<x@example.com>")
+    item = Outgoing(
+        key="x",
+        sender="news@example.com",
+        recipients=["a@example.com>\r\nRCPT TO:<b@example.com"],
+        data=b"Subject: x\r\n\r\nx\r\n",
+        message_id="<x@example.com>",
+    )
     _, listener = run(smtp_server, [item])
     assert listener.finals()["x"].status == FAILED
     assert listener.sending_keys() == set()
@@ -245,9 +258,12 @@ def test_temporary_failures_are_retried_with_backoff_then_succeed(smtp_server):
     assert finals[1] == Result(SENT, True, 3, 250, "2.0.0 OK: queued")
     events = listener.for_key(1)
     assert [(e[0], e[2] if e[0] == "sending" else (e[2].status, e[2].final, e[2].smtp_code)) for e in events] == [
-        ("sending", 1), ("result", (DEFERRED, False, 451)),
-        ("sending", 2), ("result", (DEFERRED, False, 451)),
-        ("sending", 3), ("result", (SENT, True, 250)),
+        ("sending", 1),
+        ("result", (DEFERRED, False, 451)),
+        ("sending", 2),
+        ("result", (DEFERRED, False, 451)),
+        ("sending", 3),
+        ("result", (SENT, True, 250)),
     ]
     # Backoff 0.05 s then 0.1 s (jitter 0) between a deferral and the next attempt.
     assert events[2][3] - events[1][3] >= 0.05
@@ -259,8 +275,12 @@ def test_temporary_failures_are_retried_with_backoff_then_succeed(smtp_server):
 
 @pytest.mark.parametrize(
     "stage,reply",
-    [("rcpt", "452 4.2.2 mailbox full, try later"), ("data", "451 4.3.0 local error"),
-     ("data", "421 4.3.2 shutting down"), ("mail", "451 4.3.5 sender check unavailable")],
+    [
+        ("rcpt", "452 4.2.2 mailbox full, try later"),
+        ("data", "451 4.3.0 local error"),
+        ("data", "421 4.3.2 shutting down"),
+        ("mail", "451 4.3.5 sender check unavailable"),
+    ],
 )
 def test_each_temporary_fault_is_retried_and_delivered_exactly_once(smtp_server, stage, reply):
     address = "news@example.com" if stage == "mail" else "user0@example.com"
@@ -276,8 +296,9 @@ def test_each_temporary_fault_is_retried_and_delivered_exactly_once(smtp_server,
 def test_a_retry_waits_in_the_heap_without_holding_up_the_others(smtp_server):
     smtp_server.set_fault("user0@example.com", "rcpt", "451 4.7.1 greylisted", times=1)
     started = time.monotonic()
-    stats, listener = run(smtp_server, make_items(30), send=send_options(connections=1, retry_backoff=0.3),
-                          rng=lambda: 0.0)
+    stats, listener = run(
+        smtp_server, make_items(30), send=send_options(connections=1, retry_backoff=0.3), rng=lambda: 0.0
+    )
     elapsed = time.monotonic() - started
     assert stats.sent == 30
     # The only connection carried the 29 others while user0 waited for its retry.
@@ -359,8 +380,7 @@ def test_relay_idle_timeout_between_messages_is_survived(make_smtp_server):
 
 
 def test_503_on_a_pooled_connection_means_stale(smtp_server):
-    smtp_server.set_fault("news@example.com", "mail", "503 5.5.1 Error: nested MAIL command",
-                          reused_only=True, times=1)
+    smtp_server.set_fault("news@example.com", "mail", "503 5.5.1 Error: nested MAIL command", reused_only=True, times=1)
     stats, listener = run(smtp_server, make_items(3), send=send_options(connections=1))
     finals = assert_consistent(listener, range(3))
     assert all(r.status == SENT and r.attempts == 1 for r in finals.values())
@@ -394,8 +414,9 @@ def test_drop_after_data_is_an_unknown_outcome_and_retried(smtp_server):
 def test_stall_times_out_and_ends_deferred(smtp_server):
     smtp_server.set_fault("user0@example.com", "rcpt", stall=1.5)
     started = time.monotonic()
-    stats, listener = run(smtp_server, make_items(3), smtp=smtp_for(smtp_server, timeout=0.3),
-                          send=send_options(retries=1))
+    stats, listener = run(
+        smtp_server, make_items(3), smtp=smtp_for(smtp_server, timeout=0.3), send=send_options(retries=1)
+    )
     finals = assert_consistent(listener, range(3))
     assert (finals[0].status, finals[0].final, finals[0].attempts) == (DEFERRED, True, 2)
     assert "timed out" in finals[0].smtp_reply
@@ -410,8 +431,14 @@ def test_connection_refused_is_temporary_not_fatal():
         port = probe.getsockname()[1]
     # Nothing listens there now.
     listener = RecordingListener()
-    stats = deliver(make_items(2), smtp=SMTPConfig(host="127.0.0.1", port=port, security="none", timeout=2),
-                    send=send_options(retries=2), password=None, listener=listener, stop=threading.Event())
+    stats = deliver(
+        make_items(2),
+        smtp=SMTPConfig(host="127.0.0.1", port=port, security="none", timeout=2),
+        send=send_options(retries=2),
+        password=None,
+        listener=listener,
+        stop=threading.Event(),
+    )
     finals = assert_consistent(listener, [0, 1])
     for result in finals.values():
         assert (result.status, result.final, result.attempts) == (DEFERRED, True, 3)
@@ -524,8 +551,14 @@ def test_login_over_plaintext_to_a_remote_host_is_refused_before_connecting(monk
     monkeypatch.setattr(socket.socket, "connect", no_network)
     smtp = SMTPConfig(host="192.0.2.1", port=25, security="none", username="someone")
     with pytest.raises(ConnectionSetupError) as caught:
-        deliver(make_items(1), smtp=smtp, send=send_options(), password=PASSWORD,
-                listener=RecordingListener(), stop=threading.Event())
+        deliver(
+            make_items(1),
+            smtp=smtp,
+            send=send_options(),
+            password=PASSWORD,
+            listener=RecordingListener(),
+            stop=threading.Event(),
+        )
     assert caught.value.exit_code == ExitCode.USAGE
     assert "unencrypted" in str(caught.value) and PASSWORD not in str(caught.value)
     assert attempts == []
@@ -570,8 +603,14 @@ def test_is_loopback_host():
 
 def utf8_item(key="u") -> Outgoing:
     data = "From: news@example.com\r\nTo: jöran@example.com\r\nSubject: héllo\r\n\r\nhallå\r\n".encode()
-    return Outgoing(key=key, sender="news@example.com", recipients=["jöran@example.com"], data=data,
-                    message_id="<u@example.com>", smtputf8=True)
+    return Outgoing(
+        key=key,
+        sender="news@example.com",
+        recipients=["jöran@example.com"],
+        data=data,
+        message_id="<u@example.com>",
+        smtputf8=True,
+    )
 
 
 def test_smtputf8_used_when_offered(smtp_server):
@@ -642,8 +681,9 @@ def test_stop_interrupts_a_slow_rate_wait(smtp_server):
     stop = threading.Event()
     listener = RecordingListener(on_result=lambda item, result: stop.set())
     started = time.monotonic()
-    stats, _ = run(smtp_server, make_items(5), listener=listener, stop=stop,
-                   send=send_options(rate="1/min", connections=2))
+    stats, _ = run(
+        smtp_server, make_items(5), listener=listener, stop=stop, send=send_options(rate="1/min", connections=2)
+    )
     assert time.monotonic() - started < 3
     assert stats.sent == 1 and stats.untouched == 4
 
@@ -736,8 +776,15 @@ def test_rate_is_never_exceeded_over_any_second_at_the_server(smtp_server):
 
 @pytest.mark.parametrize(
     "code,expected",
-    [(250, None), (354, None), (421, TemporaryDeliveryError), (451, TemporaryDeliveryError),
-     (550, PermanentDeliveryError), (554, PermanentDeliveryError), (-1, TemporaryDeliveryError)],
+    [
+        (250, None),
+        (354, None),
+        (421, TemporaryDeliveryError),
+        (451, TemporaryDeliveryError),
+        (550, PermanentDeliveryError),
+        (554, PermanentDeliveryError),
+        (-1, TemporaryDeliveryError),
+    ],
 )
 def test_classify_reply(code, expected):
     error = classify_reply(code, "text", recipient="a@example.com")
@@ -749,7 +796,7 @@ def test_classify_reply(code, expected):
 
 
 def test_classify_exception():
-    assert "timed out" in classify_exception(socket.timeout("timed out")).message
+    assert "timed out" in classify_exception(TimeoutError("timed out")).message
     import smtplib
 
     assert "closed" in classify_exception(smtplib.SMTPServerDisconnected("x")).message

@@ -29,10 +29,10 @@ from dkim.crypto import parse_private_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mailer.dkim
-from mailer.config import DKIMConfig
-from mailer.dkim import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSigner
-from mailer.errors import DKIMError, ExitCode
+import mailer.dkim.openssl
+from mailer.core.config import DKIMConfig
+from mailer.core.errors import DKIMError, ExitCode
+from mailer.dkim.signer import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSigner
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is needed to make RSA keys")
@@ -59,8 +59,13 @@ def load(path: Path, *, domain: str = DOMAIN, selector: str = SELECTOR) -> DKIMS
     return DKIMSigner.load(DKIMConfig(domain=domain, selector=selector, private_key=path))
 
 
-def build_message(*, subject: str = "Your Pro plan renews on 1 March", body_text: str | None = None,
-                  cc: bool = False, linesep: str = "\r\n") -> bytes:
+def build_message(
+    *,
+    subject: str = "Your Pro plan renews on 1 March",
+    body_text: str | None = None,
+    cc: bool = False,
+    linesep: str = "\r\n",
+) -> bytes:
     """A realistic ~4 KB multipart/alternative message with the bulk-mail headers."""
     msg = EmailMessage()
     msg["From"] = "Acme News <news@acme.example>"
@@ -71,7 +76,9 @@ def build_message(*, subject: str = "Your Pro plan renews on 1 March", body_text
     msg["Date"] = email.utils.formatdate(1767225600, localtime=False)
     msg["Message-ID"] = "<20260101.1234.jane@acme.example>"
     msg["Reply-To"] = "support@acme.example"
-    msg["List-Unsubscribe"] = "<https://acme.example/unsubscribe?u=jane%40example.org>, <mailto:unsubscribe@acme.example>"
+    msg["List-Unsubscribe"] = (
+        "<https://acme.example/unsubscribe?u=jane%40example.org>, <mailto:unsubscribe@acme.example>"
+    )
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     msg["Feedback-ID"] = "renewal:newsletter:acme"
     text = body_text if body_text is not None else "Hi Jane,\n\n" + "Your plan renews soon. " * 80 + "\n"
@@ -120,7 +127,10 @@ def sign_with_dkimpy_alone(message: bytes, pem_key: bytes, include_headers: list
     """What dkimpy produces by itself (pure-Python RSA) for the settings DKIMSigner uses."""
     linesep = b"\n" if b"\r\n" not in message else b"\r\n"
     header = dkim.DKIM(message, signature_algorithm=b"rsa-sha256", linesep=linesep).sign(
-        SELECTOR.encode(), DOMAIN.encode(), pem_key, canonicalize=(b"relaxed", b"relaxed"),
+        SELECTOR.encode(),
+        DOMAIN.encode(),
+        pem_key,
+        canonicalize=(b"relaxed", b"relaxed"),
         include_headers=[name.encode() for name in include_headers],
     )
     return header + message
@@ -231,8 +241,19 @@ def test_signature_tags_and_signed_header_list(rsa_signer):
     assert tags["s"] == SELECTOR
     signed = tags["h"].split(":")
     # RFC 8058 §3.3: both unsubscribe headers must be covered.
-    for name in ("from", "to", "subject", "date", "message-id", "mime-version", "content-type",
-                 "reply-to", "list-unsubscribe", "list-unsubscribe-post", "feedback-id"):
+    for name in (
+        "from",
+        "to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "reply-to",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "feedback-id",
+    ):
         assert name in signed, name
     # Oversigning: present singletons are listed twice, Feedback-ID once.
     assert signed.count("from") == 2
@@ -265,8 +286,11 @@ def test_a_second_from_or_subject_added_in_transit_breaks_the_signature(rsa_sign
     # §5.4.2), so only the extra h= entry (oversigning) catches these; many mail
     # clients show the topmost one.
     signed = rsa_signer.sign(build_message())
-    for extra in (b"From: CEO <ceo@acme.example>\r\n", b"Subject: urgent wire transfer\r\n",
-                  b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"):
+    for extra in (
+        b"From: CEO <ceo@acme.example>\r\n",
+        b"Subject: urgent wire transfer\r\n",
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+    ):
         assert not verify(extra + signed, rsa_signer), extra
     assert verify(b"X-Added-By-Relay: yes\r\n" + signed, rsa_signer)
 
@@ -338,8 +362,17 @@ def test_key_openssl_refuses_still_signs_through_dkimpy_with_a_warning(tmp_path,
     # signatures verify), OpenSSL's key check refuses the key.
     fields = parse_private_key(base64.b64decode(b"".join(rsa_2048_pkcs1.split(b"\n")[1:-2])))
     fields["privateExponent"] += 2
-    order = ["version", "modulus", "publicExponent", "privateExponent", "prime1", "prime2",
-             "exponent1", "exponent2", "coefficient"]
+    order = [
+        "version",
+        "modulus",
+        "publicExponent",
+        "privateExponent",
+        "prime1",
+        "prime2",
+        "exponent1",
+        "exponent2",
+        "coefficient",
+    ]
     path = write_key(tmp_path, pem("RSA PRIVATE KEY", der(0x30, b"".join(der_int(fields[n]) for n in order))))
     signer = load(path)
     assert any("falls back" in w and "OpenSSL refuses" in w and str(path) in w for w in signer.warnings)
@@ -351,7 +384,11 @@ def test_openssl_path_that_fails_its_self_test_is_not_used(tmp_path, rsa_2048_pk
     # Stands for a dkimpy release whose internals no longer fit _OpenSSLRSADKIM:
     # the load-time test signature does not verify, so plain dkimpy signs instead.
     with monkeypatch.context() as patch:
-        patch.setattr(mailer.dkim._PrehashedRSAKey, "sign", lambda self, digest: mailer.dkim._Signature(bytes(256)))
+        patch.setattr(
+            mailer.dkim.openssl._PrehashedRSAKey,
+            "sign",
+            lambda self, digest: mailer.dkim.openssl._Signature(bytes(256)),
+        )
         signer = load(write_key(tmp_path, rsa_2048_pkcs8))
         assert any("falls back" in w and "do not verify" in w for w in signer.warnings)
         assert verify(signer.sign(build_message()), signer)
@@ -484,12 +521,28 @@ def test_missing_key_file_is_a_usage_error_naming_the_file(tmp_path):
         (b"", "empty"),
         (b"this is not a key\n", "neither a PEM key"),
         (b"-----BEGIN PRIVATE KEY-----\n!!!!not base64!!!!\n-----END PRIVATE KEY-----\n", "not valid base64"),
-        (b"-----BEGIN PRIVATE KEY-----\nMIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEA\n-----END PRIVATE KEY-----\n", "does not parse"),
-        (pem("PRIVATE KEY", der(0x30, der_int(0) + der(0x30, der(0x06, bytes.fromhex("2a864886f70d010101")) + der(0x05, b""))
-                                + der(0x04, b"junk"))), "not a valid RSA key"),
+        (
+            b"-----BEGIN PRIVATE KEY-----\nMIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEA\n-----END PRIVATE KEY-----\n",
+            "does not parse",
+        ),
+        (
+            pem(
+                "PRIVATE KEY",
+                der(
+                    0x30,
+                    der_int(0)
+                    + der(0x30, der(0x06, bytes.fromhex("2a864886f70d010101")) + der(0x05, b""))
+                    + der(0x04, b"junk"),
+                ),
+            ),
+            "not a valid RSA key",
+        ),
         (b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n", "no private key"),
         (b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n", "passphrase"),
-        (b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nMIIB\n-----END RSA PRIVATE KEY-----\n", "passphrase"),
+        (
+            b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nMIIB\n-----END RSA PRIVATE KEY-----\n",
+            "passphrase",
+        ),
         (b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbg==\n-----END OPENSSH PRIVATE KEY-----\n", "RSA or Ed25519"),
     ],
 )
@@ -531,8 +584,17 @@ def test_a_damaged_rsa_key_is_refused(tmp_path, rsa_2048_pkcs1):
     # Change one CRT exponent: the file still parses, but would sign garbage.
     body = b"".join(rsa_2048_pkcs1.split(b"\n")[1:-2])
     fields = parse_private_key(base64.b64decode(body))
-    order = ["version", "modulus", "publicExponent", "privateExponent", "prime1", "prime2",
-             "exponent1", "exponent2", "coefficient"]
+    order = [
+        "version",
+        "modulus",
+        "publicExponent",
+        "privateExponent",
+        "prime1",
+        "prime2",
+        "exponent1",
+        "exponent2",
+        "coefficient",
+    ]
     fields["exponent1"] += 2
     damaged = der(0x30, b"".join(der_int(fields[name]) for name in order))
     with pytest.raises(DKIMError, match="damaged"):
@@ -629,5 +691,5 @@ def test_repr_shows_no_key_material(ed25519_signer, ed25519_seed):
 
 def test_header_lists_are_consistent():
     assert "from" in SIGNED_HEADERS and "list-unsubscribe-post" in SIGNED_HEADERS
-    assert OVERSIGNED_HEADERS <= set(SIGNED_HEADERS)
+    assert set(SIGNED_HEADERS) >= OVERSIGNED_HEADERS
     assert "feedback-id" not in OVERSIGNED_HEADERS

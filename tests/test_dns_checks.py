@@ -8,9 +8,7 @@ import time
 import nacl.signing
 import pytest
 
-from mailer.config import DNSConfig
-from mailer.dkim import DKIMSigner
-from mailer.dns_checks import (
+from mailer.checks.dns import (
     CheckResult,
     DomainVerdict,
     check_recipient_domains,
@@ -18,7 +16,9 @@ from mailer.dns_checks import (
     make_resolver,
     normalize_domain,
 )
-from mailer.errors import ConfigError
+from mailer.core.config import DNSConfig
+from mailer.core.errors import ConfigError
+from mailer.dkim.signer import DKIMSigner
 
 DOMAIN = "acme.test"
 SELECTOR = "mail2026"
@@ -84,8 +84,13 @@ def test_the_whole_good_domain_passes(dns_server, resolver, signer):
     results = check(resolver, signer)
     assert {name: r.status for name, r in results.items()} == {"MX": "ok", "SPF": "ok", "DMARC": "ok", "DKIM": "ok"}
     # Every check really asked the server.
-    for name, rdtype in [(DOMAIN, "MX"), (DOMAIN, "TXT"), ("_spf.relay.test", "TXT"),
-                         (f"_dmarc.{DOMAIN}", "TXT"), (f"{SELECTOR}._domainkey.{DOMAIN}", "TXT")]:
+    for name, rdtype in [
+        (DOMAIN, "MX"),
+        (DOMAIN, "TXT"),
+        ("_spf.relay.test", "TXT"),
+        (f"_dmarc.{DOMAIN}", "TXT"),
+        (f"{SELECTOR}._domainkey.{DOMAIN}", "TXT"),
+    ]:
         assert dns_server.count(name, rdtype) >= 1, (name, rdtype)
 
 
@@ -226,7 +231,7 @@ def test_pass_all_fails(dns_server, resolver, record):
     assert spf.status == "fail" and "every server" in spf.detail
 
 
-@pytest.mark.parametrize(("record", "words"), [("v=spf1 mx ?all", "?all"), ("v=spf1 mx", "no \"all\"")])
+@pytest.mark.parametrize(("record", "words"), [("v=spf1 mx ?all", "?all"), ("v=spf1 mx", 'no "all"')])
 def test_neutral_or_missing_all_warns(dns_server, resolver, record, words):
     dns_server.set_zone(spf_zone(record))
     spf = check(resolver)["SPF"]
@@ -469,7 +474,16 @@ def test_recipient_domain_verdicts(dns_server, resolver):
     dns_server.set_fault("slow.test", "timeout")
     dns_server.set_fault("broken.test", "servfail")
     verdicts = check_recipient_domains(
-        ["mx.test", "null.test", "aonly.test", "v6only.test", "nomail.test", "missing.test", "slow.test", "broken.test"],
+        [
+            "mx.test",
+            "null.test",
+            "aonly.test",
+            "v6only.test",
+            "nomail.test",
+            "missing.test",
+            "slow.test",
+            "broken.test",
+        ],
         resolver=resolver,
     )
     summary = {d: (v.status, v.reason) for d, v in verdicts.items()}
@@ -511,8 +525,11 @@ def test_invalid_domain_name_fails_without_a_query(dns_server, resolver):
 def test_progress_callback_counts_every_domain(dns_server, resolver):
     dns_server.set_zone(recipient_zone())
     calls: list[tuple[int, int]] = []
-    check_recipient_domains(["mx.test", "null.test", "aonly.test", "mx.test"], resolver=resolver,
-                            on_progress=lambda done, total: calls.append((done, total)))
+    check_recipient_domains(
+        ["mx.test", "null.test", "aonly.test", "mx.test"],
+        resolver=resolver,
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 

@@ -8,7 +8,7 @@ import re
 
 import typer.main
 
-from mailer.cli import app
+from mailer.cli.app import app
 
 ROOT = pathlib.Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

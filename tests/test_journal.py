@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mailer import journal as journal_module
-from mailer.errors import SendLogError
-from mailer.journal import JournalWriter, journal_path, recover, recover_all
-from mailer.sendlog import SendLog
+from mailer.core.errors import SendLogError
+from mailer.send import journal as journal_module
+from mailer.send.journal import JournalWriter, journal_path, recover, recover_all
+from mailer.store.sqlite import SendLog
 
 CAMPAIGN = "news"
 
@@ -81,8 +81,8 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mailer import journal
-    from mailer.sendlog import SendLog
+    from mailer.send import journal
+    from mailer.store.sqlite import SendLog
 
     db, run_id, applied_pairs, more_pairs, truncate_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     journal._BATCH_SECONDS = 3600  # apply only when told to (a full batch), never by the clock
@@ -115,8 +115,18 @@ KILLED_WRITER = textwrap.dedent(
 
 def start_killed_writer(db_path: Path, run_id: int, *, applied_pairs: int, more_pairs: int, truncate_at: int = 10**9):
     process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, str(db_path), str(run_id), str(applied_pairs), str(more_pairs), str(truncate_at)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            KILLED_WRITER,
+            str(db_path),
+            str(run_id),
+            str(applied_pairs),
+            str(more_pairs),
+            str(truncate_at),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     ready = process.stdout.readline()
     assert ready == "ready\n", "the writer process did not get ready"
@@ -208,7 +218,9 @@ def test_a_journal_cut_back_before_the_log_said_so_applies_nothing(db_path):
 def test_recovered_hard_bounces_are_suppressed(db_path):
     run_id = new_run(db_path)
     bounce = ("gone@example.com", "failed", 550, "5.1.1 <gone@example.com>: user unknown", "<9@acme.example>", None)
-    write_journal(db_path, run_id, line(("gone@example.com", "sending", None, None, "<9@acme.example>", 3)) + line(bounce))
+    write_journal(
+        db_path, run_id, line(("gone@example.com", "sending", None, None, "<9@acme.example>", 3)) + line(bounce)
+    )
     with SendLog.open(db_path) as log:
         assert recover(log, CAMPAIGN) == 2
         assert log.is_suppressed("gone@example.com")

@@ -7,10 +7,10 @@ same decoded contents, same attachment names and bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import email.utils
-import dataclasses
 import functools
 import mimetypes
 import re
@@ -20,15 +20,15 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from cli_fixtures import all_defects, parse_message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mailer.contacts import Contact, check_address
-from mailer.errors import RowError
-from mailer.message import MessageBuilder, encode_unstructured, encode_words
-from mailer.templates import Rendered
-
-from cli_fixtures import all_defects, parse_message
+from mailer.compose.contacts import Contact
+from mailer.compose.message import MessageBuilder, encode_unstructured, encode_words
+from mailer.compose.templates import Rendered
+from mailer.core.addresses import check_address
+from mailer.core.errors import RowError
 
 SENDER = "Acme News <news@acme.example>"
 
@@ -44,7 +44,9 @@ def fixed_builder(**options) -> MessageBuilder:
     return MessageBuilder(clock=lambda: 1_700_000_000.0, token=lambda n: "ab" * n, **options)
 
 
-def rendered(subject: str = "Hello", text: str = "Hi\n", html: str | None = None, attachments=(), **headers) -> Rendered:
+def rendered(
+    subject: str = "Hello", text: str = "Hi\n", html: str | None = None, attachments=(), **headers
+) -> Rendered:
     pairs = [("Subject", subject)] + [(name.replace("_", "-"), value) for name, value in headers.items()]
     return Rendered(headers=pairs, text=text, html=html, attachments=list(attachments))
 
@@ -191,7 +193,7 @@ def test_a_newline_in_the_body_is_fine():
 )
 def test_a_display_name_from_the_csv_cannot_add_a_recipient(name):
     """`To: {{ name }} <{{ email }}>` stays one recipient whatever the name holds."""
-    from mailer.templates import load_template
+    from mailer.compose.templates import load_template
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "t.txt.j2"
@@ -205,7 +207,9 @@ def test_a_display_name_from_the_csv_cannot_add_a_recipient(name):
     parsed = assert_well_formed(built.data)
     assert built.recipients == ["jane@example.com"]
     assert [a.addr_spec for a in parsed["To"].addresses] == ["jane@example.com"]
-    assert "victim@evil.test" not in [a.addr_spec for part in ("To", "Cc") for a in (parsed[part].addresses if parsed[part] else ())]
+    assert "victim@evil.test" not in [
+        a.addr_spec for part in ("To", "Cc") for a in (parsed[part].addresses if parsed[part] else ())
+    ]
 
 
 def test_a_comma_in_a_display_name_is_kept_as_one_name():
@@ -217,7 +221,7 @@ def test_a_comma_in_a_display_name_is_kept_as_one_name():
 
 
 def test_a_list_of_addresses_written_in_the_template_is_kept():
-    from mailer.templates import load_template
+    from mailer.compose.templates import load_template
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "t.txt.j2"
@@ -302,7 +306,8 @@ def test_encode_words_keep_characters_whole_and_short():
     words = encode_words(text)
     assert all(len(word) <= 75 for word in words)
     decoded = "".join(
-        email.header.decode_header(word)[0][0].decode("utf-8") for word in words  # type: ignore[attr-defined]
+        email.header.decode_header(word)[0][0].decode("utf-8")
+        for word in words  # type: ignore[attr-defined]
     )
     assert decoded == text
 
@@ -320,7 +325,9 @@ header_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
 body_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=400)
 local_parts = st.from_regex(r"[a-z0-9](?:[a-z0-9._+-]{0,20}[a-z0-9])?", fullmatch=True).filter(lambda s: ".." not in s)
 addresses = st.builds(
-    lambda local, domain: f"{local}@{domain}", local_parts, st.sampled_from(["example.com", "acme.example", "mail.example.org"])
+    lambda local, domain: f"{local}@{domain}",
+    local_parts,
+    st.sampled_from(["example.com", "acme.example", "mail.example.org"]),
 )
 # Control characters in file names are covered by an example above; the email package
 # itself refuses some of them (it treats \x1c-\x1e as line breaks).
@@ -330,10 +337,10 @@ file_names = st.text(
 attachment_lists = st.lists(st.tuples(file_names, st.binary(max_size=300)), max_size=3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def header_template():
     """`From: {{ sender_name }} <...>`, `To: {{ to_name }} <{{ email }}>`, `Subject: {{ subject }}`."""
-    from mailer.templates import load_template
+    from mailer.compose.templates import load_template
 
     path = Path(tempfile.mkdtemp()) / "property.txt.j2"
     path.write_text(

@@ -16,14 +16,16 @@ def clear_faults(server) -> None:
 
 def mixed_run(project: Project, server) -> None:
     """One campaign with every status but `sending`: sent, failed, deferred, invalid, suppressed."""
-    project.write_contacts([
-        "ann@example.com",  # sent
-        "al@example.com",  # 552 at DATA: failed
-        "amy@example.com",  # suppressed beforehand
-        "ben@example.org",  # sent
-        "bo@example.org",  # 451 forever: deferred
-        "not-an-address",  # invalid
-    ])
+    project.write_contacts(
+        [
+            "ann@example.com",  # sent
+            "al@example.com",  # 552 at DATA: failed
+            "amy@example.com",  # suppressed beforehand
+            "ben@example.org",  # sent
+            "bo@example.org",  # 451 forever: deferred
+            "not-an-address",  # invalid
+        ]
+    )
     server.set_fault("al@example.com", "data", "552 5.2.2 mailbox full")
     server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
     assert project.cli("suppress", "add", "amy@example.com").exit_code == 0
@@ -84,8 +86,9 @@ def test_report_failed_csv_is_accepted_back_by_send(smtp_server, tmp_path):
     ]
 
     clear_faults(smtp_server)
-    template = project.write_template("Subject: Second try\n\nHello {{ email }}, last time: {{ status }}.\n",
-                                      name="retry.txt.j2")
+    template = project.write_template(
+        "Subject: Second try\n\nHello {{ email }}, last time: {{ status }}.\n", name="retry.txt.j2"
+    )
     before = len(smtp_server.messages)
     again = project.send("--campaign", "news-retry", "--json", contacts=retry_csv, template=template)
 
@@ -152,8 +155,10 @@ def test_suppress_add_remove_list(tmp_path):
 def test_suppress_import_csv_and_plain_list(tmp_path):
     project = Project(tmp_path)
     table = tmp_path / "unsubscribes.csv"
-    table.write_text("Name,E-mail,Reason\nXavier,x@example.com,complaint\nBad,bad-address,oops\nYann,y@example.com,\n",
-                     encoding="utf-8")
+    table.write_text(
+        "Name,E-mail,Reason\nXavier,x@example.com,complaint\nBad,bad-address,oops\nYann,y@example.com,\n",
+        encoding="utf-8",
+    )
     plain = tmp_path / "list.txt"
     plain.write_text("# exported from the shop\nx@example.com\nz@example.com\n\nnot an address\n", encoding="utf-8")
 
@@ -226,4 +231,7 @@ def test_an_internationalized_domain_is_suppressed_in_either_form(smtp_server, t
     assert listed(project) == {}
     assert project.send().exit_code == 0
     assert sorted(received_addresses(smtp_server)) == [
-        "ann@xn--bcher-kva.example", "bea@xn--bcher-kva.example", "cid@xn--bcher-kva.example"]
+        "ann@xn--bcher-kva.example",
+        "bea@xn--bcher-kva.example",
+        "cid@xn--bcher-kva.example",
+    ]

@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-import mailer.reporting
 from send_support import MAILER, Project, addresses, received_addresses
 from smtp_fixtures import TEST_USERNAME
+
+import mailer.cli.output
 
 
 def rcpt_connections(server, address: str) -> list[int]:
@@ -149,7 +149,9 @@ def test_550_user_unknown_fails_once_is_suppressed_and_skipped_by_the_next_campa
     project = Project(tmp_path, smtp_server)
     emails = addresses(4)
     project.write_contacts(emails)
-    smtp_server.set_fault(emails[0], "rcpt", "550 5.1.1 <user000@example.com>: Recipient address rejected: User unknown")
+    smtp_server.set_fault(
+        emails[0], "rcpt", "550 5.1.1 <user000@example.com>: Recipient address rejected: User unknown"
+    )
 
     outcome = project.send()
 
@@ -223,7 +225,7 @@ def test_421_closes_the_connection_and_the_message_goes_out_on_a_new_one(smtp_se
     assert outcome.exit_code == 0, outcome
     first, second = rcpt_connections(smtp_server, emails[1])
     assert first != second  # the 421 connection was not used again
-    assert all(c != first for c, _ in smtp_server.rcpt_attempts[smtp_server.rcpt_attempts.index((second, emails[1])):])
+    assert all(c != first for c, _ in smtp_server.rcpt_attempts[smtp_server.rcpt_attempts.index((second, emails[1])) :])
     assert smtp_server.connections == 2
     assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
 
@@ -295,7 +297,6 @@ def test_stall_past_the_timeout_defers(smtp_server, tmp_path):
     assert row.attempts == 2 and "timed out" in row.smtp_reply
 
 
-
 def test_a_relay_that_hangs_up_idle_connections_gets_every_message_once(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     project.configure(send={"connections": 1})
@@ -350,8 +351,14 @@ def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
 def test_contacts_from_standard_input(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
 
-    outcome = project.cli("send", "-", str(project.template_path), "--campaign", "piped",
-                          input="email,name\nann@example.com,Ann\nbob@example.org,Bob\n")
+    outcome = project.cli(
+        "send",
+        "-",
+        str(project.template_path),
+        "--campaign",
+        "piped",
+        input="email,name\nann@example.com,Ann\nbob@example.org,Bob\n",
+    )
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(smtp_server)) == ["ann@example.com", "bob@example.org"]
@@ -419,8 +426,12 @@ def test_a_broken_row_deep_in_the_file_stops_the_send_before_anything_goes(smtp_
 def piped_send(project: Project, contacts: bytes, tmpdir: Path) -> subprocess.CompletedProcess:
     """`... | mailer send - TEMPLATE --json` as a real process, with its own TMPDIR."""
     return subprocess.run(
-        project._command(("send", "-", str(project.template_path), "--json")), cwd=project.root,
-        env=project._environment({"TMPDIR": str(tmpdir)}), input=contacts, capture_output=True, timeout=60,
+        project._command(("send", "-", str(project.template_path), "--json")),
+        cwd=project.root,
+        env=project._environment({"TMPDIR": str(tmpdir)}),
+        input=contacts,
+        capture_output=True,
+        timeout=60,
     )
 
 
@@ -575,8 +586,9 @@ def test_password_is_used_for_auth_and_appears_in_no_output_or_log(make_smtp_ser
     report = project.run("report", "--json", env=env)
     human = project.run("report", env=env)
     assert report.exit_code == human.exit_code == 0
-    assert_nowhere(SECRET, outcome.stdout, outcome.stderr, report.stdout, report.stderr, human.stdout,
-                   project.log_bytes())
+    assert_nowhere(
+        SECRET, outcome.stdout, outcome.stderr, report.stdout, report.stderr, human.stdout, project.log_bytes()
+    )
 
 
 def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_server, dns_server, tmp_path):
@@ -586,8 +598,9 @@ def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_
     echoed = base64.b64encode(f"\0{TEST_USERNAME}\0{wrong}".encode()).decode()
     server.auth_reject_reply = f"535 5.7.8 authentication failed for {echoed} ({wrong})"
     project = Project(tmp_path, server)
-    project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"},
-                      dns={"port": dns_server.port})
+    project.configure(
+        smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"}, dns={"port": dns_server.port}
+    )
     project.write_contacts(addresses(3))
     env = {"MAILER_TEST_PASSWORD": wrong}
 
@@ -599,10 +612,17 @@ def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_
     assert server.messages == [] and server.auth_attempts and not any(ok for _, ok in server.auth_attempts)
     check = project.run("check", "--json", env=env)
     report = project.run("report", "--json", env=env)
-    assert_nowhere(wrong, outcome.stdout, outcome.stderr, check.stdout, check.stderr, report.stdout,
-                   report.stderr, project.log_bytes())
+    assert_nowhere(
+        wrong,
+        outcome.stdout,
+        outcome.stderr,
+        check.stdout,
+        check.stderr,
+        report.stdout,
+        report.stderr,
+        project.log_bytes(),
+    )
     assert '"auth"' in check.stdout and "rejected" in check.stdout
-
 
 
 # ---------------------------------------------------------------- TLS
@@ -669,9 +689,19 @@ def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tup
     ``answer``. Returns (exit code, the prompt, stdout, everything the terminal showed)."""
     master, slave = pty.openpty()
     process = subprocess.Popen(
-        [*MAILER, "send", str(project.contacts_path), str(project.template_path), *args,
-         "--config", str(project.config_path)],
-        stdin=slave, stderr=slave, stdout=subprocess.PIPE, cwd=project.root,
+        [
+            *MAILER,
+            "send",
+            str(project.contacts_path),
+            str(project.template_path),
+            *args,
+            "--config",
+            str(project.config_path),
+        ],
+        stdin=slave,
+        stderr=slave,
+        stdout=subprocess.PIPE,
+        cwd=project.root,
     )
     os.close(slave)
     shown = b""
@@ -741,7 +771,7 @@ def test_on_a_terminal_yes_sends_and_stdout_holds_only_the_json(smtp_server, tmp
 
 def test_without_a_terminal_a_plain_progress_line_comes_every_interval(smtp_server, tmp_path, monkeypatch):
     # The contract says every 10 seconds; the interval is shortened so the run stays short.
-    monkeypatch.setattr(mailer.reporting, "PLAIN_PROGRESS_INTERVAL", 0.25)
+    monkeypatch.setattr(mailer.cli.output, "PLAIN_PROGRESS_INTERVAL", 0.25)
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(12))
 

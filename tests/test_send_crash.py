@@ -16,12 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from mailer.config import load_config
-from mailer.delivery import Outgoing
-from mailer.sending import _DeliveryProcess
-from mailer.sendlog import SendLog
 from send_support import Project, addresses, received_addresses, wait_for
+
+from mailer.core.config import load_config
+from mailer.core.outcomes import Outgoing
+from mailer.send.child import DeliveryProcess
+from mailer.store.sqlite import SendLog
 
 STALL = 0.4
 
@@ -298,8 +298,10 @@ def test_every_message_is_on_record_as_sending_before_its_transaction_reaches_th
 def test_a_killed_delivery_process_is_reported_and_its_journal_applied_by_the_same_run(smtp_server, tmp_path):
     project, process = stalled_send(smtp_server, tmp_path, 6)
     try:
-        wait_for(lambda: list(tmp_path.glob("*.journal")) and b'"sending"' in next(tmp_path.glob("*.journal")).read_bytes(),
-                 timeout=20)
+        wait_for(
+            lambda: list(tmp_path.glob("*.journal")) and b'"sending"' in next(tmp_path.glob("*.journal")).read_bytes(),
+            timeout=20,
+        )
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         (child,) = [int(pid) for pid in children]
         os.kill(child, signal.SIGKILL)
@@ -322,13 +324,18 @@ def test_a_failure_while_feeding_ends_the_delivery_process_at_once(smtp_server, 
     config = load_config(project.config_path)
     with SendLog.open(config.log.path) as log:
         run_id = log.start_run("news", template=None, contacts=None)
-    delivery = _DeliveryProcess(config, password=None, ssl_context=None, campaign="news", run_id=run_id)
+    delivery = DeliveryProcess(config, password=None, ssl_context=None, campaign="news", run_id=run_id)
 
     def messages():
         for n in range(3):
             data = f"From: a@acme.example\r\nTo: u{n}@example.com\r\nSubject: n\r\n\r\nhi\r\n".encode()
-            yield Outgoing(key=(f"u{n}@example.com", n + 2), sender="a@acme.example",
-                           recipients=[f"u{n}@example.com"], data=data, message_id=f"<{n}@acme.example>")
+            yield Outgoing(
+                key=(f"u{n}@example.com", n + 2),
+                sender="a@acme.example",
+                recipients=[f"u{n}@example.com"],
+                data=data,
+                message_id=f"<{n}@acme.example>",
+            )
         raise RuntimeError("the renderer failed")
 
     with pytest.raises(RuntimeError):

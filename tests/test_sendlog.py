@@ -12,32 +12,26 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from mailer.errors import ContactsError, ExitCode, LockedError, SendLogError, UsageError
-from mailer.sendlog import (
-    FAILED_CSV_HEADER,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    CampaignLock,
-    InvalidEntry,
-    SendLog,
-    Status,
-    campaign_lock_path,
-    check_address,
-    normalize_address,
-    should_send,
-)
+from mailer.core.addresses import address_problem, normalize_address
+from mailer.core.errors import ContactsError, ExitCode, LockedError, SendLogError, UsageError
+from mailer.core.outcomes import Status
+from mailer.send.resume import should_send
+from mailer.store.locks import CampaignLock, campaign_lock_path
+from mailer.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from mailer.store.records import FAILED_CSV_HEADER, InvalidEntry
+from mailer.store.sqlite import SendLog
 
 
 class FakeClock:
     """A clock that only moves when told to."""
 
     def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 9, 0, 0, tzinfo=timezone.utc)
+        self.now = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -104,11 +98,11 @@ def test_normalize_address_lowercases_only_the_domain(raw: str, normalized: str)
 
 
 def test_check_address_accepts_valid_and_explains_invalid() -> None:
-    assert check_address("jane@example.com") is None
-    assert check_address("Jane.Doe+news@Example.COM") is None
-    assert "@" in check_address("jane.example.com")
-    assert check_address("jane@") is not None
-    assert check_address("   ") == "the address is empty"
+    assert address_problem("jane@example.com") is None
+    assert address_problem("Jane.Doe+news@Example.COM") is None
+    assert "@" in address_problem("jane.example.com")
+    assert address_problem("jane@") is not None
+    assert address_problem("   ") == "the address is empty"
 
 
 @pytest.mark.parametrize(
@@ -600,7 +594,7 @@ def test_a_killed_process_leaves_its_rows_on_disk(db_path: Path) -> None:
         """
         import sys, time
         from pathlib import Path
-        from mailer.sendlog import SendLog
+        from mailer.store.sqlite import SendLog
         log = SendLog.open(Path(sys.argv[1]))
         log.record_result("news", "done@example.com", status="sent", smtp_code=250, smtp_reply="ok")
         log.mark_sending("news", "inflight@example.com", message_id="<inflight@acme>", line=2)
@@ -644,7 +638,7 @@ def test_a_lock_held_by_another_process_names_it_and_dies_with_it(db_path: Path,
         """
         import sys, time
         from pathlib import Path
-        from mailer.sendlog import SendLog
+        from mailer.store.sqlite import SendLog
         log = SendLog.open(Path(sys.argv[1]))
         lock = log.acquire_lock("news letter/2026")
         print("ready", flush=True)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import dkim
 import pytest
-
-from mailer import sending
-from mailer.config import DKIMConfig
-from mailer.delivery import Outgoing
-from mailer.dkim import DKIMSigner
-from mailer.errors import DKIMError
-from mailer.signing import BATCH, SigningPool
 from send_support import Project, addresses, received_addresses, wait_for
+
+from mailer.core.config import DKIMConfig
+from mailer.core.errors import DKIMError
+from mailer.core.outcomes import Outgoing
+from mailer.dkim.signer import DKIMSigner
+from mailer.send import signing as signing_module
+from mailer.send.signing import BATCH, SigningPool
 
 DOMAIN = "acme.example"
 SELECTOR = "pool"
@@ -40,7 +40,9 @@ def signer(key) -> DKIMSigner:
 
 def verifies(data: bytes, signer: DKIMSigner) -> bool:
     name, value = signer.dns_record()
-    return dkim.verify(data, dnsfunc=lambda qname, timeout=5: value.encode() if qname.decode().rstrip(".") == name else None)
+    return dkim.verify(
+        data, dnsfunc=lambda qname, timeout=5: value.encode() if qname.decode().rstrip(".") == name else None
+    )
 
 
 def item(n: int) -> Outgoing:
@@ -85,8 +87,13 @@ def test_a_consumer_that_stops_early_is_told_how_many_messages_the_pool_still_he
 
 def test_a_message_the_signer_refuses_is_a_dkim_error(signer):
     pool = SigningPool(signer, 2)
-    bad = Outgoing(key="x", sender=f"a@{DOMAIN}", recipients=["x@example.com"], data=b"Subject: no From\r\n\r\nhi\r\n",
-                   message_id="<x@x>")
+    bad = Outgoing(
+        key="x",
+        sender=f"a@{DOMAIN}",
+        recipients=["x@example.com"],
+        data=b"Subject: no From\r\n\r\nhi\r\n",
+        message_id="<x@x>",
+    )
     try:
         with pytest.raises(DKIMError) as caught:
             list(pool.signed(iter([item(0), bad])))
@@ -100,7 +107,7 @@ def test_a_signed_send_through_the_pool_gives_each_recipient_their_own_message(s
     project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
     emails = addresses(BATCH * 3 + 5)
     project.write_contacts(emails)
-    if sending._signing_workers() == 0:
+    if signing_module.signing_workers() == 0:
         pytest.skip("one core: no signing processes")
 
     outcome = project.send()
@@ -114,8 +121,8 @@ def test_a_signed_send_through_the_pool_gives_each_recipient_their_own_message(s
 
 
 def test_on_one_core_the_send_signs_in_process(smtp_server, tmp_path, key, signer, monkeypatch):
-    monkeypatch.setattr(sending.os, "sched_getaffinity", lambda pid: {0})
-    assert sending._signing_workers() == 0
+    monkeypatch.setattr(signing_module.os, "sched_getaffinity", lambda pid: {0})
+    assert signing_module.signing_workers() == 0
     project = Project(tmp_path, smtp_server)
     project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
     emails = addresses(5)
@@ -161,8 +168,13 @@ def test_large_messages_go_through_without_the_pipes_filling_up(signer):
     is handed a batch while its result may still be waiting in the pipe."""
     body = ("x" * 998 + "\r\n") * 300
     items = [
-        Outgoing(key=n, sender=f"a@{DOMAIN}", recipients=[f"u{n}@example.com"], message_id=f"<{n}@x>",
-                 data=(f"From: a@{DOMAIN}\r\nTo: u{n}@example.com\r\nSubject: big {n}\r\n\r\n" + body).encode())
+        Outgoing(
+            key=n,
+            sender=f"a@{DOMAIN}",
+            recipients=[f"u{n}@example.com"],
+            message_id=f"<{n}@x>",
+            data=(f"From: a@{DOMAIN}\r\nTo: u{n}@example.com\r\nSubject: big {n}\r\n\r\n" + body).encode(),
+        )
         for n in range(70)
     ]
     pool = SigningPool(signer, 2)

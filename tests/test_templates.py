@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from mailer.templates import html_to_text, load_template
-
 from cli_fixtures import all_defects, assert_fails, dry_run
 
-CONTACTS = "email,First Name,Last Name,plan,items\nann@example.com,Ann,Lee,pro,apple;pear\nbob@example.com,Bob,Kim,team,plum\n"
+from mailer.compose.templates import html_to_text, load_template
+
+CONTACTS = (
+    "email,First Name,Last Name,plan,items\nann@example.com,Ann,Lee,pro,apple;pear\nbob@example.com,Bob,Kim,team,plum\n"
+)
 
 
 def html_of(message) -> str:
@@ -26,7 +27,9 @@ def text_of(message) -> str:
 
 def test_txt_template_gives_one_text_plain_part(project, run_cli):
     project.csv(CONTACTS)
-    project.template("From: Acme <news@acme.example>\nSubject: Hi {{ first_name }}\n\nHello {{ first_name }} <b>{{ plan }}</b>\n")
+    project.template(
+        "From: Acme <news@acme.example>\nSubject: Hi {{ first_name }}\n\nHello {{ first_name }} <b>{{ plan }}</b>\n"
+    )
     result, summary, messages = dry_run(project, run_cli)
     assert result.exit_code == 0, result.stderr
     assert len(messages) == 2
@@ -191,12 +194,20 @@ def test_missing_subject(project, run_cli):
     assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2", "no Subject:")
 
 
-@pytest.mark.parametrize("header", ["Message-ID: <x@acme.example>", "Date: today", "MIME-Version: 1.0", "List-Unsubscribe: <https://x>"])
+@pytest.mark.parametrize(
+    "header", ["Message-ID: <x@acme.example>", "Date: today", "MIME-Version: 1.0", "List-Unsubscribe: <https://x>"]
+)
 def test_reserved_headers_are_refused(project, run_cli, header):
     project.csv(CONTACTS)
     project.template(f"From: Acme <news@acme.example>\nSubject: Hi\n{header}\n\nHello\n")
     name = header.split(":")[0]
-    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"), 2, "mail.txt.j2:3:", f"sets {name}:", "mailer writes itself")
+    assert_fails(
+        run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run"),
+        2,
+        "mail.txt.j2:3:",
+        f"sets {name}:",
+        "mailer writes itself",
+    )
 
 
 @pytest.mark.parametrize(
@@ -210,7 +221,9 @@ def test_reserved_headers_are_refused(project, run_cli, header):
 def test_malformed_header_blocks(project, run_cli, source, what):
     project.csv(CONTACTS)
     project.template(source)
-    assert_fails(run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "-c", project.config()), 2, "mail.txt.j2", what)
+    assert_fails(
+        run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "-c", project.config()), 2, "mail.txt.j2", what
+    )
 
 
 def test_template_kind_must_be_known(project, run_cli):
@@ -273,7 +286,9 @@ def test_attachments_are_relative_to_the_template_folder_and_templated(project, 
     for message, content in zip(messages, (b"%PDF ann", b"%PDF bob")):
         assert message["Attachment"] is None
         assert message.get_content_type() == "multipart/mixed"
-        attachments = [(a.get_filename(), a.get_content_type(), a.get_payload(decode=True)) for a in message.iter_attachments()]
+        attachments = [
+            (a.get_filename(), a.get_content_type(), a.get_payload(decode=True)) for a in message.iter_attachments()
+        ]
         invoice = str(message["Subject"]).split()[-1]
         assert attachments == [(f"{invoice}.pdf", "application/pdf", content), ("terms.txt", "text/plain", b"terms")]
         assert text_of(message) == "Attached.\n"
@@ -311,7 +326,11 @@ def test_a_value_from_the_csv_cannot_pick_an_attachment_outside_the_templates_fo
     )
     result, summary, messages = dry_run(project, run_cli, template="mail/invoice.txt.j2")
     assert result.exit_code == 1
-    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com", "bob@example.com", "cy@example.com"]
+    assert [m["To"].addresses[0].addr_spec for m in messages] == [
+        "ann@example.com",
+        "bob@example.com",
+        "cy@example.com",
+    ]
     assert all(b"do not send" not in a.get_payload(decode=True) for m in messages for a in m.iter_attachments())
     problems = {p["email"]: p["reason"] for p in summary["problems"]}
     assert set(problems) == {"eve@example.com", "mal@example.com"}
@@ -336,7 +355,9 @@ def test_a_wholly_templated_attachment_path_stays_in_the_templates_folder(projec
 def test_a_literal_attachment_path_may_reach_outside_the_templates_folder(project, run_cli):
     project.write("shared/terms.txt", b"terms")
     project.csv("email\nann@example.com\n")
-    project.template("From: a@acme.example\nSubject: Hi\nAttachment: ../shared/terms.txt\n\nHi.\n", name="mail/hi.txt.j2")
+    project.template(
+        "From: a@acme.example\nSubject: Hi\nAttachment: ../shared/terms.txt\n\nHi.\n", name="mail/hi.txt.j2"
+    )
     result, summary, messages = dry_run(project, run_cli, template="mail/hi.txt.j2")
     assert result.exit_code == 0, result.stderr
     assert [a.get_payload(decode=True) for a in messages[0].iter_attachments()] == [b"terms"]
@@ -345,10 +366,16 @@ def test_a_literal_attachment_path_may_reach_outside_the_templates_folder(projec
 # --- header injection ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("header", ["Subject: Hi {{ first_name }}", "To: {{ first_name }} <{{ email }}>", "X-Name: {{ first_name }}"])
+@pytest.mark.parametrize(
+    "header", ["Subject: Hi {{ first_name }}", "To: {{ first_name }} <{{ email }}>", "X-Name: {{ first_name }}"]
+)
 def test_a_line_break_from_the_csv_in_a_header_rejects_the_row(project, run_cli, header):
-    project.csv('email,first_name\nann@example.com,Ann\nbob@example.com,"Bob\r\nBcc: victim@evil.test"\ncy@example.com,"Cy\nX-Evil: 1"\n')
-    project.template(f"From: a@acme.example\n{header}\n{'Subject: Hi' if 'Subject' not in header else 'X-Mailer-Test: 1'}\n\nHello {{{{ first_name }}}}\n")
+    project.csv(
+        'email,first_name\nann@example.com,Ann\nbob@example.com,"Bob\r\nBcc: victim@evil.test"\ncy@example.com,"Cy\nX-Evil: 1"\n'
+    )
+    project.template(
+        f"From: a@acme.example\n{header}\n{'Subject: Hi' if 'Subject' not in header else 'X-Mailer-Test: 1'}\n\nHello {{{{ first_name }}}}\n"
+    )
     result, summary, messages = dry_run(project, run_cli)
     assert result.exit_code == 1
     assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com"]
@@ -446,8 +473,14 @@ def test_the_bundled_welcome_template_is_well_formed_for_every_plan(run_cli, tmp
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
     result = run_cli(
-        "send", repo / "samples/contacts.csv", repo / "templates/welcome.md.j2", "-c", repo / "samples/mailer.toml",
-        "--dry-run", "--output", "out",
+        "send",
+        repo / "samples/contacts.csv",
+        repo / "templates/welcome.md.j2",
+        "-c",
+        repo / "samples/mailer.toml",
+        "--dry-run",
+        "--output",
+        "out",
     )
     assert result.exit_code == 0, result.stderr
     from cli_fixtures import parse_message

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailer.throttle import MAX_BACKOFF, RateLimiter, backoff_delay
+from mailer.delivery.throttle import MAX_BACKOFF, RateLimiter, backoff_delay
 
 
 class FakeClock:

@@ -1,0 +1,1 @@
+"""Bounces: the rules that decide which failures suppress an address."""

@@ -1,0 +1,61 @@
+"""The bounce rules: which permanent failures mean "this mailbox does not exist".
+
+Such addresses go on the suppression list; policy rejections (spam, a blocked IP)
+never do, whatever their text says.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..core.outcomes import Status
+
+__all__ = ["bounces_of", "is_bounce", "is_hard_bounce"]
+
+
+# --------------------------------------------------------------------------------------
+# Reply classification (pure)
+
+_ENHANCED_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_UNKNOWN_USER_TEXT = re.compile(
+    r"user unknown|unknown user|no such user|no such mailbox|mailbox unavailable"
+    r"|mailbox not found|does not exist|doesn't exist|address rejected: user unknown"
+    r"|recipient not found|invalid recipient|unknown recipient",
+    re.IGNORECASE,
+)
+
+
+def is_hard_bounce(code: int, reply_text: str) -> bool:
+    """Whether a permanent failure says the mailbox does not exist ("user unknown").
+
+    Such addresses belong on the suppression list. With an enhanced status code
+    (RFC 3463) the code decides: 5.1.x "addressing" statuses, except 5.1.7 / 5.1.8
+    which blame the *sender's* address, and 5.2.1 "mailbox disabled". Without one,
+    550 / 551 / 553 with a "no such user"-type text. Policy rejections (5.7.x: spam,
+    blocked IP) are never hard bounces, whatever their text says.
+    """
+    if code not in (550, 551, 553, 554):
+        return False
+    match = _ENHANCED_STATUS.search(reply_text)
+    if match:
+        klass, subject, detail = match.groups()
+        if klass != "5":
+            return False
+        if subject == "1":
+            return detail not in ("7", "8")
+        return subject == "2" and detail == "1"
+    return code != 554 and bool(_UNKNOWN_USER_TEXT.search(reply_text))
+
+
+def is_bounce(status: str, code: int | None, reply: str | None) -> bool:
+    """Whether an outcome puts the address on the suppression list (a permanent "user unknown")."""
+    return status == Status.FAILED and bool(code) and is_hard_bounce(code, reply or "")
+
+
+def bounces_of(events: list[tuple]) -> list[tuple[str, str]]:
+    """``(recipient, reason)`` for each permanent "user unknown" failure among ``events``."""
+    return [
+        (recipient, f"{code} {reply}"[:500])
+        for recipient, status, code, reply, _message_id, _line in events
+        if is_bounce(status, code, reply)
+    ]

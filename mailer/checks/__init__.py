@@ -1,0 +1,1 @@
+"""`mailer check`: the config, the relay, the sender's DNS and the list."""

@@ -1,0 +1,256 @@
+"""`mailer check`: "am I ready to send?" — config, relay, sender DNS and, optionally, the list.
+
+Each check yields a :class:`Check` with ok / warn / fail and, for a warn or fail, what
+to do about it. Nothing here sends a message or prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+
+from ..compose.contacts import ContactReader, Rejected
+from ..compose.seen import SeenAddresses
+from ..core.addresses import address_key
+from ..core.config import Config, find_config_path, load_config
+from ..core.errors import MailerError
+
+__all__ = ["Check", "run_checks"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: ``section`` (config, smtp, dns, contacts), ``status`` ok/warn/fail."""
+
+    section: str
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _from_domain(config: Config) -> str | None:
+    if config.message.from_:
+        address = parseaddr(config.message.from_)[1]
+        if "@" in address:
+            return address.rpartition("@")[2]
+    return config.dkim.domain if config.dkim else None
+
+
+def run_checks(
+    config_path: str | os.PathLike | None,
+    contacts: str | None,
+    *,
+    resolver: Any = None,
+    ssl_context: Any = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    skip_smtp: bool = False,
+) -> Iterator[Check]:
+    """Run every check in order; stops early only when the config cannot be read."""
+    path, _explicit = find_config_path(config_path)
+    try:
+        config = load_config(config_path)
+    except MailerError as exc:
+        yield Check("config", "config file", "fail", str(exc), "Fix the file; `mailer init` writes a valid example.")
+        return
+    if path is None:
+        yield Check(
+            "config",
+            "config file",
+            "warn",
+            "no mailer.toml found; using defaults",
+            "Create one with `mailer init`, or pass --config / set MAILER_CONFIG.",
+        )
+    else:
+        yield Check("config", "config file", "ok", f"{path}: keys valid")
+    smtp = config.smtp
+    password = smtp.password()
+    if smtp.username:
+        if not smtp.password_env:
+            yield Check(
+                "config",
+                "password",
+                "fail",
+                "[smtp] username is set but password_env is not",
+                "Set password_env to the NAME of the variable that holds the password.",
+            )
+        elif password is None:
+            yield Check(
+                "config",
+                "password",
+                "fail",
+                f"the variable {smtp.password_env} is not set",
+                f"export {smtp.password_env}=... before sending (it is never stored in the file).",
+            )
+        else:
+            yield Check("config", "password", "ok", f"{smtp.password_env} is set")
+    if not smtp.tls_verify:
+        yield Check(
+            "config",
+            "TLS verification",
+            "warn",
+            "tls_verify = false: the relay's certificate is not checked",
+            "Only for lab relays; remove tls_verify = false for real sends.",
+        )
+    if config.message.kind == "transactional":
+        yield Check("config", "unsubscribe", "ok", "transactional stream: no unsubscribe headers expected")
+    elif config.message.list_unsubscribe or config.message.list_unsubscribe_mailto:
+        what = " and ".join(
+            x
+            for x, on in (
+                ("one-click URL", config.message.list_unsubscribe),
+                ("mailto", config.message.list_unsubscribe_mailto),
+            )
+            if on
+        )
+        yield Check("config", "unsubscribe", "ok", f"List-Unsubscribe with {what}")
+    else:
+        yield Check(
+            "config",
+            "unsubscribe",
+            "warn",
+            "no unsubscribe configured for a marketing stream",
+            'Set [message] list_unsubscribe = "https://..." (one-click, RFC 8058); transactional mail: '
+            'set [message] kind = "transactional".',
+        )
+
+    signer = None
+    if config.dkim is not None:
+        from ..dkim.signer import DKIMSigner
+
+        try:
+            signer = DKIMSigner.load(config.dkim)
+        except MailerError as exc:
+            yield Check("config", "DKIM key", "fail", str(exc))
+        else:
+            yield Check("config", "DKIM key", "ok", f"{config.dkim.private_key} ({signer.key_type})")
+            for warning in signer.warnings:
+                yield Check("config", "DKIM key", "warn", warning)
+
+    if not skip_smtp:
+        from ..smtp.probe import probe_relay
+
+        probe = probe_relay(smtp, password=password, ssl_context=ssl_context)
+        for step in probe.steps:
+            yield Check(
+                "smtp",
+                step.name,
+                "ok" if step.ok else "fail",
+                step.detail,
+                None if step.ok else "Check [smtp] host, port and security, and the relay's logs.",
+            )
+        if probe.ok:
+            wanted = ("PIPELINING", "SIZE", "SMTPUTF8", "CHUNKING", "8BITMIME")
+            offered = [name for name in wanted if name in probe.extensions]
+            missing = [name for name in wanted if name not in probe.extensions]
+            detail = "offers " + (", ".join(offered) or "none of " + ", ".join(wanted))
+            if missing:
+                detail += f"; not {', '.join(missing)}"
+            yield Check(
+                "smtp",
+                "extensions",
+                "ok" if "PIPELINING" in offered else "warn",
+                detail,
+                None if "PIPELINING" in offered else "Without PIPELINING each message costs more round trips.",
+            )
+
+    from .dns import check_sender_domain, make_resolver
+
+    resolver = resolver or make_resolver(config.dns)
+    domain = _from_domain(config)
+    if domain is None:
+        yield Check(
+            "dns",
+            "sender domain",
+            "warn",
+            "no [message] from in the config, so no domain to check",
+            'Set [message] from = "Name <you@your-domain>".',
+        )
+    else:
+        for result in check_sender_domain(
+            domain,
+            resolver=resolver,
+            dkim_selector=config.dkim.selector if config.dkim else None,
+            dkim_signer_or_public_key_matcher=signer,
+            dkim_domain=config.dkim.domain if config.dkim else None,
+            bulk=config.message.kind != "transactional",
+        ):
+            yield Check("dns", f"{result.name} ({domain})", str(result.status), result.detail, result.fix)
+
+    if contacts is not None:
+        yield from _check_contacts(contacts, config, resolver=resolver, on_progress=on_progress)
+
+
+def _check_contacts(contacts: str, config: Config, *, resolver: Any, on_progress: Any) -> Iterator[Check]:
+    from .dns import check_recipient_domains
+
+    invalid: list[str] = []
+    invalid_count = duplicates = rows = 0
+    seen = SeenAddresses()
+    domains: dict[str, int] = {}
+    suppressed = 0
+    log = None
+    if Path(config.log.path).exists():
+        from ..store.sqlite import SendLog
+
+        log = SendLog.open(config.log.path, create=False)
+    try:
+        with ContactReader(contacts) as reader:
+            for item in reader:
+                if isinstance(item, Rejected):
+                    if item.kind in ("invalid", "fields"):
+                        invalid_count += 1
+                        if len(invalid) < 5:
+                            invalid.append(f"line {item.line}: {item.reason}")
+                    continue
+                rows += 1
+                if seen.add(address_key(item.envelope), item.line) is not None:
+                    duplicates += 1
+                    continue
+                domain = item.envelope.rpartition("@")[2].lower()
+                domains[domain] = domains.get(domain, 0) + 1
+                if log is not None and log.is_suppressed(item.envelope):
+                    suppressed += 1
+    finally:
+        if log is not None:
+            log.close()
+    name = reader.display_name
+    yield Check(
+        "contacts",
+        "addresses",
+        "fail" if invalid_count else "ok",
+        f"{rows} valid rows; {invalid_count} invalid" + (": " + "; ".join(invalid) if invalid else ""),
+        "Fix or remove the invalid rows (they are skipped and reported by send)." if invalid_count else None,
+    )
+    yield Check(
+        "contacts",
+        "duplicates",
+        "warn" if duplicates else "ok",
+        f"{duplicates} duplicate addresses",
+        "Duplicates are mailed once; remove them from the file to keep it clean." if duplicates else None,
+    )
+    yield Check("contacts", "suppressed", "ok", f"{suppressed} addresses on the suppression list (send skips them)")
+    verdicts = check_recipient_domains(domains, resolver=resolver, on_progress=on_progress)
+    dead = [v for v in verdicts.values() if v.status == "fail"]
+    unknown = [v for v in verdicts.values() if v.status == "warn"]
+    dead_recipients = sum(domains.get(v.domain, 0) for v in dead)
+    detail = f"{len(verdicts)} domains looked up; {len(dead)} cannot receive mail ({dead_recipients} recipients)"
+    if dead:
+        detail += ": " + "; ".join(f"{v.domain} ({v.detail})" for v in dead[:5])
+    if unknown:
+        detail += f"; {len(unknown)} did not answer"
+    status = "fail" if dead else ("warn" if unknown else "ok")
+    yield Check(
+        "contacts",
+        f"recipient domains ({name})",
+        status,
+        detail,
+        "Remove these addresses: mail to them bounces, and bounces hurt your reputation." if dead else None,
+    )

@@ -1,0 +1,539 @@
+"""The command line: parse options, call one library function, render its result.
+
+Errors become exit codes in one place (:func:`handle_errors`): a :class:`MailerError`
+is printed as one paragraph on stderr and exits with its code; a traceback is shown
+only with ``--debug``. The SMTP password is never an argument and never printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..compose.campaign import Campaign, Summary
+from ..compose.dryrun import write_dry_run
+from ..core.config import load_config, parse_rate
+from ..core.errors import ExitCode, MailerError, UsageError
+from .output import Reporter, count_data_rows
+
+__all__ = [
+    "ConfigOption",
+    "app",
+    "check",
+    "handle_errors",
+    "init",
+    "main",
+    "preview",
+    "report",
+    "send",
+    "suppress_add",
+    "suppress_app",
+    "suppress_import",
+    "suppress_list",
+    "suppress_remove",
+]
+
+
+app = typer.Typer(
+    name="mailer",
+    help=(
+        "Bulk mail from a CSV and a Jinja template, through your own SMTP relay.\n\n"
+        "Examples:\n\n"
+        "  mailer init news && cd news\n\n"
+        "  mailer send contacts.csv welcome.md.j2 --dry-run | less\n\n"
+        "  mailer preview contacts.csv welcome.md.j2 --row 1\n\n"
+        "  mailer send contacts.csv welcome.md.j2 --rate 600/min --yes\n\n"
+        "  mailer report --campaign welcome"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mailer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and protocol details (never the password).")
+    ] = False,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Bulk mail from a CSV and a Jinja template, through your own SMTP relay."""
+    _state["debug"] = debug
+
+
+def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one paragraph on stderr and the documented exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except MailerError as exc:
+            if _state["debug"]:
+                import traceback
+
+                traceback.print_exc()
+                if getattr(exc, "debug_traceback", None):  # raised in the delivery process
+                    sys.stderr.write("in the delivery process:\n" + exc.debug_traceback)
+            Reporter().error(str(exc))
+            raise typer.Exit(code=int(exc.exit_code)) from None
+        except BrokenPipeError:
+            # The reader of our stdout went away (`| head`): stop quietly.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(code=0) from None
+        except KeyboardInterrupt:
+            Reporter().error("interrupted.")
+            raise typer.Exit(code=int(ExitCode.INTERRUPTED)) from None
+
+    return wrapper
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (default: $MAILER_CONFIG, else ./mailer.toml)."),
+]
+
+
+# --- init ----------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+) -> None:
+    """Write a working mailer.toml, contacts.csv and starter template.
+
+    Example: mailer init news && cd news && mailer send contacts.csv welcome.md.j2 --dry-run
+    """
+    from .starter import write_starter
+
+    written = write_starter(directory, force=force)
+    reporter = Reporter()
+    for path in written:
+        reporter.info(f"wrote {path}")
+    import shlex
+
+    prefix = "" if directory.resolve() == Path.cwd().resolve() else f"cd {shlex.quote(str(directory))} && "
+    typer.echo(f"Next: {prefix}mailer send contacts.csv welcome.md.j2 --dry-run | less")
+
+
+# --- send ----------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def send(
+    contacts: Annotated[str, typer.Argument(help="Contact CSV (UTF-8), or - for stdin.")],
+    template: Annotated[Path, typer.Argument(help="Template: *.txt.j2, *.md.j2 or *.html.j2.")],
+    config_path: ConfigOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Build every message and write it to stdout; send nothing.")
+    ] = False,
+    format: Annotated[str, typer.Option("--format", help="Dry-run output: mbox or jsonl.")] = "mbox",
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Dry run: write one .eml file per message into DIR.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Handle at most N messages in this run.")] = None,
+    where: Annotated[
+        str | None,
+        typer.Option("--where", help="Segment: a Jinja expression over the columns, e.g. \"country == 'DE'\"."),
+    ] = None,
+    email_column: Annotated[
+        str | None,
+        typer.Option("--email-column", help="The column holding the address (default: email / E-mail, any case)."),
+    ] = None,
+    campaign: Annotated[
+        str | None, typer.Option("--campaign", help="Send-log key for resuming (default: template name).")
+    ] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="Overall rate: N/s, N/min, N/h or N/day.")] = None,
+    connections: Annotated[
+        int | None, typer.Option("--connections", min=1, help="SMTP connections in the pool.")
+    ] = None,
+    resend_unknown: Annotated[
+        bool,
+        typer.Option("--resend-unknown", help="Also resend recipients whose outcome is unknown (status 'sending')."),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress; only errors and the summary line.")
+    ] = False,
+) -> None:
+    """Render the template for every selected contact and send it (or --dry-run it).
+
+    Examples:
+
+      mailer send contacts.csv welcome.md.j2 --dry-run | less
+
+      mailer send contacts.csv welcome.md.j2 --dry-run --format jsonl | jq .subject
+
+      mailer send contacts.csv invoice.html.j2 --where "plan == 'pro'" --limit 100 --yes
+
+      mailer send contacts.csv welcome.md.j2 --rate 600/min --connections 4 --yes --json
+    """
+    config = load_config(config_path)
+    overrides: dict[str, Any] = {}
+    if rate is not None:
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise UsageError(f"--rate: {exc}.") from None
+        overrides["rate"] = rate
+    if connections is not None:
+        overrides["connections"] = connections
+    if overrides:
+        config = config.replace_send(**overrides)
+    if output is not None and not dry_run:
+        raise UsageError("--output is for dry runs only.", hint="Add --dry-run, or drop --output.")
+    if dry_run and json_output and output is None:
+        raise UsageError(
+            "--json cannot share stdout with the dry-run messages.",
+            hint="Add --output DIR to write the messages as files, then --json prints the summary on stdout.",
+        )
+    reporter = Reporter(quiet=quiet)
+    job = Campaign(
+        contacts=contacts,
+        template=template,
+        config=config,
+        name=campaign,
+        where=where,
+        limit=limit,
+        email_column=email_column,
+        spool_stdin=not dry_run,
+    )
+    try:
+        if dry_run:
+            summary = _dry_run(job, reporter, format=format, output=output)
+        else:
+            summary = _send(job, reporter, yes=yes, resend_unknown=resend_unknown)
+    finally:
+        job.close()
+    _print_summary(summary, reporter, json_output=json_output)
+    raise typer.Exit(code=int(summary.exit_code))
+
+
+def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool) -> Summary:
+    from ..send.run import run_send
+
+    signer = None
+    if job.config.dkim is not None:
+        from ..dkim.signer import DKIMSigner
+
+        signer = DKIMSigner.load(job.config.dkim)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    confirm = None if yes or not interactive else functools.partial(_ask, reporter)
+    return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
+
+
+def _ask(reporter: Reporter, question: str) -> bool:
+    """A yes/no question on the terminal, default no. (Not typer.confirm: it echoes the
+    prompt's trailing space to stdout, which must carry only the product, e.g. --json.)"""
+    try:
+        answer = reporter.console.input(f"{question} [y/N]: ", markup=False, emoji=False)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | None) -> Summary:
+    summary = Summary(campaign=job.name, dry_run=True, contacts=job.contacts_name)
+    out = None if output is not None else sys.stdout.buffer
+    if out is not None and reporter.is_terminal and sys.stdout.isatty() and not reporter.quiet:
+        reporter.warning("writing the dry run to the terminal; pipe it (| less) or redirect it (> review.mbox).")
+    reporter.start_progress("dry run", count_data_rows(job.contacts_name if job.contacts_name != "<stdin>" else "-"))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if done % 256 == 0:
+            reporter.update_progress(summary.counts["rows"], {"rendered": summary.counts["rendered"]})
+
+    try:
+        write_dry_run(job, summary, out=out, output_dir=output, format=format, on_message=tick)
+    finally:
+        reporter.stop_progress()
+    return summary
+
+
+_SUMMARY_LABELS = (
+    ("rows", "rows read"),
+    ("rendered", "rendered (dry run)"),
+    ("sent", "sent"),
+    ("already_done", "already settled in an earlier run"),
+    ("failed", "failed (permanent)"),
+    ("deferred", "deferred (will retry next run)"),
+    ("unknown", "outcome unknown (status sending; see mailer report)"),
+    ("bounced_suppressed", "hard bounces added to the suppression list"),
+    ("suppressed", "suppressed"),
+    ("invalid", "invalid address"),
+    ("fields", "wrong number of fields"),
+    ("error", "could not be built"),
+    ("duplicate", "duplicate address (skipped)"),
+    ("blank", "blank rows"),
+    ("filtered", "not selected by --where"),
+    ("over_limit", "left for later by --limit"),
+    ("not_attempted", "not attempted (interrupted)"),
+)
+
+
+def _print_summary(summary: Summary, reporter: Reporter, *, json_output: bool) -> None:
+    import json
+
+    if json_output:
+        typer.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+    problems = [(f"{summary.contacts}:{p.line}", p.reason) for p in summary.problems if p.kind != "blank"]
+    listed_kinds = ("invalid", "fields", "duplicate", "error")
+    more = max(0, sum(summary.counts[k] for k in listed_kinds) - len(problems))
+    title = f"{'dry run' if summary.dry_run else 'send'} of campaign {summary.campaign!r} in {summary.elapsed:.1f}s"
+    rows = [(label, summary.counts[key]) for key, label in _SUMMARY_LABELS]
+    reporter.print_summary(title, rows, problems, more)
+
+
+# --- preview -------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def preview(
+    contacts: Annotated[str, typer.Argument(help="Contact CSV, or - for stdin.")],
+    template: Annotated[Path, typer.Argument(help="Template file.")],
+    row: Annotated[
+        int | None, typer.Option("--row", min=1, help="The N-th data row (1 = first row after the header).")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="The row with this address.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write the HTML part to FILE (open it in a browser).")
+    ] = None,
+    config_path: ConfigOption = None,
+    email_column: Annotated[str | None, typer.Option("--email-column", help="The column holding the address.")] = None,
+) -> None:
+    """Show one rendered message: headers, text part, attachments.
+
+    Examples:
+
+      mailer preview contacts.csv welcome.md.j2
+
+      mailer preview contacts.csv welcome.md.j2 --to jane@example.com --html /tmp/jane.html
+    """
+    from .preview import find_message, show_message
+
+    if row is not None and to is not None:
+        raise UsageError("give --row or --to, not both.")
+    config = load_config(config_path)
+    job = Campaign(contacts=contacts, template=template, config=config, email_column=email_column)
+    try:
+        message = find_message(job, row=row or (None if to else 1), to=to)
+    finally:
+        job.close()
+    show_message(message)
+    if html is not None:
+        from .preview import write_html_part
+
+        if not write_html_part(message, html):
+            raise UsageError("this message has no HTML part (the template is plain text).")
+        Reporter().info(f"wrote the HTML part to {html}")
+
+
+# --- report --------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def report(
+    campaign: Annotated[str | None, typer.Option("--campaign", help="Only this campaign (default: all).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    failed: Annotated[
+        Path | None,
+        typer.Option("--failed", help="Write failed and deferred rows as a CSV that `mailer send` accepts."),
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """What happened, from the send log: counts by status, by domain, by SMTP reply.
+
+    Examples:
+
+      mailer report --campaign welcome
+
+      mailer report --campaign welcome --failed retry.csv && mailer send retry.csv welcome.md.j2 --campaign welcome-retry
+
+      mailer report --json | jq .by_status
+    """
+    import json
+
+    from ..send.journal import recover_all
+    from ..store.sqlite import SendLog
+
+    config = load_config(config_path)
+    with SendLog.open(config.log.path, create=False) as log:
+        recover_all(log)  # what a killed run left in its journal (a live run's is left alone)
+        if failed is not None:
+            if campaign is None:
+                raise UsageError("--failed needs --campaign NAME.")
+            try:
+                with failed.open("w", newline="", encoding="utf-8") as file:
+                    written = log.write_failed_csv(campaign, file)
+            except OSError as exc:
+                raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
+            Reporter().info(f"wrote {written} failed and deferred rows to {failed}")
+        result = log.report(campaign)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    from .output import print_report
+
+    print_report(result)
+
+
+# --- suppress ------------------------------------------------------------------------
+suppress_app = typer.Typer(
+    help="The suppression list: addresses never mailed again (unsubscribes, hard bounces, complaints).\n\n"
+    "Examples:\n\n  mailer suppress add jane@example.com\n\n  mailer suppress import unsubscribes.csv\n\n"
+    "  mailer suppress list > suppressed.txt",
+    no_args_is_help=True,
+)
+app.add_typer(suppress_app, name="suppress")
+
+
+def _open_log(config_path: Path | None, *, create: bool = True):
+    from ..store.sqlite import SendLog
+
+    return SendLog.open(load_config(config_path).log.path, create=create)
+
+
+def _log_exists(config_path: Path | None) -> bool:
+    return load_config(config_path).log.path.exists()
+
+
+@suppress_app.command("add")
+@handle_errors
+def suppress_add(
+    addresses: Annotated[list[str], typer.Argument(help="Addresses to suppress.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (kept with the address).")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Add addresses to the suppression list. Example: mailer suppress add jane@example.com --reason 'asked by phone'"""
+    with _open_log(config_path) as log:
+        added, present = log.add_suppressions(addresses, reason=reason, source="manual")
+    Reporter().console.print(f"added {added}, already present {present}")
+
+
+@suppress_app.command("remove")
+@handle_errors
+def suppress_remove(
+    addresses: Annotated[list[str], typer.Argument(help="Addresses to take off the list.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """Take addresses off the suppression list. Example: mailer suppress remove jane@example.com"""
+    if not _log_exists(config_path):  # nothing to remove from; do not create an empty log
+        Reporter().console.print(f"removed 0, not on the list {len(addresses)}")
+        return
+    with _open_log(config_path) as log:
+        removed = log.remove_suppressions(addresses)
+    Reporter().console.print(f"removed {removed}, not on the list {len(addresses) - removed}")
+
+
+@suppress_app.command("list")
+@handle_errors
+def suppress_list(config_path: ConfigOption = None) -> None:
+    """Print the suppression list as CSV (address, reason, source, added_at). Example: mailer suppress list > out.csv"""
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["email", "reason", "source", "added_at"])
+    if not _log_exists(config_path):  # an empty list; do not create an empty log
+        return
+    with _open_log(config_path, create=False) as log:
+        for row in log.list_suppressions():
+            writer.writerow([row.address, row.reason or "", row.source, row.added_at])
+
+
+@suppress_app.command("import")
+@handle_errors
+def suppress_import(
+    file: Annotated[Path, typer.Argument(help="A CSV with an email column, or one address per line.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Reason for rows that give none.")] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Import addresses from a file. Example: mailer suppress import unsubscribes.csv"""
+    with _open_log(config_path) as log:
+        result = log.import_suppressions(file, reason=reason)
+    reporter = Reporter()
+    for entry in result.invalid[:20]:
+        reporter.warning(f"{file}:{entry.line}: {entry.value!r} is not a valid address; skipped")
+    reporter.console.print(
+        f"added {result.added}, already present {result.already_present}, invalid {len(result.invalid)}"
+    )
+
+
+# --- check ---------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def check(
+    contacts: Annotated[str | None, typer.Argument(help="Also check this contact CSV.")] = None,
+    config_path: ConfigOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    no_smtp: Annotated[bool, typer.Option("--no-smtp", help="Skip the relay check (no connection).")] = False,
+) -> None:
+    """Am I ready to send? Config, SMTP relay (no message sent), sender DNS, and the list.
+
+    Exit code 0 when nothing fails, 1 when something does.
+
+    Examples:
+
+      mailer check
+
+      mailer check contacts.csv --json
+    """
+    import json
+
+    from ..checks.run import run_checks
+
+    reporter = Reporter()
+    progress_started = False
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal progress_started
+        if not progress_started:
+            reporter.start_progress("recipient domains", total)
+            progress_started = True
+        reporter.update_progress(done, {})
+
+    results = []
+    try:
+        for item in run_checks(config_path, contacts, on_progress=on_progress, skip_smtp=no_smtp):
+            results.append(item)
+    finally:
+        reporter.stop_progress()
+    failed = any(item.status == "fail" for item in results)
+    if json_output:
+        typer.echo(
+            json.dumps({"version": 1, "ok": not failed, "checks": [c.to_dict() for c in results]}, ensure_ascii=False)
+        )
+    else:
+        from .output import print_checks
+
+        print_checks(results)
+    raise typer.Exit(code=1 if failed else 0)
+
+
+def main() -> None:
+    """Entry point of the ``mailer`` command."""
+    app()

@@ -1,0 +1,193 @@
+"""Everything mailer shows on the terminal: progress, summaries, tables, errors.
+
+Only the modules of :mod:`mailer.cli` import rich. The engine reports through
+callbacks; the functions here turn those reports into a progress bar on a terminal,
+or a plain line every ten seconds otherwise (so cron mail stays short).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+__all__ = ["PLAIN_PROGRESS_INTERVAL", "Reporter", "count_data_rows", "print_checks", "print_report"]
+
+
+PLAIN_PROGRESS_INTERVAL = 10.0
+
+
+def count_data_rows(path: str) -> int | None:
+    """Count a file's lines quickly (for the progress bar's total); None for stdin."""
+    if path == "-":
+        return None
+    try:
+        with open(path, "rb") as file:
+            lines = 0
+            last = b"\n"
+            while chunk := file.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+            if last != b"\n":
+                lines += 1
+        return max(lines - 1, 0)
+    except OSError:
+        return None
+
+
+class Reporter:
+    """Progress and messages on stderr; ``quiet`` leaves only errors and the summary line."""
+
+    def __init__(
+        self, *, quiet: bool = False, stderr: IO[str] | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.console = Console(file=stderr or sys.stderr, highlight=False, soft_wrap=True)
+        self.quiet = quiet
+        self.is_terminal = self.console.is_terminal
+        self._clock = clock
+        self._progress: Progress | None = None
+        self._task = None
+        self._last_plain = 0.0
+        self._started = clock()
+        self._label = ""
+
+    # -- messages -----------------------------------------------------------------
+    def error(self, text: str) -> None:
+        self.console.print(f"[bold red]error:[/] {escape(text)}")
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {escape(text)}")
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(escape(text))
+
+    # -- progress -----------------------------------------------------------------
+    def start_progress(self, label: str, total: int | None) -> None:
+        self._label = label
+        self._started = self._clock()
+        self._last_plain = self._started
+        if self.quiet:
+            return
+        if self.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+                refresh_per_second=4,
+            )
+            self._task = self._progress.add_task(label, total=total, counts="", rate="")
+            self._progress.start()
+
+    def update_progress(self, done: int, counts: dict[str, int]) -> None:
+        """Called often; cheap unless a refresh is due."""
+        if self.quiet:
+            return
+        now = self._clock()
+        elapsed = max(now - self._started, 1e-9)
+        if self._progress is not None:
+            text = " ".join(f"{k} {v}" for k, v in counts.items() if v)
+            self._progress.update(self._task, completed=done, counts=text, rate=f"{done / elapsed:,.0f}/s")
+        elif now - self._last_plain >= PLAIN_PROGRESS_INTERVAL:
+            self._last_plain = now
+            text = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            self.console.print(f"{self._label}: {done} done ({text}), {done / elapsed:,.0f}/s")
+
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # -- tables -------------------------------------------------------------------
+    def print_summary(
+        self, title: str, rows: Iterable[tuple[str, Any]], problems: list[tuple[str, str]], more: int
+    ) -> None:
+        """A summary table (counts) and the first problems, each with its file and line."""
+        rows = [(k, v) for k, v in rows if v]
+        if problems:
+            for where, reason in problems:
+                self.console.print(f"[yellow]skipped[/] {escape(where)}: {escape(reason)}")
+            if more:
+                self.console.print(f"… and {more} more problems (see `mailer report` or --json).")
+        if self.quiet or not self.is_terminal:
+            self.console.print(f"{title}: " + ", ".join(f"{k} {v}" for k, v in rows))
+            return
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for key, value in rows:
+            table.add_row(key, str(value))
+        self.console.print(table)
+
+
+_STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def print_checks(checks: list[Any], *, console: Console | None = None) -> None:
+    """`mailer check` as a table on stdout (a terminal), or one line per check otherwise."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        for item in checks:
+            console.print(f"{item.status.upper():4} {item.section}/{item.name}: {escape(item.detail)}")
+            if item.fix and item.status != "ok":
+                console.print(f"     fix: {escape(item.fix)}")
+        return
+    table = Table(show_lines=False)
+    table.add_column("check")
+    table.add_column("", no_wrap=True)
+    table.add_column("detail / what to do")
+    for item in checks:
+        style = _STATUS_STYLE.get(item.status, "")
+        detail = escape(item.detail)
+        if item.fix and item.status != "ok":
+            detail += f"\n[dim]→ {escape(item.fix)}[/]"
+        table.add_row(f"{item.section} · {escape(item.name)}", f"[{style}]{item.status}[/]", detail)
+    console.print(table)
+
+
+def print_report(report: Any, *, console: Console | None = None) -> None:
+    """`mailer report` as tables on stdout."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    title = f"campaign {report.campaign}" if report.campaign else "all campaigns"
+    status = Table(title=f"{title}: {report.total} recipients", title_justify="left")
+    status.add_column("status")
+    status.add_column("recipients", justify="right")
+    for name, count in report.by_status.items():
+        status.add_row(name, str(count))
+    console.print(status)
+    if report.by_domain:
+        domains = Table(title="by recipient domain", title_justify="left")
+        domains.add_column("domain")
+        domains.add_column("total", justify="right")
+        domains.add_column("by status")
+        for row in report.by_domain[:25]:
+            domains.add_row(row.domain, str(row.total), ", ".join(f"{k} {v}" for k, v in row.by_status.items()))
+        console.print(domains)
+    if report.by_smtp_code:
+        codes = Table(title="by SMTP reply", title_justify="left")
+        codes.add_column("code")
+        codes.add_column("count", justify="right")
+        codes.add_column("example reply")
+        for row in report.by_smtp_code:
+            codes.add_row(str(row.code), str(row.count), escape(row.example_reply or ""))
+        console.print(codes)
+    if report.unknown_outcome:
+        console.print(
+            f"[yellow]{len(report.unknown_outcome)} recipients have an unknown outcome[/] (status sending: "
+            "the process stopped during their SMTP transaction). They are not resent unless you pass "
+            "--resend-unknown:"
+        )
+        for row in report.unknown_outcome[:50]:
+            console.print(f"  {escape(row.recipient)} ({escape(row.message_id or '')})")

@@ -1,0 +1,1 @@
+"""Composing messages: contacts, templates, the message builder, campaign selection, dry-run writers."""

@@ -1,0 +1,262 @@
+"""The pipeline: contacts -> select -> render -> build (-> sign -> deliver -> log).
+
+Data flows one way. :class:`Campaign` does every check that can fail before anything
+is produced (template syntax, unknown variables, config, CSV header) and then yields
+built messages lazily, so that a consumer (the dry-run writer or the delivery
+engine) pulls them one at a time and memory stays flat. :class:`Summary` is what a
+run did, counted by outcome.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from jinja2 import Environment, StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+
+from ..core.addresses import address_key
+from ..core.config import Config
+from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
+from .contacts import Contact, ContactReader, Rejected, compile_where
+from .message import BuiltMessage, MessageBuilder
+from .seen import SeenAddresses
+from .templates import BUILTIN_VARIABLES, load_template
+
+__all__ = ["PROBLEM_KINDS", "Campaign", "Problem", "Summary", "default_campaign_name"]
+
+PROBLEM_KINDS = ("invalid", "fields", "duplicate", "blank", "error")
+_PROBLEMS_KEPT = 100
+
+
+def default_campaign_name(template: Path) -> str:
+    """The template's file name without its extensions: ``welcome.md.j2`` -> ``welcome``."""
+    return template.name.split(".")[0] or template.name
+
+
+@dataclass(slots=True)
+class Problem:
+    """A row that was not mailed and why (line numbers are the CSV's)."""
+
+    line: int
+    kind: str  # invalid | fields | duplicate | blank | error (attachment, header injection, render)
+    reason: str
+    email: str = ""
+
+
+@dataclass
+class Summary:
+    """What a run did: counts by outcome and the first problems, for humans and JSON."""
+
+    campaign: str
+    dry_run: bool
+    counts: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    contacts: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    interrupted: bool = False
+
+    def add_problem(self, problem: Problem) -> None:
+        self.counts[problem.kind] += 1
+        if len(self.problems) < _PROBLEMS_KEPT:
+            self.problems.append(problem)
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The documented exit code for this outcome."""
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        # An unknown outcome (a run killed mid-transaction) will not change by waiting,
+        # so it is reported with the failures (1), not as "try again later" (75).
+        bad = ("failed", "invalid", "fields", "error", "unknown")
+        if any(self.counts[key] for key in bad):
+            return ExitCode.PARTIAL
+        if self.counts["deferred"]:
+            return ExitCode.TEMPFAIL
+        return ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "campaign": self.campaign,
+            "dry_run": self.dry_run,
+            "contacts": self.contacts,
+            "counts": dict(sorted(self.counts.items())),
+            "problems": [{"line": p.line, "kind": p.kind, "email": p.email, "reason": p.reason} for p in self.problems],
+            "problems_not_listed": max(0, sum(self.counts[k] for k in PROBLEM_KINDS) - len(self.problems)),
+            "elapsed_seconds": round(self.elapsed, 3),
+            "interrupted": self.interrupted,
+            "exit_code": int(self.exit_code),
+        }
+
+
+class Campaign:
+    """One run's inputs, loaded and validated; yields built messages on demand."""
+
+    def __init__(
+        self,
+        *,
+        contacts: str,
+        template: Path,
+        config: Config,
+        name: str | None = None,
+        where: str | None = None,
+        limit: int | None = None,
+        email_column: str | None = None,
+        stdin: IO[bytes] | None = None,
+        spool_stdin: bool = False,
+        clock: Callable[[], float] = time.time,
+        builder: MessageBuilder | None = None,
+    ) -> None:
+        if limit is not None and limit < 0:
+            raise UsageError("--limit must be 0 or more.")
+        self.config = config
+        self.name = name or default_campaign_name(template)
+        if not re.fullmatch(r"[\w.@+-]{1,200}", self.name):
+            raise UsageError(
+                f"campaign name {self.name!r} may hold only letters, digits and . _ - @ +.",
+                hint="Pass --campaign NAME.",
+            )
+        self.limit = limit
+        self.email_column = email_column
+        self.template = load_template(template)
+        self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin, spool_stdin=spool_stdin)
+        self.where = compile_where(where, columns=self.reader.variable_names)
+        available = set(self.reader.variable_names) | set(BUILTIN_VARIABLES)
+        message = config.message
+        env = Environment(undefined=StrictUndefined, autoescape=False)
+        self._unsubscribe_url = None
+        if message.list_unsubscribe:
+            self._unsubscribe_url = self._compile_config_template(
+                env, "message.list_unsubscribe", message.list_unsubscribe, available=available
+            )
+            available.add("unsubscribe_url")
+        self._unsubscribe_mailto = message.list_unsubscribe_mailto
+        self.template.check_variables(available, columns=self.reader.columns)
+        if "from" not in [n.lower() for n in self.template.header_names] and not message.from_:
+            raise TemplateError(
+                "the template has no From: header and the config has no [message] from.",
+                path=str(self.template.path),
+                hint="Add 'From: Name <address>' to the template, or set from = \"...\" under [message] in mailer.toml.",
+            )
+        self.builder = builder or MessageBuilder(
+            default_from=message.from_, default_reply_to=message.reply_to, clock=clock
+        )
+        self.feedback_id = message.feedback_id
+        self.contacts_name = self.reader.display_name
+
+    def _compile_config_template(self, env: Environment, key: str, source: str, *, available: set[str]) -> Any:
+        where = str(self.config.path or "mailer.toml")
+        try:
+            parsed = env.parse(source)
+        except TemplateSyntaxError as exc:
+            raise ConfigError(f"'{key}' is not a valid template: {exc.message}.", key=key, path=where) from None
+        # Checked here, like the template's own variables: at render time an unknown
+        # name would fail every row and log the whole list as invalid.
+        unknown = sorted(meta.find_undeclared_variables(parsed) - available)
+        if unknown:
+            raise ConfigError(
+                f"'{key}' uses {{{{ {unknown[0]} }}}}, which is not defined.",
+                key=key,
+                path=where,
+                hint=f"It can use email, campaign and the contact file's columns: {', '.join(self.reader.columns)}.",
+            )
+        return env.from_string(parsed)
+
+    @property
+    def unsubscribe_configured(self) -> bool:
+        return bool(self._unsubscribe_url or self._unsubscribe_mailto)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def _extra_headers(self, variables: dict[str, Any]) -> list[tuple[str, str]]:
+        headers: list[tuple[str, str]] = []
+        targets = []
+        if self._unsubscribe_mailto:
+            targets.append(f"<mailto:{self._unsubscribe_mailto}?subject=unsubscribe>")
+        if self._unsubscribe_url is not None:
+            targets.append(f"<{variables['unsubscribe_url']}>")
+        if targets:
+            headers.append(("List-Unsubscribe", ", ".join(targets)))
+        if self._unsubscribe_url is not None:
+            # RFC 8058 §3.1: the POST body a receiver sends to the HTTPS URI.
+            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        if self.feedback_id:
+            headers.append(("Feedback-ID", self.feedback_id))
+        return headers
+
+    def messages(
+        self,
+        summary: Summary,
+        *,
+        skip: Callable[[Contact], bool] | None = None,
+        on_problem: Callable[[Problem, Contact | None], None] | None = None,
+    ) -> Iterator[tuple[Contact, BuiltMessage]]:
+        """Yield (contact, message) for every selected contact, recording problems in ``summary``.
+
+        ``skip(contact)`` lets the sender leave out contacts the send log already
+        settled (it counts them itself); ``on_problem`` is told of each bad row.
+        """
+        seen = SeenAddresses()
+
+        def problem(item: Problem, contact: Contact | None = None) -> None:
+            summary.add_problem(item)
+            if on_problem:
+                on_problem(item, contact)
+
+        try:
+            yield from self._selected(summary, seen, skip, problem)
+        finally:
+            seen.close()
+
+    def _selected(
+        self,
+        summary: Summary,
+        seen: SeenAddresses,
+        skip: Callable[[Contact], bool] | None,
+        problem: Callable[..., None],
+    ) -> Iterator[tuple[Contact, BuiltMessage]]:
+        handled = 0
+        where = self.where
+        campaign = self.name
+        counts = summary.counts
+        for item in self.reader:
+            counts["rows"] += 1
+            if isinstance(item, Rejected):
+                problem(Problem(item.line, item.kind, item.reason, item.email))
+                continue
+            variables = item.variables
+            variables["campaign"] = campaign
+            if where is not None and not where(variables):
+                counts["filtered"] += 1
+                continue
+            earlier = seen.add(address_key(item.envelope), item.line)
+            if earlier is not None:
+                problem(Problem(item.line, "duplicate", f"{item.email} already appears on line {earlier}", item.email))
+                continue
+            if self.limit is not None and handled >= self.limit:
+                counts["over_limit"] += 1
+                continue
+            if skip is not None and skip(item):
+                continue
+            try:
+                if self._unsubscribe_url is not None:
+                    variables["unsubscribe_url"] = self._unsubscribe_url.render(variables)
+                rendered = self.template.render(variables)
+                message = self.builder.build(rendered, contact=item, extra_headers=self._extra_headers(variables))
+            except (RowError, TemplateError, UndefinedError) as exc:
+                text = exc.message if isinstance(exc, MailerError) else str(exc)
+                problem(Problem(item.line, "error", text, item.email), item)
+                continue
+            handled += 1
+            yield item, message

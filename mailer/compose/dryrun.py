@@ -1,0 +1,76 @@
+"""The dry run's writers: every built message as an mbox stream, JSON lines or ``.eml`` files.
+
+The messages are exactly what a real send would hand to the relay; nothing here
+touches the network or the send log.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from ..core.errors import UsageError
+from .campaign import Campaign, Summary
+
+__all__ = ["DRY_RUN_FORMATS", "write_dry_run"]
+
+
+DRY_RUN_FORMATS = ("mbox", "jsonl")
+
+
+def _mbox_from_line() -> bytes:
+    return b"From MAILER-DAEMON " + time.asctime(time.gmtime()).encode() + b"\n"
+
+
+_MBOX_ESCAPE = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+def write_dry_run(
+    campaign: Campaign,
+    summary: Summary,
+    *,
+    out: IO[bytes] | None = None,
+    output_dir: Path | None = None,
+    format: str = "mbox",
+    on_message: Callable[[], None] | None = None,
+) -> Summary:
+    """Render every selected message and write it out; nothing touches the network."""
+    if format not in DRY_RUN_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(DRY_RUN_FORMATS)}, not {format!r}.")
+    if output_dir is not None:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the output folder ({exc.strerror}).", path=str(output_dir)) from None
+    for count, (contact, message) in enumerate(campaign.messages(summary), 1):
+        if output_dir is not None:
+            safe = re.sub(r"[^\w.@+-]", "_", contact.email)[:100]
+            (output_dir / f"{count:06d}-{safe}.eml").write_bytes(message.data)
+        elif format == "jsonl":
+            record = {
+                "to": message.to,
+                "recipients": message.recipients,
+                "subject": message.subject,
+                "message_id": message.message_id,
+                "size": len(message.data),
+                "attachments": message.attachments,
+                "line": contact.line,
+            }
+            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        else:
+            # mboxrd: lines starting with ">*From " get one more ">", so readers can undo it.
+            body = message.data.replace(b"\r\n", b"\n")
+            if b"From " in body:
+                body = _MBOX_ESCAPE.sub(rb">\1", body)
+            out.write(_mbox_from_line() + body + b"\n")
+        summary.counts["rendered"] += 1
+        if on_message:
+            on_message()
+    if out is not None:
+        out.flush()
+    summary.finished = time.time()
+    return summary

@@ -1,0 +1,1 @@
+"""What everything else stands on: config, errors and exit codes, addresses, outcomes."""

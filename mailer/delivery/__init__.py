@@ -1,0 +1,1 @@
+"""Delivery: the pool of connections for one destination and its throttle."""

@@ -1,0 +1,1 @@
+"""DKIM signing: the signer, its keys, and the DNS record text."""

@@ -1,0 +1,241 @@
+"""The delivery process: the SMTP pool and its journal in a forked child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..bounces.rules import is_bounce
+from ..core.errors import ExitCode, MailerError, SendLogError
+from ..core.outcomes import Outgoing, Result, Status
+from ..delivery.pool import deliver
+from ..store.sqlite import SendLog
+from .forking import FORK, Batch, become_child, start_child
+from .journal import JournalWriter
+
+__all__ = ["DeliveryProcess"]
+
+
+class _Counters:
+    """Counts shared between the delivery process (writer) and this one (reader)."""
+
+    NAMES = ("sent", "failed", "deferred", "bounced_suppressed")
+
+    def __init__(self, context: Any) -> None:
+        self.values = context.Array("q", len(self.NAMES), lock=False)
+        # Only the child's threads write (+= is a read and a write); the parent reads.
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.values[self.NAMES.index(name)] += amount
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: self.values[index] for index, name in enumerate(self.NAMES)}
+
+
+class DeliveryProcess:
+    """The SMTP pool and its log writes in a child process.
+
+    Rendering and delivery both need the CPU, and Python threads share one core (the
+    GIL): in one process each slows the other down threefold. So this process renders
+    and a forked child delivers; messages cross a pipe in batches (the pipe's buffer is
+    the bounded queue between them). The child records ``sending`` and the outcome in
+    the delivery journal, and applies it to the send log through its own SQLite
+    connection (:mod:`mailer.journal`). It dies with its parent (``PR_SET_PDEATHSIG``),
+    so a killed ``mailer send`` stops sending at once, exactly as a single process
+    would; the log then says ``sending`` for the messages in flight.
+    """
+
+    BATCH = 64  # messages at most per batch
+    BATCH_BYTES = 1024 * 1024  # and about this many bytes
+
+    def __init__(self, config: Any, *, password: str | None, ssl_context: Any, campaign: str, run_id: int) -> None:
+        self.shared = _Counters(FORK)
+        items_reader, self.items = FORK.Pipe(duplex=False)
+        self.events, events_writer = FORK.Pipe(duplex=False)
+        self.process = FORK.Process(
+            target=_delivery_child,
+            args=(
+                items_reader,
+                self.items,
+                events_writer,
+                self.shared,
+                config,
+                password,
+                ssl_context,
+                campaign,
+                run_id,
+            ),
+            name="mailer-delivery",
+            daemon=True,
+        )
+        # Until the child has its own SIGUSR1 handler, a stop request must not kill it.
+        start_child(self.process, ignore=(signal.SIGUSR1,))
+        items_reader.close()
+        events_writer.close()
+
+    def counts(self) -> dict[str, int]:
+        return self.shared.as_dict()
+
+    def stop(self) -> None:
+        """Ask the child to stop handing out messages (in flight ones finish)."""
+        if self.process.pid and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGUSR1)
+
+    def kill(self) -> None:
+        if self.process.pid and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    def feed(self, outgoing: Iterator[Outgoing], *, stopped: Callable[[], bool]) -> dict[str, int]:
+        """Send every message to the child; returns how many were produced but never sent over."""
+        batch: Batch[tuple[Any, ...]] = Batch(count=self.BATCH, size=self.BATCH_BYTES)
+        try:
+            for item in outgoing:
+                wire = (item.key, item.sender, item.recipients, item.data, item.message_id, item.smtputf8)
+                if batch.add(wire, len(item.data)):
+                    self.items.send(batch.take())
+                if stopped():
+                    break
+            if len(batch) and not stopped():
+                self.items.send(batch.take())
+            self.items.send(None)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child ended early (a fatal relay error): wait() reports why
+        return {"unsent": len(batch)}
+
+    def wait(self) -> dict[str, Any]:
+        """The child's final report; raises the child's fatal error in this process."""
+        try:
+            message = self.events.recv()
+        except EOFError:
+            self.process.join()
+            raise SendLogError(
+                f"the delivery process ended unexpectedly (exit code {self.process.exitcode}).",
+                hint="The send log holds every outcome it recorded; see `mailer report`, then re-run to resume.",
+            ) from None
+        kind, payload = message
+        if kind == "error":
+            error = MailerError(payload["message"])
+            error.exit_code = ExitCode(payload["exit_code"])
+            error.debug_traceback = payload["traceback"]
+            raise error
+        return payload
+
+    def close(self) -> None:
+        try:
+            self.items.close()
+        except OSError:
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.kill()
+            self.process.join()
+
+
+class _ChildRecorder:
+    """The delivery listener in the child: the send log (through the journal) and the shared counts.
+
+    ``on_sending`` returns once its ``sending`` line is in the delivery journal, so it
+    is on record before the SMTP transaction starts; the outcome is appended the same
+    way. The send log itself is brought up to date from the journal in batches
+    (:class:`mailer.journal.JournalWriter`), which costs far less than a commit each.
+    """
+
+    thread_safe = True
+
+    def __init__(self, journal: JournalWriter, shared: _Counters) -> None:
+        self.journal = journal
+        self.shared = shared
+
+    def on_sending(self, item: Outgoing, attempt: int) -> None:
+        recipient, line = item.key
+        self.journal.append((recipient, Status.SENDING.value, None, None, item.message_id, line))
+
+    def on_result(self, item: Outgoing, result: Result) -> None:
+        recipient, _ = item.key
+        self.journal.append((recipient, str(result.status), result.smtp_code, result.smtp_reply, item.message_id, None))
+        if result.final:
+            if is_bounce(result.status, result.smtp_code, result.smtp_reply):
+                # The journal's writer suppresses it with the same rule (mailer.journal).
+                self.shared.add("bounced_suppressed")
+            self.shared.add(result.status)
+
+
+def _delivery_child(
+    items: Any,
+    items_writer: Any,
+    events: Any,
+    shared: _Counters,
+    config: Any,
+    password: str | None,
+    ssl_context: Any,
+    campaign: str,
+    run_id: int,
+) -> None:
+    """Body of the delivery process (runs after fork; reports through ``events``)."""
+    # The fork copied the parent's end of the items pipe: without closing it here, a
+    # parent that stops feeding on an error (and closes its end) would never be seen
+    # to, and this process would wait for more messages.
+    items_writer.close()
+    # The parent decides what Ctrl-C means, and tells this process with SIGUSR1.
+    become_child()
+    stop = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())
+    untouched = 0
+    ended = threading.Event()  # the parent's end marker (or end of file) was read
+    left_in_batch = [0]  # items of the batch being unpacked that deliver() has not taken
+
+    def received() -> Iterator[Outgoing]:
+        while True:
+            try:
+                batch = items.recv()
+            except EOFError:
+                stop.set()
+                ended.set()
+                return
+            if batch is None:
+                ended.set()
+                return
+            left_in_batch[0] = len(batch)
+            for key, sender, recipients, data, message_id, smtputf8 in batch:
+                left_in_batch[0] -= 1
+                yield Outgoing(
+                    key=key, sender=sender, recipients=recipients, data=data, message_id=message_id, smtputf8=smtputf8
+                )
+
+    try:
+        with SendLog.open(config.log.path) as log:
+            journal = JournalWriter(log, campaign, run_id)
+            try:
+                stats = deliver(
+                    received(),
+                    smtp=config.smtp,
+                    send=config.send,
+                    password=password,
+                    listener=_ChildRecorder(journal, shared),
+                    stop=stop,
+                    ssl_context=ssl_context,
+                )
+            finally:
+                journal.close()
+        untouched = stats.untouched + left_in_batch[0]
+        # Stopped early: take what the parent still sends, so that it never blocks on a full pipe.
+        while not ended.is_set():
+            try:
+                batch = items.recv()
+            except EOFError:
+                break
+            if batch is None:
+                ended.set()
+                break
+            untouched += len(batch)
+        events.send(("done", {"untouched": untouched, "waiting_retry": stats.waiting_retry}))
+    except BaseException as exc:  # every failure goes to the parent, which reports it
+        import traceback
+
+        code = getattr(exc, "exit_code", ExitCode.TEMPFAIL)
+        events.send(("error", {"message": str(exc), "exit_code": int(code), "traceback": traceback.format_exc()}))

@@ -1,0 +1,249 @@
+"""A real send: plan, confirm, then the campaign's messages through the delivery process.
+
+Order of events for one recipient:
+1. the store says whether it is still to be mailed (resume) and whether it is suppressed;
+2. the message is built (and DKIM-signed, in the signing processes) in this process;
+3. the delivery process appends ``sending`` to the journal just before the SMTP transaction;
+4. and the outcome (``sent`` / ``failed`` / ``deferred``) just after.
+A process killed between 3 and 4 leaves ``sending``: outcome unknown, never resent
+unless the user asks (``--resend-unknown``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..compose.campaign import Campaign, Problem, Summary
+from ..compose.contacts import Contact, ContactReader
+from ..compose.seen import SeenAddresses
+from ..core.addresses import address_key, normalize_address
+from ..core.errors import MailerError, UsageError
+from ..core.outcomes import Outgoing, Status
+from ..smtp.policy import check_relay_settings, tls_verification_warning
+from ..store.sqlite import SendLog
+from .child import DeliveryProcess
+from .interrupts import install_signal_handlers, restore_signal_handlers
+from .journal import recover
+from .resume import SETTLED, Resume
+from .signing import SigningPool, signing_workers
+
+__all__ = ["SendPlan", "plan_send", "run_send", "unsubscribe_warning"]
+
+
+def unsubscribe_warning(job: Campaign) -> str | None:
+    """The warning for bulk mail without one-click unsubscribe, or None."""
+    if job.unsubscribe_configured or job.config.message.kind == "transactional":
+        return None
+    return (
+        "no unsubscribe is configured: Gmail, Yahoo and Outlook.com junk or reject bulk mail without "
+        "one-click unsubscribe. Set [message] list_unsubscribe (an https URL) and/or list_unsubscribe_mailto; "
+        'for transactional mail (receipts, password resets) set [message] kind = "transactional" instead.'
+    )
+
+
+@dataclass
+class SendPlan:
+    """What a send is about to do, for the confirmation prompt."""
+
+    recipients: int
+    settled: int
+    unknown: int
+    suppressed: int
+
+
+def _reread(job: Campaign) -> ContactReader:
+    """A second reader over the campaign's contacts (a file, or stdin's spooled copy)."""
+    return ContactReader(job.reader.rereadable, email_column=job.email_column, display_name=job.reader.display_name)
+
+
+def plan_send(job: Campaign, resume: Resume) -> SendPlan:
+    """Count who would be mailed, without rendering (a second, cheap pass over the CSV)."""
+    plan = SendPlan(0, 0, 0, 0)
+    seen = SeenAddresses()
+    with _reread(job) as reader:
+        for item in reader:
+            if not isinstance(item, Contact):
+                continue
+            item.variables["campaign"] = job.name
+            if job.where is not None and not job.where(item.variables):
+                continue
+            if seen.add(address_key(item.envelope), item.line) is not None:
+                continue
+            reason = resume.settled_by(item)
+            if reason == "already_done":
+                plan.settled += 1
+            elif reason == "unknown":
+                plan.unknown += 1
+            elif reason == "suppressed":
+                plan.suppressed += 1
+            elif job.limit is None or plan.recipients < job.limit:
+                plan.recipients += 1
+    return plan
+
+
+def run_send(
+    job: Campaign,
+    *,
+    reporter: Any,
+    confirm: Callable[[str], bool] | None,
+    resend_unknown: bool = False,
+    signer: Any = None,
+    ssl_context: Any = None,
+) -> Summary:
+    """Send the campaign for real. ``confirm`` (or None: do not ask) sees the plan first."""
+    config = job.config
+    smtp = config.smtp
+    password = smtp.password()
+    if smtp.username and smtp.password_env and password is None:
+        raise UsageError(
+            f"the environment variable {smtp.password_env} (named by [smtp] password_env) is not set.",
+            hint=f"Export it first: read -rs {smtp.password_env} && export {smtp.password_env}.",
+        )
+    if smtp.username and not smtp.password_env:
+        raise UsageError(
+            "[smtp] username is set but password_env is not.",
+            hint='Set password_env = "MAILER_SMTP_PASSWORD" (the variable\'s NAME) and export that variable.',
+        )
+    check_relay_settings(smtp, password)
+    for warning in filter(None, [tls_verification_warning(smtp), unsubscribe_warning(job)]):
+        reporter.warning(warning)
+    for warning in getattr(signer, "warnings", []) or []:
+        reporter.warning(warning)
+
+    if job.reader.rereadable is not None:
+        # Find a broken byte or quote anywhere in the list before the first message goes.
+        with _reread(job) as reader:
+            reader.scan()
+    summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
+    with SendLog.open(config.log.path) as log, log.acquire_lock(job.name) as lock:
+        # What a killed run of this campaign left in its journal goes into the log first.
+        recover(log, job.name, lock)
+        resume = Resume(log, job.name, resend_unknown=resend_unknown)
+        plan = None
+        wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
+        if (confirm is not None or wants_total) and job.reader.rereadable is not None:
+            plan = plan_send(job, resume)
+        if confirm is not None and plan is not None:
+            question = (
+                f"Send campaign {job.name!r} to {plan.recipients} recipients through "
+                f"{smtp.host}:{smtp.effective_port} ({smtp.security})?"
+            )
+            notes = []
+            if plan.settled:
+                notes.append(f"{plan.settled} already settled in earlier runs")
+            if plan.unknown:
+                notes.append(f"{plan.unknown} with an unknown outcome are left out (--resend-unknown)")
+            if plan.suppressed:
+                notes.append(f"{plan.suppressed} suppressed")
+            if notes:
+                question += f" ({'; '.join(notes)})"
+            if not confirm(question):
+                raise UsageError("not confirmed; nothing was sent.")
+        summary.started = time.time()  # the run's time, not the time spent at the prompt
+        run_id = log.start_run(job.name, template=str(job.template.path), contacts=job.contacts_name)
+        counts = summary.counts
+        # Fork before the progress display starts its thread: a child must not inherit
+        # a lock (stderr's, say) that a thread of ours held at that instant.
+        delivery = DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name, run_id=run_id)
+        # DKIM signing costs several times what rendering does: on a machine with more
+        # than one core, worker processes sign while this one renders.
+        workers = signing_workers() if signer is not None else 0
+        signing = SigningPool(signer, workers) if workers else None
+        reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
+        interrupted = install_signal_handlers(delivery, reporter)
+        progress = _ProgressThread(delivery, reporter)
+        try:
+            outgoing = _outgoing(job, log, summary, signer=None if signing else signer, resume=resume)
+            stream = signing.signed(outgoing) if signing else outgoing
+            try:
+                produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
+            finally:
+                stream.close()  # a stop leaves it unfinished: count what it still held
+            result = delivery.wait()
+        finally:
+            progress.stop()
+            restore_signal_handlers(interrupted)
+            if signing is not None:
+                signing.close()  # first: its processes hold copies of the pipe to the delivery process
+            delivery.close()
+            try:
+                # A delivery process that died (killed by the system, say) left its last
+                # events in the journal: put them in the log now, not at the next run.
+                recover(log, job.name, lock)
+            except MailerError as exc:  # the next send or report tries again
+                reporter.warning(f"the delivery journal could not be applied yet: {exc}")
+            for key, value in delivery.counts().items():
+                counts[key] += value
+            reporter.update_progress(
+                counts["sent"] + counts["failed"] + counts["deferred"],
+                {k: counts[k] for k in ("sent", "failed", "deferred")},
+            )
+            reporter.stop_progress()
+            summary.finished = time.time()
+            summary.interrupted = interrupted["signal"] is not None
+            log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
+        counts["not_attempted"] += result["untouched"] + produced["unsent"] + (signing.dropped if signing else 0)
+        counts["deferred"] += result["waiting_retry"]
+    return summary
+
+
+class _ProgressThread:
+    """Redraws progress from the shared counters, also while the renderer waits on the pipe."""
+
+    def __init__(self, delivery: DeliveryProcess, reporter: Any) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(delivery, reporter), daemon=True)
+        self._thread.start()
+
+    def _run(self, delivery: DeliveryProcess, reporter: Any) -> None:
+        while not self._done.wait(0.25):
+            counts = delivery.counts()
+            reporter.update_progress(
+                counts["sent"] + counts["failed"] + counts["deferred"],
+                {k: counts[k] for k in ("sent", "failed", "deferred")},
+            )
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, resume: Resume) -> Iterator[Outgoing]:
+    campaign = job.name
+    counts = summary.counts
+
+    def skip(contact: Contact) -> bool:
+        reason = resume.settled_by(contact)
+        if reason is None:
+            return False
+        counts[reason] += 1
+        if reason == "suppressed":
+            recipient = normalize_address(contact.envelope)
+            log.record_skipped(
+                campaign, recipient, status="suppressed", reason="on the suppression list", line=contact.line
+            )
+        return True
+
+    def on_problem(problem: Problem, contact: Contact | None) -> None:
+        if problem.kind in ("duplicate", "blank"):
+            return  # the address has its own row; a blank row has no recipient
+        recipient = normalize_address(contact.envelope) if contact else (problem.email or f"line {problem.line}")
+        status = log.status_of(campaign, recipient)
+        if status in SETTLED or status == Status.SENDING:
+            return  # never overwrite what happened to a real message
+        log.record_skipped(campaign, recipient, status="invalid", reason=problem.reason, line=problem.line)
+
+    for contact, message in job.messages(summary, skip=skip, on_problem=on_problem):
+        data = signer.sign(message.data) if signer is not None else message.data
+        yield Outgoing(
+            key=(normalize_address(contact.envelope), contact.line),
+            sender=message.sender,
+            recipients=message.recipients,
+            data=data,
+            message_id=message.message_id,
+            smtputf8=message.smtputf8,
+        )

@@ -1,0 +1,153 @@
+"""DKIM signing in worker processes, so that a signed send uses every core.
+
+An RSA-2048 DKIM signature costs several times what rendering a message does, and a
+Python process signs on one core at a time (the canonicalization holds the
+interpreter lock). :class:`SigningPool` forks worker processes that inherit the
+loaded key, hands them batches of messages round-robin, and gives the signed
+messages back in the order they came, with a bounded number of batches in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from ..core.errors import DKIMError
+from ..core.outcomes import Outgoing
+from .forking import FORK, Batch, become_child
+
+__all__ = ["BATCH", "BATCH_BYTES", "IN_FLIGHT_PER_WORKER", "SigningPool", "signing_workers"]
+
+BATCH = 16  # messages at most in one batch
+BATCH_BYTES = 256 * 1024  # and about this many bytes (messages with attachments are large)
+IN_FLIGHT_PER_WORKER = 2
+
+
+def _worker(signer: Any, conn: Any) -> None:
+    """Sign each batch received; ``None`` ends. Runs in a forked process."""
+    become_child()
+    while True:
+        try:
+            batch = conn.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        try:
+            conn.send(("ok", [signer.sign(data) for data in batch]))
+        except DKIMError as exc:
+            conn.send(("error", exc.message))
+
+
+def _receive(connection: Any, results: queue.SimpleQueue) -> None:
+    """Move one worker's results into ``results`` as they arrive, until it ends."""
+    while True:
+        try:
+            results.put(connection.recv())
+        except (EOFError, OSError):
+            results.put(("ended", None))
+            return
+
+
+class SigningPool:
+    """``workers`` signing processes. Create it before any thread of the caller starts.
+
+    One thread per worker receives its results as they come: a worker is never left
+    blocked sending back a large result while the caller is blocked sending it the
+    next batch, whatever the size of the messages.
+    """
+
+    def __init__(self, signer: Any, workers: int) -> None:
+        self._connections = []
+        self._processes = []
+        for _ in range(workers):
+            mine, theirs = FORK.Pipe()
+            process = FORK.Process(target=_worker, args=(signer, theirs), name="mailer-dkim", daemon=True)
+            process.start()
+            theirs.close()
+            self._connections.append(mine)
+            self._processes.append(process)
+        # Threads only now: the workers are forked from a process with a single thread.
+        self._results: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self._receivers = [
+            threading.Thread(target=_receive, args=(connection, results), name="mailer-dkim-results", daemon=True)
+            for connection, results in zip(self._connections, self._results)
+        ]
+        for receiver in self._receivers:
+            receiver.start()
+        self.dropped = 0  # messages taken in but never given back (the consumer stopped)
+
+    def signed(self, items: Iterator[Outgoing]) -> Iterator[Outgoing]:
+        """``items`` with their data DKIM-signed, in the same order."""
+        in_flight: deque[tuple[int, list[Outgoing]]] = deque()
+        ready: deque[Outgoing] = deque()
+        limit = len(self._connections) * IN_FLIGHT_PER_WORKER
+        turn = 0
+        batch: Batch[Outgoing] = Batch(count=BATCH, size=BATCH_BYTES)
+        try:
+            exhausted = False
+            while not exhausted or len(batch) or in_flight:
+                full = False
+                if not exhausted:
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        full = batch.add(item, len(item.data))
+                if len(batch) and (full or exhausted):
+                    if len(in_flight) >= limit:
+                        ready.extend(self._collect(in_flight))
+                    worker = turn % len(self._connections)
+                    turn += 1
+                    taken = batch.take()
+                    self._connections[worker].send([message.data for message in taken])
+                    in_flight.append((worker, taken))
+                elif exhausted and in_flight:
+                    ready.extend(self._collect(in_flight))
+                while ready:
+                    yield ready.popleft()
+        finally:
+            # Stopped early (Ctrl-C): what was taken in and not given back.
+            self.dropped += len(batch) + len(ready) + sum(len(taken) for _, taken in in_flight)
+
+    def _collect(self, in_flight: deque) -> list[Outgoing]:
+        """The oldest batch in flight, signed."""
+        worker, items = in_flight[0]
+        kind, payload = self._results[worker].get()
+        if kind == "ended":
+            raise DKIMError("a DKIM signing process ended unexpectedly; nothing it held was sent.")
+        if kind == "error":
+            raise DKIMError(payload)
+        in_flight.popleft()
+        return [replace(item, data=data) for item, data in zip(items, payload)]
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        for connection in self._connections:
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+        for process in self._processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for receiver in self._receivers:
+            receiver.join(timeout=5)  # each saw its worker's end of the pipe
+        for connection in self._connections:
+            connection.close()
+        self._connections = []
+        self._processes = []
+        self._receivers = []
+
+
+def signing_workers() -> int:
+    """How many DKIM signing processes: one per core, none on a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if cores > 1 else 0

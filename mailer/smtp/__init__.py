@@ -1,0 +1,1 @@
+"""The SMTP client: session setup, the transaction, reply classification, the relay probe."""

@@ -1,0 +1,229 @@
+"""Opening an SMTP session: connect, EHLO, STARTTLS or implicit TLS, AUTH.
+
+The password is used only for AUTH. It never appears in an exception message or a
+probe step: texts that come back from the relay during login are scrubbed, and
+smtplib's debug output (which prints the AUTH exchange) is never enabled.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable
+
+from ..core.config import SMTPConfig
+from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
+from .policy import make_ssl_context, setup_error
+from .replies import classify_exception, reply_text
+
+__all__ = ["Setup"]
+
+
+@functools.lru_cache(maxsize=1)
+def _local_hostname() -> str:
+    # smtplib would do this (a reverse DNS lookup) on every connection. RFC 5321 wants
+    # a fully qualified name in EHLO, or else an address literal.
+    fqdn = socket.getfqdn()
+    if "." in fqdn:
+        return fqdn
+    try:
+        return f"[{socket.gethostbyname(socket.gethostname())}]"
+    except OSError:
+        return "[127.0.0.1]"
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "********")
+    return text
+
+
+def _secret_forms(username: str | None, password: str | None) -> tuple[str, ...]:
+    """The password and the encodings of it that AUTH puts on the wire."""
+    if not password:
+        return ()
+    forms = [password, base64.b64encode(password.encode()).decode()]
+    if username:
+        forms.append(base64.b64encode(f"\0{username}\0{password}".encode()).decode())
+    return tuple(forms)
+
+
+class Setup:
+    """Everything needed to open a connection, computed once per run."""
+
+    def __init__(self, smtp: SMTPConfig, password: str | None, ssl_context: ssl.SSLContext | None) -> None:
+        self.smtp = smtp
+        self.host = smtp.host
+        self.port = smtp.effective_port
+        self.where = f"{smtp.host}:{self.port}"
+        self.password = password
+        self.secrets = _secret_forms(smtp.username, password)
+        self.helo = smtp.helo or _local_hostname()
+        self.context = None
+        if smtp.security != "none":
+            self.context = ssl_context if ssl_context is not None else make_ssl_context(smtp)
+
+    def tls_error(self, exc: ssl.SSLError) -> ConnectionSetupError:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = exc.verify_message or exc.reason or str(exc)
+            return setup_error(
+                f"the TLS certificate of {self.where} could not be verified: {reason}.",
+                "Fix the relay's certificate (or the host name in [smtp] host, which must match it); "
+                "set [smtp] tls_verify = false only for a relay on a trusted network.",
+            )
+        hint = (
+            'Port 465 usually wants security = "tls" and port 587 security = "starttls".'
+            if self.smtp.security in ("tls", "starttls")
+            else None
+        )
+        return setup_error(f"TLS with {self.where} failed: {exc.reason or exc}.", hint)
+
+    def open(self, step: Callable[[str, bool, str], None] | None = None) -> smtplib.SMTP:
+        """Connect, EHLO, (STARTTLS, EHLO), AUTH. Returns the ready client.
+
+        Raises TemporaryDeliveryError for what may pass (refused, timeout, 4xx) and
+        ConnectionSetupError (USAGE) for what will not (TLS, login, missing STARTTLS).
+        ``step`` is called as each step ends, for :func:`probe_relay`.
+        """
+        note = step or (lambda name, ok, detail: None)
+        smtp = self.smtp
+        try:
+            if smtp.security == "tls":
+                client = smtplib.SMTP_SSL(local_hostname=self.helo, timeout=smtp.timeout, context=self.context)
+            else:
+                client = smtplib.SMTP(local_hostname=self.helo, timeout=smtp.timeout)
+            # smtplib takes the TLS server name (for certificate checks) from the host
+            # given to the constructor, which would also connect before we can catch
+            # a TLS error apart from a refused connection; so set it here.
+            client._host = self.host
+            code, greeting = client.connect(self.host, self.port)
+        except ssl.SSLError as exc:
+            note("connect", True, f"connected to {self.where}")
+            note("tls", False, self.tls_error(exc).message)
+            raise self.tls_error(exc) from None
+        except OSError as exc:
+            error = classify_exception(exc)
+            error.message = f"cannot connect to {self.where}: {error.message}"
+            note("connect", False, error.message)
+            raise error from None
+        try:
+            return self._greet(client, code, greeting, note)
+        except BaseException:
+            client.close()
+            raise
+
+    def _greet(self, client: smtplib.SMTP, code: int, greeting: bytes, note) -> smtplib.SMTP:
+        smtp = self.smtp
+        text = _scrub(reply_text(greeting), self.secrets)
+        if code != 220:
+            note("connect", False, f"{self.where} refused the session: {code} {text}")
+            if 500 <= code < 600:
+                raise setup_error(f"{self.where} refused the session: {code} {text}.")
+            raise TemporaryDeliveryError(f"{self.where} refused the session: {code} {text}", smtp_code=code)
+        if smtp.security == "tls":
+            version = client.sock.version() if isinstance(client.sock, ssl.SSLSocket) else None
+            note("connect", True, f"connected to {self.where} with TLS ({version}): {code} {text}")
+        else:
+            note("connect", True, f"connected to {self.where}: {code} {text}")
+        try:
+            self._ehlo(client, note)
+            if smtp.security == "starttls":
+                if not client.has_extn("starttls"):
+                    message = f"{self.where} does not offer STARTTLS."
+                    note("starttls", False, message)
+                    raise setup_error(
+                        message,
+                        'If it speaks TLS from the start (port 465), use security = "tls"; '
+                        'use "none" only for a relay on this machine.',
+                    )
+                try:
+                    client.starttls(context=self.context)
+                except ssl.SSLError as exc:
+                    note("starttls", False, self.tls_error(exc).message)
+                    raise self.tls_error(exc) from None
+                except smtplib.SMTPResponseException as exc:
+                    reply = _scrub(reply_text(exc.smtp_error), self.secrets)
+                    note("starttls", False, f"STARTTLS refused: {exc.smtp_code} {reply}")
+                    if 400 <= exc.smtp_code < 500:
+                        raise TemporaryDeliveryError(
+                            f"STARTTLS refused by {self.where}: {exc.smtp_code} {reply}", smtp_code=exc.smtp_code
+                        ) from None
+                    raise setup_error(f"{self.where} refused STARTTLS: {exc.smtp_code} {reply}.") from None
+                note(
+                    "starttls",
+                    True,
+                    f"TLS {client.sock.version()}, certificate "
+                    + ("verified" if self.context.verify_mode != ssl.CERT_NONE else "NOT verified"),
+                )
+                self._ehlo(client, note)
+            if smtp.username:
+                self._login(client, note)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                raise self.tls_error(exc) from None
+            error = classify_exception(exc)
+            error.message = f"{self.where}: {error.message} during connection setup"
+            note("setup", False, error.message)
+            raise error from None
+        return client
+
+    def _ehlo(self, client: smtplib.SMTP, note) -> None:
+        code, reply = client.ehlo()
+        if code == 250:
+            note("ehlo", True, "extensions: " + (", ".join(sorted(k.upper() for k in client.esmtp_features)) or "none"))
+            return
+        text = _scrub(reply_text(reply), self.secrets)
+        if self.smtp.security == "starttls" or self.smtp.username or code == 421 or code < 0:
+            # Without ESMTP there is no STARTTLS and no AUTH; 421 means "go away".
+            note("ehlo", False, f"EHLO refused: {code} {text}")
+            if 400 <= code < 500 or code < 0:
+                raise TemporaryDeliveryError(f"{self.where} refused EHLO: {code} {text}", smtp_code=code)
+            raise setup_error(f"{self.where} refused EHLO: {code} {text}.")
+        code, reply = client.helo()
+        text = _scrub(reply_text(reply), self.secrets)
+        if code != 250:
+            note("helo", False, f"HELO refused: {code} {text}")
+            if 500 <= code < 600:
+                raise setup_error(f"{self.where} refused HELO: {code} {text}.")
+            raise TemporaryDeliveryError(f"{self.where} refused HELO: {code} {text}", smtp_code=code)
+        note("helo", True, "the relay speaks plain SMTP (no extensions)")
+
+    def _login(self, client: smtplib.SMTP, note) -> None:
+        smtp = self.smtp
+        try:
+            client.login(smtp.username, self.password)
+        except smtplib.SMTPAuthenticationError as exc:
+            reply = _scrub(reply_text(exc.smtp_error), self.secrets)
+            note("auth", False, f"login as {smtp.username!r} rejected: {exc.smtp_code} {reply}")
+            if 400 <= exc.smtp_code < 500:
+                raise TemporaryDeliveryError(
+                    f"{self.where} could not log in now: {exc.smtp_code} {reply}", smtp_code=exc.smtp_code
+                ) from None
+            where = f"${smtp.password_env}" if smtp.password_env else "the password"
+            raise setup_error(
+                f"{self.where} rejected the login as {smtp.username!r}: {exc.smtp_code} {reply}.",
+                f"Check [smtp] username and {where}.",
+            ) from None
+        except smtplib.SMTPNotSupportedError:
+            note("auth", False, "the relay does not offer AUTH on this connection")
+            raise setup_error(
+                f"{self.where} does not offer AUTH (login) on this connection.",
+                "Remove [smtp] username if the relay needs no login; some relays offer AUTH only after STARTTLS.",
+            ) from None
+        except smtplib.SMTPServerDisconnected:
+            raise
+        except smtplib.SMTPException:
+            offered = client.esmtp_features.get("auth", "").strip() or "none"
+            note("auth", False, f"no usable AUTH mechanism (offered: {offered})")
+            raise setup_error(
+                f"{self.where} offers no AUTH mechanism mailer can use (offered: {offered}; "
+                "supported: PLAIN, LOGIN, CRAM-MD5)."
+            ) from None
+        finally:
+            # smtplib keeps the credentials on the object; drop them once used.
+            client.user = client.password = None
+        note("auth", True, f"logged in as {smtp.username!r}")

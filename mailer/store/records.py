@@ -1,0 +1,153 @@
+"""The records the store hands out: delivery rows, reports, runs, suppressions."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from ..core.outcomes import STATUS_BY_VALUE, Status
+
+__all__ = [
+    "DELIVERY_COLUMNS",
+    "FAILED_CSV_HEADER",
+    "SUPPRESSION_SOURCES",
+    "CampaignSummary",
+    "Delivery",
+    "DomainCount",
+    "ImportResult",
+    "InvalidEntry",
+    "ReplyCount",
+    "Report",
+    "Run",
+    "Suppression",
+    "delivery_from_row",
+    "utc_now",
+]
+
+SUPPRESSION_SOURCES = ("manual", "import", "bounce")
+FAILED_CSV_HEADER = ("email", "status", "smtp_code", "smtp_reply")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One (campaign, recipient) row of the send log."""
+
+    campaign: str
+    recipient: str
+    status: Status
+    attempts: int
+    smtp_code: int | None
+    smtp_reply: str | None
+    message_id: str | None
+    line: int | None
+    reason: str | None
+    first_at: str
+    updated_at: str
+
+
+DELIVERY_COLUMNS = (
+    "campaign, recipient, status, attempts, smtp_code, smtp_reply, message_id, line, reason, first_at, updated_at"
+)
+
+
+def delivery_from_row(row: tuple) -> Delivery:
+    values = list(row)
+    values[2] = STATUS_BY_VALUE[values[2]]
+    return Delivery(*values)
+
+
+@dataclass(frozen=True)
+class DomainCount:
+    """How many recipients of one domain ended in each status."""
+
+    domain: str
+    total: int
+    by_status: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ReplyCount:
+    """How many recipients got one SMTP reply code last, with one example reply text."""
+
+    code: int
+    count: int
+    example_reply: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What happened in one campaign (or in all of them when ``campaign`` is None)."""
+
+    campaign: str | None
+    total: int
+    by_status: dict[str, int]
+    by_domain: list[DomainCount]
+    by_smtp_code: list[ReplyCount]
+    unknown_outcome: list[Delivery] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable form, with a ``version`` for consumers of ``--json``."""
+        data = dataclasses.asdict(self)
+        for row in data["unknown_outcome"]:
+            row["status"] = str(row["status"])
+        return {"version": 1, **data}
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    """A campaign known to the send log, with its row count and last activity (UTC ISO)."""
+
+    name: str
+    recipients: int
+    last_activity: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``mailer send`` run, as recorded by :meth:`SendLog.start_run`."""
+
+    id: int
+    campaign: str
+    template: str | None
+    contacts: str | None
+    pid: int
+    host: str
+    started_at: str
+    finished_at: str | None
+    interrupted: bool | None
+    counts: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """An address that is never mailed again."""
+
+    address: str
+    reason: str | None
+    source: str
+    added_at: str
+
+
+class InvalidEntry(NamedTuple):
+    """A line of an imported suppression file that holds no valid address."""
+
+    line: int
+    value: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """The outcome of :meth:`SendLog.import_suppressions`."""
+
+    added: int
+    already_present: int
+    invalid: list[InvalidEntry]

@@ -1,0 +1,688 @@
+"""The send log in SQLite: what happened to whom, so that a re-run can resume.
+
+One row per (campaign, recipient) holds the status, the number of attempts, the last
+SMTP reply, the Message-ID and the times. The same database keeps the run history
+and the suppression list (WAL journal, ``synchronous=NORMAL``: a killed process
+loses nothing it already committed).
+
+A :class:`SendLog` holds one connection shared by threads behind a lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TextIO
+
+from ..core.addresses import address_problem, domain_of, idna_twin, normalize_address
+from ..core.errors import ContactsError, SendLogError, UsageError
+from ..core.outcomes import RESULT_STATUSES, SKIPPED_STATUSES, STATUS_BY_VALUE, Status
+from .imports import parse_address_file
+from .locks import CampaignLock, campaign_lock_path
+from .migrations import migrate
+from .records import (
+    DELIVERY_COLUMNS,
+    FAILED_CSV_HEADER,
+    SUPPRESSION_SOURCES,
+    CampaignSummary,
+    Delivery,
+    DomainCount,
+    ImportResult,
+    InvalidEntry,
+    ReplyCount,
+    Report,
+    Run,
+    Suppression,
+    delivery_from_row,
+    utc_now,
+)
+
+__all__ = ["SendLog"]
+
+
+# One statement for both kinds of delivery event, so that a batch of them runs in order
+# through one executemany. "sending" counts an attempt and keeps the last reply; an
+# outcome records the reply and keeps the attempts.
+_EVENT_SQL = """
+    INSERT INTO deliveries (campaign, recipient, domain, status, attempts, smtp_code, smtp_reply,
+                            message_id, line, first_at, updated_at)
+    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (campaign, recipient) DO UPDATE SET
+        status = excluded.status,
+        attempts = attempts + (excluded.status = 'sending'),
+        smtp_code = CASE WHEN excluded.status = 'sending' THEN smtp_code ELSE excluded.smtp_code END,
+        smtp_reply = CASE WHEN excluded.status = 'sending' THEN smtp_reply ELSE excluded.smtp_reply END,
+        message_id = coalesce(excluded.message_id, message_id),
+        line = coalesce(excluded.line, line),
+        reason = CASE WHEN excluded.status = 'sending' THEN NULL ELSE reason END,
+        updated_at = excluded.updated_at
+"""
+_SUPPRESSION_SQL = (
+    "INSERT INTO suppressions (address, reason, source, added_at) VALUES (?, ?, ?, ?) ON CONFLICT (address) DO NOTHING"
+)
+
+
+# --- errors -------------------------------------------------------------------------
+
+# Primary SQLite result codes (the low byte of an extended code).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+
+
+def _explain(exc: sqlite3.Error, path: Path) -> SendLogError:
+    """Turn a SQLite error into a SendLogError that says what to do."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    detail = str(exc)
+    where = str(path)
+    if code == _SQLITE_NOTADB:
+        return SendLogError(
+            f"this file is not a SQLite database ({detail}), so it cannot be a send log.",
+            path=where,
+            hint="Point [log] path in mailer.toml at another file, or move this one away; "
+            "mailer creates a new send log when there is none.",
+        )
+    if code == _SQLITE_CORRUPT:
+        return SendLogError(
+            f"the send log is damaged ({detail}).",
+            path=where,
+            hint=f"Try `sqlite3 {where} .recover | sqlite3 recovered.sqlite3` and point [log] path at the new "
+            "file; moving this one away starts a fresh log that no longer knows who was already mailed.",
+        )
+    if code in (_SQLITE_CANTOPEN, _SQLITE_PERM, _SQLITE_READONLY):
+        return SendLogError(
+            f"cannot open the send log for writing ({detail}).",
+            path=where,
+            hint="Check that the file and its folder exist and are writable by this user; "
+            f"SQLite also writes {where}-wal and {where}-shm beside it.",
+        )
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return SendLogError(
+            f"the send log stayed locked by another process ({detail}).",
+            path=where,
+            hint="Wait for the other mailer or sqlite3 session to finish and try again.",
+        )
+    if code == _SQLITE_FULL:
+        return SendLogError(
+            f"cannot write the send log: {detail}.", path=where, hint="Free some disk space and run again."
+        )
+    if code == _SQLITE_IOERR:
+        return SendLogError(
+            f"I/O error on the send log ({detail}).", path=where, hint="Check the disk and the file system."
+        )
+    return SendLogError(f"send log error: {detail}.", path=where)
+
+
+class _Guarded:
+    """Holds the connection lock and turns SQLite errors into SendLogError."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: SendLog) -> None:
+        self._log = log
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._log._lock.acquire()
+        conn = self._log._conn
+        if conn is None:
+            self._log._lock.release()
+            raise SendLogError("the send log is closed.", path=str(self._log.path))
+        return conn
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._log._lock.release()
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.ProgrammingError):
+            raise _explain(exc, self._log.path) from exc
+
+
+# --- the send log -------------------------------------------------------------------
+
+
+class SendLog:
+    """The SQLite send log, run history and suppression list of one ``[log] path``.
+
+    Open it with :meth:`SendLog.open`; it is a context manager. Every method is
+    thread-safe and every write is committed before it returns.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._point_cursor: sqlite3.Cursor | None = conn.cursor()
+        self._lock = threading.Lock()
+        self._guard = _Guarded(self)
+        self._now_second = -1
+        self._now_prefix = ""
+        self._clock = clock
+
+    # --- opening, closing, migrating ---
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True, clock: Callable[[], datetime] = utc_now) -> SendLog:
+        """Open (and create or migrate) the send log at ``path``.
+
+        With ``create=False`` a missing file is an error (for ``mailer report``).
+        ``clock`` returns the current time as an aware datetime (tests pass a fake).
+        Raises :class:`SendLogError` when the file cannot be used.
+        """
+        path = Path(path)
+        if not path.exists():
+            if not create:
+                raise SendLogError(
+                    "there is no send log here yet.",
+                    path=str(path),
+                    hint="It is created by the first `mailer send`; check [log] path in mailer.toml or --config.",
+                )
+            if not path.parent.is_dir():
+                raise SendLogError(
+                    f"the folder {str(path.parent)!r} of the send log does not exist.",
+                    path=str(path),
+                    hint="Create it, or change [log] path in mailer.toml.",
+                )
+        if path.is_dir():
+            raise SendLogError(
+                "this is a folder, not a send log file.",
+                path=str(path),
+                hint="Set [log] path in mailer.toml to a file name, for example mailer.sqlite3.",
+            )
+        try:
+            conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _explain(exc, path) from None
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            # In WAL mode NORMAL keeps every commit across a process crash; only a power
+            # loss can drop the last few, and it never corrupts the file.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn, path)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _explain(exc, path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, clock=clock)
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._point_cursor = None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> SendLog:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        with self._guard as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _fetch_one(self, sql: str, params: tuple) -> tuple | None:
+        """One row of a point query, on the hot path of every contact.
+
+        Same guarantees as ``_guard``, written out and on a reused cursor: at 100k calls
+        per run the context-manager and cursor creation overhead is a third of the cost.
+        """
+        self._lock.acquire()
+        try:
+            cursor = self._point_cursor
+            if cursor is None:
+                raise SendLogError("the send log is closed.", path=str(self.path))
+            return cursor.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.ProgrammingError):
+                raise
+            raise _explain(exc, self.path) from exc
+        finally:
+            self._lock.release()
+
+    def _now(self) -> str:
+        if self._clock is not utc_now:  # a test's clock
+            return self._clock().astimezone(UTC).isoformat(timespec="milliseconds")
+        # Called twice per message on the delivery path: format the date and time once
+        # per second and append the milliseconds (datetime costs ~10 µs a call here).
+        now = time.time()
+        second = int(now)
+        if second != self._now_second:
+            self._now_second = second
+            self._now_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._now_prefix}.{int((now - second) * 1000):03d}+00:00"
+
+    # --- deliveries ---
+
+    def status_of(self, campaign: str, recipient: str) -> Status | None:
+        """The logged status of ``recipient`` in ``campaign``, or None if never logged."""
+        row = self._fetch_one(
+            "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
+            (campaign, normalize_address(recipient)),
+        )
+        return None if row is None else STATUS_BY_VALUE[row[0]]
+
+    def get_delivery(self, campaign: str, recipient: str) -> Delivery | None:
+        """The whole logged row of ``recipient`` in ``campaign``, or None."""
+        key = normalize_address(recipient)
+        with self._guard as conn:
+            row = conn.execute(
+                f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE campaign = ? AND recipient = ?", (campaign, key)
+            ).fetchone()
+        return None if row is None else delivery_from_row(row)
+
+    def mark_sending(self, campaign: str, recipient: str, *, message_id: str, line: int | None = None) -> None:
+        """Record that a message is about to be handed to the server (one more attempt).
+
+        Call it just before the SMTP transaction: if the process dies before
+        :meth:`record_result`, the row stays ``sending`` (outcome unknown).
+        """
+        self.record_events(campaign, [(recipient, Status.SENDING, None, None, message_id, line)])
+
+    def record_result(
+        self,
+        campaign: str,
+        recipient: str,
+        *,
+        status: str,
+        smtp_code: int | None,
+        smtp_reply: str | None,
+        message_id: str | None = None,
+    ) -> None:
+        """Record the outcome of an SMTP transaction: ``sent``, ``failed`` or ``deferred``.
+
+        ``smtp_code`` may be None when there was no reply (dropped connection, timeout);
+        then ``smtp_reply`` should say what happened.
+        """
+        if status not in RESULT_STATUSES:
+            raise ValueError(f"record_result() takes sent, failed or deferred, not {status!r}")
+        self.record_events(campaign, [(recipient, status, smtp_code, smtp_reply, message_id, None)])
+
+    def record_events(
+        self,
+        campaign: str,
+        events: Iterable[tuple],
+        *,
+        journal: tuple[int, int] | None = None,
+        bounces: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Apply delivery events in order, in ONE transaction (one commit for them all).
+
+        Each event is ``(recipient, status, smtp_code, smtp_reply, message_id, line)``:
+        status ``sending`` is :meth:`mark_sending` (one more attempt; the last reply is
+        kept), ``sent`` / ``failed`` / ``deferred`` is :meth:`record_result`. The
+        delivery process groups the events of several workers this way: a commit each
+        would cost more than the SMTP transaction itself.
+
+        ``journal=(run_id, offset)`` records, in the same transaction, that the run's
+        journal is applied up to ``offset`` (:mod:`mailer.journal`); ``bounces`` are
+        ``(address, reason)`` pairs for the suppression list (source ``bounce``).
+        """
+        now = self._now()
+        rows = []
+        for recipient, status, smtp_code, smtp_reply, message_id, line in events:
+            if status != Status.SENDING and status not in RESULT_STATUSES:
+                raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
+            key = normalize_address(recipient)
+            rows.append((campaign, key, domain_of(key), str(status), smtp_code, smtp_reply, message_id, line, now, now))
+        bounces = [(normalize_address(address), reason, "bounce", now) for address, reason in bounces]
+        if not rows and journal is None:
+            return
+        with self._guard as conn:
+            if len(rows) == 1 and journal is None and not bounces:
+                conn.execute(_EVENT_SQL, rows[0])
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_EVENT_SQL, rows)
+                if bounces:
+                    conn.executemany(_SUPPRESSION_SQL, bounces)
+                if journal is not None:
+                    conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (journal[1], journal[0]))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def journal_applied(self, run_id: int) -> int | None:
+        """How far the run's delivery journal is applied (None: not at all yet)."""
+        row = self._fetch_one("SELECT journal_applied FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise ValueError(f"no run with id {run_id} in {self.path}")
+        return row[0]
+
+    def set_journal_applied(self, run_id: int, offset: int) -> None:
+        with self._guard as conn:
+            conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (offset, run_id))
+
+    def record_skipped(self, campaign: str, recipient: str, *, status: str, reason: str, line: int | None) -> None:
+        """Record a contact that is not mailed: ``invalid`` (bad row) or ``suppressed``.
+
+        ``recipient`` may be any string (the raw value of a bad address); an empty one
+        is logged as ``"line N"``.
+        """
+        if status not in SKIPPED_STATUSES:
+            raise ValueError(f"record_skipped() takes invalid or suppressed, not {status!r}")
+        key = normalize_address(recipient)
+        if not key:
+            key = f"line {line}" if line is not None else "(empty)"
+        now = self._now()
+        with self._guard as conn:
+            conn.execute(
+                """
+                INSERT INTO deliveries (campaign, recipient, domain, status, line, reason, first_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (campaign, recipient) DO UPDATE SET
+                    status = excluded.status,
+                    line = coalesce(excluded.line, line),
+                    reason = excluded.reason,
+                    updated_at = excluded.updated_at
+                """,
+                (campaign, key, domain_of(key), str(status), line, reason, now, now),
+            )
+
+    def counts(self, campaign: str) -> dict[str, int]:
+        """The number of recipients of ``campaign`` in each status (every status, zeros included)."""
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT status, count(*) FROM deliveries WHERE campaign = ? GROUP BY status", (campaign,)
+            ).fetchall()
+        found = dict(rows)
+        return {status.value: found.get(status.value, 0) for status in Status}
+
+    # --- reports ---
+
+    def report(self, campaign: str | None = None, *, max_domains: int | None = None) -> Report:
+        """Counts by status, by recipient domain and by SMTP reply code, and the rows whose
+        outcome is unknown (``sending``), for one campaign or (None) for all of them.
+
+        ``max_domains`` keeps only the domains with the most recipients.
+        """
+        where, params = ("WHERE campaign = ?", (campaign,)) if campaign is not None else ("", ())
+        with self._guard as conn:
+            status_rows = conn.execute(
+                f"SELECT status, count(*) FROM deliveries {where} GROUP BY status", params
+            ).fetchall()
+            domain_rows = conn.execute(
+                f"SELECT domain, status, count(*) FROM deliveries {where} GROUP BY domain, status", params
+            ).fetchall()
+            code_rows = conn.execute(
+                f"""
+                SELECT smtp_code, count(*), max(smtp_reply) FROM deliveries
+                {where + (" AND" if where else "WHERE")} smtp_code IS NOT NULL
+                GROUP BY smtp_code ORDER BY count(*) DESC, smtp_code
+                """,
+                params,
+            ).fetchall()
+            unknown_rows = conn.execute(
+                f"""
+                SELECT {DELIVERY_COLUMNS} FROM deliveries
+                {where + (" AND" if where else "WHERE")} status = 'sending'
+                ORDER BY campaign, line, recipient
+                """,
+                params,
+            ).fetchall()
+        found = dict(status_rows)
+        by_status = {status.value: found.get(status.value, 0) for status in Status}
+        domains: dict[str, dict[str, int]] = {}
+        for domain, status, count in domain_rows:
+            domains.setdefault(domain, {})[status] = count
+        by_domain = [
+            DomainCount(
+                domain=domain,
+                total=sum(statuses.values()),
+                by_status={s.value: statuses[s.value] for s in Status if s.value in statuses},
+            )
+            for domain, statuses in domains.items()
+        ]
+        by_domain.sort(key=lambda d: (-d.total, d.domain))
+        if max_domains is not None:
+            by_domain = by_domain[:max_domains]
+        return Report(
+            campaign=campaign,
+            total=sum(by_status.values()),
+            by_status=by_status,
+            by_domain=by_domain,
+            by_smtp_code=[ReplyCount(code=c, count=n, example_reply=text) for c, n, text in code_rows],
+            unknown_outcome=[delivery_from_row(row) for row in unknown_rows],
+        )
+
+    def campaigns(self) -> list[CampaignSummary]:
+        """Every campaign in the log (deliveries or runs), most recently active first."""
+        with self._guard as conn:
+            rows = conn.execute(
+                """
+                SELECT campaign, sum(recipients), max(last_at) FROM (
+                    SELECT campaign, count(*) AS recipients, max(updated_at) AS last_at
+                        FROM deliveries GROUP BY campaign
+                    UNION ALL
+                    SELECT campaign, 0, max(coalesce(finished_at, started_at)) FROM runs GROUP BY campaign
+                ) GROUP BY campaign ORDER BY max(last_at) DESC, campaign
+                """
+            ).fetchall()
+        return [CampaignSummary(name=name, recipients=count, last_activity=last) for name, count, last in rows]
+
+    def write_failed_csv(self, campaign: str, file: TextIO) -> int:
+        """Write the ``failed`` and ``deferred`` rows of ``campaign`` as CSV to ``file``.
+
+        The header is ``email,status,smtp_code,smtp_reply``, so the file can be given
+        back to ``mailer send`` as a contacts file. Returns the number of rows written.
+        """
+        with self._guard as conn:
+            rows = conn.execute(
+                """
+                SELECT recipient, status, smtp_code, smtp_reply FROM deliveries
+                WHERE campaign = ? AND status IN ('failed', 'deferred')
+                ORDER BY line IS NULL, line, recipient
+                """,
+                (campaign,),
+            ).fetchall()
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(FAILED_CSV_HEADER)
+        for recipient, status, code, reply in rows:
+            writer.writerow((recipient, status, "" if code is None else code, reply or ""))
+        return len(rows)
+
+    # --- runs ---
+
+    def start_run(self, campaign: str, *, template: str | None, contacts: str | None) -> int:
+        """Record the start of a ``mailer send`` run; returns its id for :meth:`finish_run`."""
+        with self._guard as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (campaign, template, contacts, pid, host, started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (campaign, template, contacts, os.getpid(), socket.gethostname(), self._now()),
+            )
+            return cursor.lastrowid
+
+    def finish_run(self, run_id: int, *, counts: Mapping[str, int], interrupted: bool) -> None:
+        """Record the end of a run with its counts by status and whether it was interrupted."""
+        with self._guard as conn:
+            cursor = conn.execute(
+                "UPDATE runs SET finished_at = ?, interrupted = ?, counts = ? WHERE id = ?",
+                (self._now(), int(interrupted), json.dumps(dict(counts)), run_id),
+            )
+        if cursor.rowcount != 1:
+            raise ValueError(f"no run with id {run_id} in {self.path}")
+
+    def list_runs(self, campaign: str | None = None) -> list[Run]:
+        """The recorded runs, oldest first, of one campaign or of all."""
+        where, params = ("WHERE campaign = ?", (campaign,)) if campaign is not None else ("", ())
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT id, campaign, template, contacts, pid, host, started_at, finished_at, interrupted, counts "
+                f"FROM runs {where} ORDER BY id",
+                params,
+            ).fetchall()
+        return [
+            Run(
+                *row[:8],
+                interrupted=None if row[8] is None else bool(row[8]),
+                counts=None if row[9] is None else json.loads(row[9]),
+            )
+            for row in rows
+        ]
+
+    # --- the campaign lock ---
+
+    def acquire_lock(self, campaign: str) -> CampaignLock:
+        """Lock ``campaign`` against a second run on this send log, or raise :class:`LockedError`."""
+        return CampaignLock.acquire(campaign_lock_path(self.path, campaign), campaign, clock=self._clock)
+
+    # --- suppressions ---
+
+    def is_suppressed(self, address: str) -> bool:
+        """Whether ``address`` is on the suppression list (the local part's case is ignored,
+        and so is the form of an internationalized domain)."""
+        key = normalize_address(address)
+        twin = idna_twin(key)
+        if twin is None:
+            return self._fetch_one("SELECT 1 FROM suppressions WHERE address = ?", (key,)) is not None
+        return self._fetch_one("SELECT 1 FROM suppressions WHERE address IN (?, ?)", (key, twin)) is not None
+
+    def add_suppressions(
+        self, addresses: Iterable[str], *, reason: str | None = None, source: str = "manual"
+    ) -> tuple[int, int]:
+        """Add addresses to the suppression list; returns ``(added, already_present)``.
+
+        Every address is checked first: an invalid one raises :class:`UsageError` and
+        nothing is added. ``source`` is ``manual``, ``import`` or ``bounce``.
+        """
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        entries = []
+        for address in addresses:
+            problem = address_problem(address)
+            if problem:
+                raise UsageError(
+                    f"{address!r} is not a valid email address ({problem}).",
+                    hint="Nothing was added; fix or drop that address and run again.",
+                )
+            entries.append((normalize_address(address), reason))
+        return self._insert_suppressions(entries, source=source)
+
+    def _insert_suppressions(self, entries: list[tuple[str, str | None]], *, source: str) -> tuple[int, int]:
+        if source not in SUPPRESSION_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}, not {source!r}")
+        now = self._now()
+        with self._guard as conn:
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_SUPPRESSION_SQL, ((address, reason, source, now) for address, reason in entries))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            added = conn.total_changes - before
+        return added, len(entries) - added
+
+    def remove_suppressions(self, addresses: Iterable[str]) -> int:
+        """Take addresses off the suppression list; returns how many were on it."""
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        keys = []
+        for address in addresses:
+            key = normalize_address(address)
+            keys.append((key, idna_twin(key) or key))
+        removed = 0
+        with self._guard as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for key in keys:
+                    removed += conn.execute("DELETE FROM suppressions WHERE address IN (?, ?)", key).rowcount > 0
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return removed
+
+    def list_suppressions(self, *, batch_size: int = 1000) -> Iterator[Suppression]:
+        """Every suppressed address, in address order.
+
+        Reads in batches, each a short query of its own, so a long listing neither
+        holds the lock nor keeps a read transaction open while the caller works.
+        """
+        last = ""
+        while True:
+            with self._guard as conn:
+                rows = conn.execute(
+                    "SELECT address, reason, source, added_at FROM suppressions WHERE address > ? "
+                    "ORDER BY address LIMIT ?",
+                    (last, batch_size),
+                ).fetchall()
+            for row in rows:
+                yield Suppression(*row)
+            if len(rows) < batch_size:
+                return
+            last = rows[-1][0]
+
+    def iter_recipients(self, campaign: str, *, batch_size: int = 5000) -> Iterator[str]:
+        """Every recipient logged for ``campaign`` (any status), in batches of short queries."""
+        last = ""
+        while True:
+            with self._guard as conn:
+                rows = conn.execute(
+                    "SELECT recipient FROM deliveries WHERE campaign = ? AND recipient > ? ORDER BY recipient LIMIT ?",
+                    (campaign, last, batch_size),
+                ).fetchall()
+            for (recipient,) in rows:
+                yield recipient
+            if len(rows) < batch_size:
+                return
+            last = rows[-1][0]
+
+    def iter_suppressed_keys(self) -> Iterator[str]:
+        """Every suppressed address in lower case, in both IDNA forms where it has two.
+
+        For a fast in-memory prefilter; :meth:`is_suppressed` stays the authority.
+        """
+        for row in self.list_suppressions(batch_size=5000):
+            address = row.address.lower()
+            yield address
+            twin = idna_twin(address)
+            if twin:
+                yield twin
+
+    def import_suppressions(
+        self, file_path: Path, *, reason: str | None = None, source: str = "import"
+    ) -> ImportResult:
+        """Add the addresses of a file to the suppression list.
+
+        The file is either a CSV whose header has an ``email`` (or ``e-mail``, ``mail``)
+        column, found case-insensitively, with an optional ``reason`` column; or one
+        address per line, where blank lines and ``#`` comments are ignored. Lines with no
+        valid address are returned in ``invalid`` and the others are still added.
+        """
+        file_path = Path(file_path)
+        try:
+            text = file_path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ContactsError("file not found.", path=str(file_path)) from None
+        except UnicodeDecodeError as exc:
+            raise ContactsError(
+                f"not valid UTF-8 (byte {exc.start}).", path=str(file_path), hint="Re-save the file as UTF-8."
+            ) from None
+        except OSError as exc:
+            raise ContactsError(f"cannot read the file ({exc.strerror}).", path=str(file_path)) from None
+        parsed = parse_address_file(text, path=file_path, default_reason=reason)
+        entries: list[tuple[str, str | None]] = []
+        invalid: list[InvalidEntry] = []
+        for line, value, row_reason in parsed:
+            if address_problem(value):
+                invalid.append(InvalidEntry(line, value))
+            else:
+                entries.append((normalize_address(value), row_reason))
+        added, already = self._insert_suppressions(entries, source=source)
+        return ImportResult(added=added, already_present=already, invalid=invalid)
