@@ -19,7 +19,7 @@ import mailer.delivery.pool as delivery_module
 from mailer.bounces.rules import is_hard_bounce
 from mailer.core.config import SendConfig, SMTPConfig
 from mailer.core.errors import ConnectionSetupError, ExitCode, PermanentDeliveryError, TemporaryDeliveryError
-from mailer.core.outcomes import DEFERRED, FAILED, SENT, Outgoing, Result
+from mailer.core.outcomes import Outgoing, Result, Status
 from mailer.delivery.pool import deliver
 from mailer.smtp.policy import (
     TLS_VERIFY_DISABLED_WARNING,
@@ -168,7 +168,7 @@ def test_delivers_each_message_once_reusing_connections(smtp_server):
     items = make_items(50)
     stats, listener = run(smtp_server, items, send=send_options(connections=3, max_per_connection=10))
     finals = assert_consistent(listener, range(50))
-    assert {r.status for r in finals.values()} == {SENT}
+    assert {r.status for r in finals.values()} == {Status.SENT}
     assert all(r.attempts == 1 and r.smtp_code == 250 for r in finals.values())
     assert len(smtp_server.messages) == 50
     assert_no_duplicates(smtp_server)
@@ -204,7 +204,7 @@ def test_works_without_pipelining_and_resets_after_a_refusal(make_smtp_server):
     items = make_items(4)
     stats, listener = run(server, items, send=send_options(connections=1))
     finals = assert_consistent(listener, range(4))
-    assert [finals[k].status for k in range(4)] == [SENT, FAILED, SENT, SENT]
+    assert [finals[k].status for k in range(4)] == [Status.SENT, Status.FAILED, Status.SENT, Status.SENT]
     assert server.connections == 1  # RSET kept the session usable after the refusal
     assert len(server.messages) == 3
 
@@ -227,8 +227,8 @@ def test_multiple_recipients_partly_refused(smtp_server):
     )
     _, listener = run(smtp_server, [item, both_bad], send=send_options(connections=1))
     finals = assert_consistent(listener, ["k", "b"])
-    assert finals["k"].status == SENT and "bad@example.com: 550" in finals["k"].smtp_reply
-    assert finals["b"].status == FAILED and finals["b"].smtp_code == 550
+    assert finals["k"].status == Status.SENT and "bad@example.com: 550" in finals["k"].smtp_reply
+    assert finals["b"].status == Status.FAILED and finals["b"].smtp_code == 550
     assert [m.rcpt_tos for m in smtp_server.messages] == [["good@example.com"]]
 
 
@@ -241,7 +241,7 @@ def test_invalid_envelope_address_fails_without_a_transaction(smtp_server):
         message_id="<x@example.com>",
     )
     _, listener = run(smtp_server, [item])
-    assert listener.finals()["x"].status == FAILED
+    assert listener.finals()["x"].status == Status.FAILED
     assert listener.sending_keys() == set()
     assert smtp_server.rcpt_attempts == []
 
@@ -255,15 +255,15 @@ def test_temporary_failures_are_retried_with_backoff_then_succeed(smtp_server):
     items = make_items(3)
     stats, listener = run(smtp_server, items, send=send_options(retry_backoff=0.05), rng=lambda: 0.0)
     finals = assert_consistent(listener, range(3))
-    assert finals[1] == Result(SENT, True, 3, 250, "2.0.0 OK: queued")
+    assert finals[1] == Result(Status.SENT, True, 3, 250, "2.0.0 OK: queued")
     events = listener.for_key(1)
     assert [(e[0], e[2] if e[0] == "sending" else (e[2].status, e[2].final, e[2].smtp_code)) for e in events] == [
         ("sending", 1),
-        ("result", (DEFERRED, False, 451)),
+        ("result", (Status.DEFERRED, False, 451)),
         ("sending", 2),
-        ("result", (DEFERRED, False, 451)),
+        ("result", (Status.DEFERRED, False, 451)),
         ("sending", 3),
-        ("result", (SENT, True, 250)),
+        ("result", (Status.SENT, True, 250)),
     ]
     # Backoff 0.05 s then 0.1 s (jitter 0) between a deferral and the next attempt.
     assert events[2][3] - events[1][3] >= 0.05
@@ -287,7 +287,7 @@ def test_each_temporary_fault_is_retried_and_delivered_exactly_once(smtp_server,
     smtp_server.set_fault(address, stage, reply, times=1)
     _, listener = run(smtp_server, make_items(3), send=send_options(connections=1))
     finals = assert_consistent(listener, range(3))
-    assert all(r.status == SENT for r in finals.values())
+    assert all(r.status == Status.SENT for r in finals.values())
     assert finals[0].attempts == 2 and listener.results(0)[0].smtp_code == int(reply[:3])
     assert len(smtp_server.messages) == 3
     assert_no_duplicates(smtp_server)
@@ -310,7 +310,7 @@ def test_temporary_failures_end_deferred_after_the_last_retry(smtp_server):
     smtp_server.set_fault("user0@example.com", "rcpt", "450 4.2.0 mailbox busy")
     _, listener = run(smtp_server, make_items(1), send=send_options(retries=2))
     final = assert_consistent(listener, [0])[0]
-    assert (final.status, final.final, final.attempts, final.smtp_code) == (DEFERRED, True, 3, 450)
+    assert (final.status, final.final, final.attempts, final.smtp_code) == (Status.DEFERRED, True, 3, 450)
     assert [r.final for r in listener.results(0)] == [False, False, True]
     assert len(smtp_server.rcpt_attempts) == 3 and smtp_server.messages == []
 
@@ -328,13 +328,13 @@ def test_permanent_failures_are_recorded_once_and_never_retried(smtp_server, sta
     stats, listener = run(smtp_server, make_items(2), send=send_options(connections=1))
     finals = assert_consistent(listener, [0, 1])
     failed = finals[0]
-    assert (failed.status, failed.final, failed.attempts) == (FAILED, True, 1)
+    assert (failed.status, failed.final, failed.attempts) == (Status.FAILED, True, 1)
     assert failed.smtp_code == int(reply[:3]) and failed.smtp_reply == reply[4:]
     assert len(listener.results(0)) == 1
     assert is_hard_bounce(failed.smtp_code, failed.smtp_reply) is hard
     if stage != "mail":
         assert [a for _, a in smtp_server.rcpt_attempts].count("user0@example.com") == 1
-        assert finals[1].status == SENT
+        assert finals[1].status == Status.SENT
     assert stats.retries == 0
 
 
@@ -342,7 +342,7 @@ def test_421_defers_and_reconnects(smtp_server):
     smtp_server.set_fault("user1@example.com", "rcpt", "421 4.7.0 too many messages, closing", times=1)
     stats, listener = run(smtp_server, make_items(3), send=send_options(connections=1))
     finals = assert_consistent(listener, range(3))
-    assert all(r.status == SENT for r in finals.values())
+    assert all(r.status == Status.SENT for r in finals.values())
     assert finals[1].attempts == 2 and listener.results(1)[0].smtp_code == 421
     # The 421 closed the first connection: the retry and the rest went on a new one.
     by_recipient = {m.rcpt_tos[0]: m.connection for m in smtp_server.messages}
@@ -356,7 +356,7 @@ def test_stale_connection_is_recovered_without_counting_an_attempt(smtp_server, 
     smtp_server.close_connections_after(1, notice=notice)
     stats, listener = run(smtp_server, make_items(5), send=send_options(connections=1))
     finals = assert_consistent(listener, range(5))
-    assert all(r.status == SENT and r.attempts == 1 for r in finals.values())
+    assert all(r.status == Status.SENT and r.attempts == 1 for r in finals.values())
     assert len(smtp_server.messages) == 5
     assert_no_duplicates(smtp_server)
     assert stats.stale_reconnects == 4 and stats.retries == 0 and stats.attempts == 5
@@ -374,7 +374,7 @@ def test_relay_idle_timeout_between_messages_is_survived(make_smtp_server):
 
     stats, listener = run(server, slowly(), send=send_options(connections=1))
     finals = assert_consistent(listener, range(3))
-    assert all(r.status == SENT and r.attempts == 1 for r in finals.values())
+    assert all(r.status == Status.SENT and r.attempts == 1 for r in finals.values())
     assert stats.stale_reconnects == 2 and server.connections == 3
     assert_no_duplicates(server)
 
@@ -383,7 +383,7 @@ def test_503_on_a_pooled_connection_means_stale(smtp_server):
     smtp_server.set_fault("news@example.com", "mail", "503 5.5.1 Error: nested MAIL command", reused_only=True, times=1)
     stats, listener = run(smtp_server, make_items(3), send=send_options(connections=1))
     finals = assert_consistent(listener, range(3))
-    assert all(r.status == SENT and r.attempts == 1 for r in finals.values())
+    assert all(r.status == Status.SENT and r.attempts == 1 for r in finals.values())
     assert stats.stale_reconnects == 1 and len(smtp_server.messages) == 3
     assert_no_duplicates(smtp_server)
 
@@ -392,11 +392,11 @@ def test_drop_before_data_is_retried(smtp_server):
     smtp_server.set_fault("user0@example.com", "rcpt", drop=True, times=1)
     stats, listener = run(smtp_server, make_items(2), send=send_options(connections=1))
     finals = assert_consistent(listener, [0, 1])
-    assert all(r.status == SENT for r in finals.values())
+    assert all(r.status == Status.SENT for r in finals.values())
     # On a fresh connection a drop is not a stale pool entry: it counts as an attempt.
     assert finals[0].attempts == 2
     first = listener.results(0)[0]
-    assert (first.status, first.final, first.smtp_code) == (DEFERRED, False, None)
+    assert (first.status, first.final, first.smtp_code) == (Status.DEFERRED, False, None)
     assert "closed the connection" in first.smtp_reply
     assert len(smtp_server.received_by("user0@example.com")) == 1
 
@@ -405,9 +405,9 @@ def test_drop_after_data_is_an_unknown_outcome_and_retried(smtp_server):
     smtp_server.set_fault("user0@example.com", "data", drop=True, times=1)
     _, listener = run(smtp_server, make_items(1))
     first, final = listener.results(0)
-    assert (first.status, first.final) == (DEFERRED, False)
+    assert (first.status, first.final) == (Status.DEFERRED, False)
     assert "may have accepted" in first.smtp_reply
-    assert (final.status, final.attempts) == (SENT, 2)
+    assert (final.status, final.attempts) == (Status.SENT, 2)
     assert len(smtp_server.received_by("user0@example.com")) == 1
 
 
@@ -418,9 +418,9 @@ def test_stall_times_out_and_ends_deferred(smtp_server):
         smtp_server, make_items(3), smtp=smtp_for(smtp_server, timeout=0.3), send=send_options(retries=1)
     )
     finals = assert_consistent(listener, range(3))
-    assert (finals[0].status, finals[0].final, finals[0].attempts) == (DEFERRED, True, 2)
+    assert (finals[0].status, finals[0].final, finals[0].attempts) == (Status.DEFERRED, True, 2)
     assert "timed out" in finals[0].smtp_reply
-    assert finals[1].status == finals[2].status == SENT
+    assert finals[1].status == finals[2].status == Status.SENT
     assert stats.stale_reconnects == 0  # a timeout is never mistaken for a stale connection
     assert time.monotonic() - started < 5
 
@@ -441,7 +441,7 @@ def test_connection_refused_is_temporary_not_fatal():
     )
     finals = assert_consistent(listener, [0, 1])
     for result in finals.values():
-        assert (result.status, result.final, result.attempts) == (DEFERRED, True, 3)
+        assert (result.status, result.final, result.attempts) == (Status.DEFERRED, True, 3)
         assert "cannot connect" in result.smtp_reply
     assert listener.sending_keys() == set()  # no transaction ever started
     assert stats.deferred == 2 and stats.connections_opened == 0
@@ -455,7 +455,7 @@ def test_starttls_with_verification_and_login(make_smtp_server, client_tls_conte
     server = make_smtp_server(starttls=True, password=PASSWORD)
     smtp = smtp_for(server, security="starttls", username=TEST_USERNAME)
     stats, listener = run(server, make_items(3), smtp=smtp, password=PASSWORD, ssl_context=client_tls_context)
-    assert {r.status for r in assert_consistent(listener, range(3)).values()} == {SENT}
+    assert {r.status for r in assert_consistent(listener, range(3)).values()} == {Status.SENT}
     assert server.auth_attempts == [(TEST_USERNAME, True)] * server.connections
 
 
@@ -616,7 +616,7 @@ def utf8_item(key="u") -> Outgoing:
 def test_smtputf8_used_when_offered(smtp_server):
     item = utf8_item()
     stats, listener = run(smtp_server, [item])
-    assert listener.finals()["u"].status == SENT
+    assert listener.finals()["u"].status == Status.SENT
     (message,) = smtp_server.messages
     assert message.rcpt_tos == ["jöran@example.com"] and message.data == item.data
     assert "SMTPUTF8" in message.mail_options and "BODY=8BITMIME" in message.mail_options
@@ -627,10 +627,10 @@ def test_smtputf8_missing_fails_that_item_without_a_transaction(make_smtp_server
     items = [utf8_item(), *make_items(2)]
     _, listener = run(server, items, send=send_options(connections=1))
     finals = assert_consistent(listener, ["u", 0, 1])
-    assert finals["u"].status == FAILED and finals["u"].final
+    assert finals["u"].status == Status.FAILED and finals["u"].final
     assert finals["u"].smtp_reply == "the relay does not support SMTPUTF8, needed for jöran@example.com"
     assert "u" not in listener.sending_keys()
-    assert finals[0].status == finals[1].status == SENT
+    assert finals[0].status == finals[1].status == Status.SENT
     assert all(r != "jöran@example.com" for _, r in server.rcpt_attempts)
 
 
@@ -672,7 +672,7 @@ def test_stop_does_not_start_retries(smtp_server):
     stats, _ = run(smtp_server, make_items(1), listener=listener, stop=stop, send=send_options(retry_backoff=30))
     assert time.monotonic() - started < 3
     (only,) = listener.results(0)
-    assert (only.status, only.final) == (DEFERRED, False)
+    assert (only.status, only.final) == (Status.DEFERRED, False)
     assert stats.waiting_retry == 1 and stats.interrupted
     assert len(smtp_server.rcpt_attempts) == 1
 

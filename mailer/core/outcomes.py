@@ -10,21 +10,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
-    "DEFERRED",
-    "FAILED",
     "RESULT_STATUSES",
-    "SENT",
     "SKIPPED_STATUSES",
     "STATUS_BY_VALUE",
     "Outgoing",
     "Result",
     "Status",
 ]
-
-
-SENT = "sent"
-FAILED = "failed"
-DEFERRED = "deferred"
 
 
 @dataclass(slots=True)
@@ -48,12 +40,13 @@ class Outgoing:
 class Result:
     """The outcome of one attempt (``final=False``) or of the whole delivery.
 
-    ``status`` is ``"sent"``, ``"failed"`` (permanent) or ``"deferred"`` (temporary).
+    ``status`` is :attr:`Status.SENT`, :attr:`Status.FAILED` (permanent) or
+    :attr:`Status.DEFERRED` (temporary).
     ``final=False`` means a temporary failure that will be retried in this run after a
     backoff. ``smtp_reply`` is the relay's reply text, or a description of the error.
     """
 
-    status: str
+    status: Status
     final: bool
     attempts: int
     smtp_code: int | None

@@ -17,11 +17,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from ..core.config import SendConfig, SMTPConfig, parse_rate
 from ..core.errors import PermanentDeliveryError, TemporaryDeliveryError
-from ..core.outcomes import DEFERRED, FAILED, SENT, Outgoing, Result
+from ..core.outcomes import Outgoing, Result, Status
 from ..smtp.policy import check_relay_settings
 from ..smtp.session import Setup
 from ..smtp.transaction import OK, PERM, STALE, TEMP, Connection, Envelope
@@ -76,7 +77,7 @@ class DeliveryStats:
 
     @property
     def by_status(self) -> dict[str, int]:
-        return {SENT: self.sent, FAILED: self.failed, DEFERRED: self.deferred}
+        return {Status.SENT: self.sent, Status.FAILED: self.failed, Status.DEFERRED: self.deferred}
 
     @property
     def messages_per_second(self) -> float:
@@ -87,8 +88,25 @@ class DeliveryStats:
 # --------------------------------------------------------------------------------------
 # The pool
 
-# What a worker did with a job, besides a final status string.
-_UNTOUCHED = None
+
+@dataclass(frozen=True, slots=True)
+class _RetryAt:
+    """The job had a temporary failure: try it again at ``when`` (the engine's clock)."""
+
+    when: float
+
+
+class _Stopped(Enum):
+    """The run stopped before the job's attempt: it had no result in this attempt."""
+
+    STOPPED = "stopped"
+
+
+_STOPPED = _Stopped.STOPPED
+
+# What a worker did with a job: a final status, a retry time, or stopped before trying.
+# Decided once per message; the engine tells them apart by type (a cheap isinstance).
+_Disposition = Status | _RetryAt | _Stopped
 
 
 class _Job:
@@ -195,7 +213,7 @@ class _Engine:
 
     # -- called by the workers
 
-    def next_job(self, finished: _Job | None, disposition: object) -> _Job | None:
+    def next_job(self, finished: _Job | None, disposition: _Disposition) -> _Job | None:
         """Account for the job just handled, then wait for the next one (None: exit)."""
         stop, halt, heap = self.stop, self.halt, self.retry_heap
         with self.lock:
@@ -218,11 +236,11 @@ class _Engine:
                 timeout = min(_POLL, ready_at - now) if heap else _POLL
                 self.work_ready.wait(timeout)
 
-    def _account(self, job: _Job, disposition: object) -> None:
+    def _account(self, job: _Job, disposition: _Disposition) -> None:
         stats = self.stats
-        if isinstance(disposition, float):
+        if isinstance(disposition, _RetryAt):
             self.sequence += 1
-            heapq.heappush(self.retry_heap, (disposition, self.sequence, job))
+            heapq.heappush(self.retry_heap, (disposition.when, self.sequence, job))
             stats.retries += 1
             self.work_ready.notify()
             return
@@ -230,11 +248,11 @@ class _Engine:
         self.outstanding_bytes -= len(job.item.data)
         if self.outstanding <= self.low_water and self.outstanding_bytes <= _MAX_OUTSTANDING_BYTES // 2:
             self.room.notify()
-        if disposition == SENT:
+        if disposition is Status.SENT:
             stats.sent += 1
-        elif disposition == FAILED:
+        elif disposition is Status.FAILED:
             stats.failed += 1
-        elif disposition == DEFERRED:
+        elif disposition is Status.DEFERRED:
             stats.deferred += 1
         elif job.attempts:
             stats.waiting_retry += 1  # a retry the run stopped before starting
@@ -250,11 +268,11 @@ class _Engine:
             if job.announced:
                 # on_sending said "sending"; leave the caller's log saying something true.
                 try:
-                    self.report(job, Result(DEFERRED, False, job.attempts, None, f"the run stopped: {error}"))
+                    self.report(job, Result(Status.DEFERRED, False, job.attempts, None, f"the run stopped: {error}"))
                 except Exception:
                     pass
             with self.lock:
-                self._account(job, _UNTOUCHED)
+                self._account(job, _STOPPED)
         self.halt_all()
 
     def announce(self, job: _Job, attempt: int) -> None:
@@ -273,18 +291,18 @@ class _Engine:
             with self.listener_lock:
                 self.listener.on_result(job.item, result)
 
-    def finish(self, job: _Job, result: Result) -> str:
+    def finish(self, job: _Job, result: Result) -> Status:
         self.report(job, result)
         return result.status
 
-    def temporary(self, job: _Job, attempt: int, code: int | None, text: str) -> object:
-        """A temporary failure: schedule a retry (return its time) or give up (DEFERRED)."""
+    def temporary(self, job: _Job, attempt: int, code: int | None, text: str) -> _RetryAt | Status:
+        """A temporary failure: schedule a retry (return its time) or give up (deferred)."""
         job.attempts = attempt
         if attempt <= self.retries:
             ready_at = self.clock() + backoff_delay(attempt, base=self.retry_backoff, rng=self.rng)
-            self.report(job, Result(DEFERRED, False, attempt, code, text))
-            return float(ready_at)
-        return self.finish(job, Result(DEFERRED, True, attempt, code, text))
+            self.report(job, Result(Status.DEFERRED, False, attempt, code, text))
+            return _RetryAt(float(ready_at))
+        return self.finish(job, Result(Status.DEFERRED, True, attempt, code, text))
 
 
 class _Worker:
@@ -299,7 +317,9 @@ class _Worker:
 
     def run(self) -> None:
         engine = self.engine
-        job = finished = disposition = None
+        job: _Job | None = None
+        finished: _Job | None = None
+        disposition: _Disposition = _STOPPED
         try:
             while True:
                 job = engine.next_job(finished, disposition)
@@ -315,7 +335,7 @@ class _Worker:
                 self.connection.close(polite=True)
                 self.connection = None
 
-    def handle(self, job: _Job) -> object:
+    def handle(self, job: _Job) -> _Disposition:
         engine = self.engine
         item = job.item
         attempt = job.attempts + 1
@@ -324,7 +344,7 @@ class _Worker:
             try:
                 envelope = job.envelope = Envelope(item)
             except PermanentDeliveryError as exc:
-                return engine.finish(job, Result(FAILED, True, job.attempts, None, exc.message))
+                return engine.finish(job, Result(Status.FAILED, True, job.attempts, None, exc.message))
         stale_retried = False
         while True:
             connection = self.connection
@@ -343,7 +363,7 @@ class _Worker:
                 return engine.finish(
                     job,
                     Result(
-                        FAILED,
+                        Status.FAILED,
                         True,
                         job.attempts,
                         None,
@@ -353,7 +373,7 @@ class _Worker:
             if engine.limiter.acquire(engine.halt) is None or engine.halt.is_set() or engine.stop.is_set():
                 if job.announced:  # halted between a stale connection and its redo
                     return engine.temporary(job, attempt, None, "the run stopped before the message was sent")
-                return _UNTOUCHED
+                return _STOPPED
             if not job.announced:  # a redo after a stale connection is still "sending"
                 engine.announce(job, attempt)
             outcome, code, text = connection.transact(envelope)
@@ -365,9 +385,9 @@ class _Worker:
                 outcome = TEMP
             self.attempts += 1
             if outcome == OK:
-                return engine.finish(job, Result(SENT, True, attempt, code, text))
+                return engine.finish(job, Result(Status.SENT, True, attempt, code, text))
             if outcome == PERM:
-                return engine.finish(job, Result(FAILED, True, attempt, code, text))
+                return engine.finish(job, Result(Status.FAILED, True, attempt, code, text))
             return engine.temporary(job, attempt, code, text)
 
 
