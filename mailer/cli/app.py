@@ -8,6 +8,7 @@ only with ``--debug``. The SMTP password is never an argument and never printed.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -61,6 +62,8 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+_DEBUG_HELP = "Show tracebacks and protocol details (never the password)."
+
 
 def _version(value: bool) -> None:
     if value:
@@ -70,9 +73,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks and protocol details (never the password).")
-    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=_DEBUG_HELP)] = False,
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
@@ -82,10 +83,16 @@ def _root(
 
 
 def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one paragraph on stderr and the documented exit code."""
+    """Turn library errors into one paragraph on stderr and the documented exit code.
+
+    It also gives the command a ``--debug`` option of its own, with the effect of
+    ``mailer --debug``: people add flags at the end (``mailer send ... --debug``).
+    """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop("debug", False):
+            _state["debug"] = True
         try:
             return function(*args, **kwargs)
         except MailerError as exc:
@@ -106,6 +113,16 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             Reporter().error("interrupted.")
             raise typer.Exit(code=int(ExitCode.INTERRUPTED)) from None
 
+    signature = inspect.signature(function, eval_str=True)  # as Typer reads it
+    debug = inspect.Parameter(
+        "debug",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[bool, typer.Option("--debug", help=_DEBUG_HELP)],
+    )
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), debug]
+    )
     return wrapper
 
 
