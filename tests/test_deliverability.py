@@ -101,7 +101,7 @@ def test_every_message_carries_a_dkim_signature_that_verifies(smtp_server, tmp_p
     project.write_contacts(emails)
     signer = DKIMSigner.load(DKIMConfig(domain=DOMAIN, selector=SELECTOR, private_key=key))
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(smtp_server)) == emails
@@ -134,7 +134,7 @@ def test_one_click_unsubscribe_headers_and_unsubscribe_url_in_the_template(smtp_
     emails = ["ann+news@example.com", "bob@example.org"]
     project.write_contacts(emails)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert "warning" not in outcome.stderr
@@ -153,7 +153,7 @@ def test_marketing_without_unsubscribe_warns_and_transactional_does_not(smtp_ser
     project.configure(message={"kind": "marketing"})
     project.write_contacts(addresses(1))
 
-    marketing = project.send()
+    marketing = project.send("--yes")
 
     assert marketing.exit_code == 0, marketing
     assert "warning:" in marketing.stderr and "unsubscribe" in marketing.stderr
@@ -163,7 +163,7 @@ def test_marketing_without_unsubscribe_warns_and_transactional_does_not(smtp_ser
     assert b"List-Unsubscribe" not in message.data and b"Feedback-ID" not in message.data
 
     project.configure(message={"kind": "transactional"})
-    transactional = project.send("--campaign", "receipts")
+    transactional = project.send("--yes", "--campaign", "receipts")
 
     assert transactional.exit_code == 0, transactional
     assert "warning" not in transactional.stderr
@@ -183,7 +183,7 @@ def test_an_unusable_dkim_key_exits_2_before_anything_is_sent(smtp_server, tmp_p
     project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": key.name})
     project.write_contacts(addresses(3))
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 2, outcome
     assert str(key) in outcome.stderr
@@ -199,7 +199,7 @@ def test_an_unsubscribe_url_using_an_unknown_column_exits_2_before_sending(smtp_
     project.configure(message={**UNSUBSCRIBE, "list_unsubscribe": "https://acme.test/u?id={{ user_id }}"})
     project.write_contacts(addresses(3))
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 2, outcome
     assert "mailer.toml" in outcome.stderr and "message.list_unsubscribe" in outcome.stderr

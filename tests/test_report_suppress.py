@@ -29,7 +29,7 @@ def mixed_run(project: Project, server) -> None:
     server.set_fault("al@example.com", "data", "552 5.2.2 mailbox full")
     server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
     assert project.cli("suppress", "add", "amy@example.com").exit_code == 0
-    outcome = project.send()
+    outcome = project.send("--yes")
     assert outcome.exit_code == 1, outcome
 
 
@@ -90,7 +90,7 @@ def test_report_failed_csv_is_accepted_back_by_send(smtp_server, tmp_path):
         "Subject: Second try\n\nHello {{ email }}, last time: {{ status }}.\n", name="retry.txt.j2"
     )
     before = len(smtp_server.messages)
-    again = project.send("--campaign", "news-retry", "--json", contacts=retry_csv, template=template)
+    again = project.send("--yes", "--campaign", "news-retry", "--json", contacts=retry_csv, template=template)
 
     assert again.exit_code == 0, again
     assert json.loads(again.stdout)["counts"]["sent"] == 2
@@ -188,7 +188,7 @@ def test_suppressed_addresses_are_never_mailed_and_logged_suppressed(smtp_server
     assert project.cli("suppress", "add", "Jane@EXAMPLE.com", "OMAR@example.net").exit_code == 0
     project.write_contacts(["jane@example.com", "omar@EXAMPLE.NET", "pat@example.com"])
 
-    outcome = project.send("--json")
+    outcome = project.send("--yes", "--json")
 
     assert outcome.exit_code == 0, outcome
     counts = json.loads(outcome.stdout)["counts"]
@@ -204,7 +204,7 @@ def test_suppressed_addresses_are_never_mailed_and_logged_suppressed(smtp_server
 
     # Taken off the list, an address is mailed by the next run; the others stay skipped.
     assert project.cli("suppress", "remove", "JANE@example.com").exit_code == 0
-    again = project.send("--json")
+    again = project.send("--yes", "--json")
 
     assert again.exit_code == 0, again
     counts = json.loads(again.stdout)["counts"]
@@ -220,7 +220,7 @@ def test_an_internationalized_domain_is_suppressed_in_either_form(smtp_server, t
     assert project.cli("suppress", "add", "ann@bücher.example", "bea@xn--bcher-kva.example").exit_code == 0
     project.write_contacts(["ann@bücher.example", "bea@bücher.example", "cid@bücher.example"])
 
-    outcome = project.send("--json")
+    outcome = project.send("--yes", "--json")
 
     assert outcome.exit_code == 0, outcome
     assert json.loads(outcome.stdout)["counts"]["suppressed"] == 2
@@ -229,7 +229,7 @@ def test_an_internationalized_domain_is_suppressed_in_either_form(smtp_server, t
     removed = project.cli("suppress", "remove", "ann@xn--bcher-kva.example", "bea@bücher.example")
     assert removed.exit_code == 0 and "removed 2, not on the list 0" in removed.stderr, removed
     assert listed(project) == {}
-    assert project.send().exit_code == 0
+    assert project.send("--yes").exit_code == 0
     assert sorted(received_addresses(smtp_server)) == [
         "ann@xn--bcher-kva.example",
         "bea@xn--bcher-kva.example",

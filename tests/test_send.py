@@ -56,7 +56,7 @@ def test_send_delivers_each_contact_once_logs_sent_and_a_rerun_sends_nothing(smt
     emails = addresses(6)
     project.write_contacts(emails)
 
-    first = project.send("--json")
+    first = project.send("--yes", "--json")
 
     assert first.exit_code == 0, first
     summary = json.loads(first.stdout)
@@ -72,7 +72,7 @@ def test_send_delivers_each_contact_once_logs_sent_and_a_rerun_sends_nothing(smt
     assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
     assert all(project.delivery(e).attempts == 1 and project.delivery(e).smtp_code == 250 for e in emails)
 
-    again = project.send()
+    again = project.send("--yes")
 
     assert again.exit_code == 0, again
     assert again.stdout == ""  # stdout carries only the product (--json here was not asked)
@@ -84,7 +84,7 @@ def test_json_summary_is_the_only_thing_on_stdout(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(2) + ["broken-address"])
 
-    outcome = project.run("send", str(project.contacts_path), str(project.template_path), "--json")
+    outcome = project.run("send", str(project.contacts_path), str(project.template_path), "--json", "--yes")
 
     assert outcome.exit_code == 1, outcome
     summary = json.loads(outcome.stdout)  # one JSON object, nothing else
@@ -102,7 +102,7 @@ def test_451_at_rcpt_once_is_retried_and_delivered_once(smtp_server, tmp_path):
     project.write_contacts(emails)
     fault = smtp_server.set_fault(emails[1], "rcpt", "451 4.7.1 greylisted, come back later", times=1)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert fault.hits == 1
@@ -120,7 +120,7 @@ def test_451_forever_defers_exits_75_and_a_rerun_sends_exactly_those(smtp_server
     smtp_server.set_fault(emails[2], "rcpt", "451 4.3.0 mailbox busy")
     smtp_server.set_fault(emails[4], "rcpt", "450 4.2.1 try again later")
 
-    first = project.send("--json")
+    first = project.send("--yes", "--json")
 
     assert first.exit_code == 75, first
     assert "deferred (will retry next run) 2" in first.stderr
@@ -136,7 +136,7 @@ def test_451_forever_defers_exits_75_and_a_rerun_sends_exactly_those(smtp_server
 
     clear_faults(smtp_server)
     before = len(smtp_server.messages)
-    second = project.send("--json")
+    second = project.send("--yes", "--json")
 
     assert second.exit_code == 0, second
     counts = json.loads(second.stdout)["counts"]
@@ -153,7 +153,7 @@ def test_550_user_unknown_fails_once_is_suppressed_and_skipped_by_the_next_campa
         emails[0], "rcpt", "550 5.1.1 <user000@example.com>: Recipient address rejected: User unknown"
     )
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 1, outcome
     assert "failed (permanent) 1" in outcome.stderr
@@ -169,7 +169,7 @@ def test_550_user_unknown_fails_once_is_suppressed_and_skipped_by_the_next_campa
     assert lines[0] == "email,reason,source,added_at"
     assert len(lines) == 2 and lines[1].startswith(f"{emails[0]},550 5.1.1") and ",bounce," in lines[1]
 
-    later = project.send("--campaign", "later", "--json")
+    later = project.send("--yes", "--campaign", "later", "--json")
 
     assert later.exit_code == 0, later
     counts = json.loads(later.stdout)["counts"]
@@ -186,7 +186,7 @@ def test_send_and_suppress_agree_on_which_addresses_are_valid(smtp_server, tmp_p
     project.write_contacts(["ann@corp.local", "bob@example.com"])
     smtp_server.set_fault("bob@example.com", "rcpt", "550 5.1.1 user unknown")
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 1, outcome
     assert project.statuses() == {"ann@corp.local": "invalid", "bob@example.com": "failed"}
@@ -202,7 +202,7 @@ def test_552_at_data_fails_permanently_without_suppressing(smtp_server, tmp_path
     project.write_contacts(emails)
     smtp_server.set_fault(emails[1], "data", "552 5.2.2 mailbox full")
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 1, outcome
     statuses = assert_consistent(project, smtp_server, emails)
@@ -220,7 +220,7 @@ def test_421_closes_the_connection_and_the_message_goes_out_on_a_new_one(smtp_se
     project.write_contacts(emails)
     smtp_server.set_fault(emails[1], "rcpt", "421 4.7.0 too many errors, closing connection", times=1)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     first, second = rcpt_connections(smtp_server, emails[1])
@@ -240,7 +240,7 @@ def test_connection_dropped_before_data_is_retried_and_delivered_once(smtp_serve
     else:
         fault = smtp_server.set_fault(emails[2], "rcpt", drop=True, times=1)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert fault.hits == 1
@@ -254,7 +254,7 @@ def test_connection_dropped_after_data_is_retried_and_delivered_once(smtp_server
     project.write_contacts(emails)
     fault = smtp_server.set_fault(emails[3], "data", drop=True, times=1)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert fault.hits == 1
@@ -269,7 +269,7 @@ def test_connection_always_dropped_after_data_ends_deferred_with_the_doubt_recor
     project.write_contacts(emails)
     smtp_server.set_fault(emails[0], "data", drop=True)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 75, outcome
     statuses = assert_consistent(project, smtp_server, emails)
@@ -286,7 +286,7 @@ def test_stall_past_the_timeout_defers(smtp_server, tmp_path):
     project.write_contacts(emails)
     fault = smtp_server.set_fault(emails[1], "data", stall=2.0)
 
-    outcome = project.send("--json")
+    outcome = project.send("--yes", "--json")
 
     assert outcome.exit_code == 75, outcome
     assert fault.hits == 2
@@ -304,7 +304,7 @@ def test_a_relay_that_hangs_up_idle_connections_gets_every_message_once(smtp_ser
     project.write_contacts(emails)
     smtp_server.close_connections_after(1, notice="421 4.4.2 idle timeout, closing")
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert set(smtp_server.messages_per_connection().values()) == {1}
@@ -317,7 +317,7 @@ def test_max_per_connection_quits_and_reconnects(smtp_server, tmp_path):
     emails = addresses(5)
     project.write_contacts(emails)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert sorted(smtp_server.messages_per_connection().values()) == [1, 2, 2]
@@ -333,7 +333,7 @@ def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
         project.configure(smtp={"port": closed.getsockname()[1]})
         emails = addresses(3)
         project.write_contacts(emails)
-        outcome = project.send("--json")
+        outcome = project.send("--yes", "--json")
     finally:
         closed.close()
 
@@ -343,7 +343,7 @@ def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
     assert "cannot connect" in project.delivery(emails[0]).smtp_reply
 
     project.configure(smtp={"port": smtp_server.port})  # the relay is back
-    again = project.send()
+    again = project.send("--yes")
     assert again.exit_code == 0, again
     assert sorted(received_addresses(smtp_server)) == emails
 
@@ -357,6 +357,7 @@ def test_contacts_from_standard_input(smtp_server, tmp_path):
         str(project.template_path),
         "--campaign",
         "piped",
+        "--yes",
         input="email,name\nann@example.com,Ann\nbob@example.org,Bob\n",
     )
 
@@ -374,7 +375,7 @@ def test_rate_is_never_exceeded_over_any_one_second_window(smtp_server, tmp_path
     emails = addresses(50)
     project.write_contacts(emails)
 
-    outcome = project.send("--rate", "20/s", "--connections", "4")
+    outcome = project.send("--yes", "--rate", "20/s", "--connections", "4")
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(smtp_server)) == emails
@@ -394,7 +395,7 @@ def test_invalid_rows_give_exit_1_and_are_logged_invalid(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     project.write_contacts(["ann@example.com", "jane@", "bob@example.com"])
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 1, outcome
     assert "contacts.csv:3" in outcome.stderr and "invalid address 1" in outcome.stderr
@@ -416,7 +417,7 @@ def test_a_broken_row_deep_in_the_file_stops_the_send_before_anything_goes(smtp_
         file.write(bad_line)
         file.write(b"user050@example.com,after\n")
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 2, outcome
     assert "contacts.csv:51" in outcome.stderr and message in outcome.stderr
@@ -426,7 +427,7 @@ def test_a_broken_row_deep_in_the_file_stops_the_send_before_anything_goes(smtp_
 def piped_send(project: Project, contacts: bytes, tmpdir: Path) -> subprocess.CompletedProcess:
     """`... | mailer send - TEMPLATE --json` as a real process, with its own TMPDIR."""
     return subprocess.run(
-        project._command(("send", "-", str(project.template_path), "--json")),
+        project._command(("send", "-", str(project.template_path), "--json", "--yes")),
         cwd=project.root,
         env=project._environment({"TMPDIR": str(tmpdir)}),
         input=contacts,
@@ -479,7 +480,7 @@ def test_bad_config_gives_exit_2_naming_the_file_and_key_and_sends_nothing(smtp_
     project.write_contacts(addresses(2))
     project.configure(send={"ratee": "10/s"})
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 2, outcome
     assert "mailer.toml" in outcome.stderr and "send.ratee" in outcome.stderr
@@ -499,7 +500,7 @@ def test_bad_template_gives_exit_2_and_sends_nothing(smtp_server, tmp_path, temp
     project.write_contacts(addresses(2))
     project.write_template(template)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 2, outcome
     assert message in outcome.stderr
@@ -511,7 +512,7 @@ def test_password_variable_not_set_gives_exit_2_before_connecting(smtp_server, t
     project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_UNSET_PASSWORD"})
     project.write_contacts(addresses(2))
 
-    outcome = project.send(env={"MAILER_TEST_UNSET_PASSWORD": None})
+    outcome = project.send("--yes", env={"MAILER_TEST_UNSET_PASSWORD": None})
 
     assert outcome.exit_code == 2, outcome
     assert "MAILER_TEST_UNSET_PASSWORD" in outcome.stderr and "not set" in outcome.stderr
@@ -525,7 +526,7 @@ def test_plaintext_password_to_a_remote_host_is_refused_before_connecting(smtp_s
     project.configure(smtp={"host": "0.0.0.0", "username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
     project.write_contacts(addresses(2))
 
-    outcome = project.send(env={"MAILER_TEST_PASSWORD": "Xq7-never-in-clear-text"})
+    outcome = project.send("--yes", env={"MAILER_TEST_PASSWORD": "Xq7-never-in-clear-text"})
 
     assert outcome.exit_code == 2, outcome
     assert "refusing to send the password to 0.0.0.0" in outcome.stderr
@@ -533,16 +534,33 @@ def test_plaintext_password_to_a_remote_host_is_refused_before_connecting(smtp_s
     assert smtp_server.connections == 0 and smtp_server.auth_attempts == []
 
 
-def test_without_a_terminal_send_never_asks_for_confirmation(smtp_server, tmp_path):
+def test_without_a_terminal_and_without_yes_a_send_is_refused_and_nothing_is_sent(smtp_server, tmp_path):
+    # A cron line or a script that forgot --yes: nobody can answer, so nothing may go out.
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(2))
 
-    in_process = project.send(input="n\n")  # a "no" on stdin must not be read as an answer
+    in_process = project.send(input="y\n")  # a "y" on a pipe is not an answer
+    real = project.run("send", str(project.contacts_path), str(project.template_path), "--json")
+
+    for outcome in (in_process, real):
+        assert outcome.exit_code == 2, outcome
+        assert "no terminal to ask on" in outcome.stderr and "Add --yes" in outcome.stderr, outcome
+        assert "Send campaign" not in outcome.stderr and "Traceback" not in outcome.stderr
+        assert outcome.stdout == ""
+    assert smtp_server.connections == 0 and smtp_server.messages == []
+    assert not project.log_path.exists() or project.statuses() == {}
+
+
+def test_without_a_terminal_yes_sends_without_asking(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(addresses(2))
+
+    in_process = project.send("--yes", input="n\n")  # a "no" on stdin must not be read as an answer
     assert in_process.exit_code == 0, in_process
     assert "?" not in in_process.stderr and "Send campaign" not in in_process.stderr
 
     project.write_contacts(addresses(2, prefix="other"))
-    real = project.run("send", str(project.contacts_path), str(project.template_path))
+    real = project.run("send", str(project.contacts_path), str(project.template_path), "-y")
     assert real.exit_code == 0, real
     assert "Send campaign" not in real.stderr
     assert len(smtp_server.messages) == 4
@@ -578,7 +596,9 @@ def test_password_is_used_for_auth_and_appears_in_no_output_or_log(make_smtp_ser
     project.write_contacts(emails)
     env = {"MAILER_TEST_PASSWORD": SECRET}
 
-    outcome = project.run("--debug", "send", str(project.contacts_path), str(project.template_path), "--json", env=env)
+    outcome = project.run(
+        "--debug", "send", str(project.contacts_path), str(project.template_path), "--json", "--yes", env=env
+    )
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(server)) == emails
@@ -604,7 +624,9 @@ def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_
     project.write_contacts(addresses(3))
     env = {"MAILER_TEST_PASSWORD": wrong}
 
-    outcome = project.run("--debug", "send", str(project.contacts_path), str(project.template_path), "--json", env=env)
+    outcome = project.run(
+        "--debug", "send", str(project.contacts_path), str(project.template_path), "--json", "--yes", env=env
+    )
 
     assert outcome.exit_code == 2, outcome
     assert "rejected the login as 'mailer-test'" in outcome.stderr and "535" in outcome.stderr
@@ -642,7 +664,7 @@ def test_starttls_with_a_verified_certificate_then_login(make_smtp_server, tls_f
     emails = addresses(3)
     project.write_contacts(emails)
 
-    outcome = project.send("--json", env=trusting(tls_files, MAILER_TEST_PASSWORD=SECRET))
+    outcome = project.send("--yes", "--json", env=trusting(tls_files, MAILER_TEST_PASSWORD=SECRET))
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(server)) == emails
@@ -658,7 +680,7 @@ def test_an_untrusted_certificate_is_refused_before_login_with_exit_2(make_smtp_
     project.configure(smtp={"security": security, "username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
     project.write_contacts(addresses(2))
 
-    outcome = project.send(env={"MAILER_TEST_PASSWORD": SECRET, "SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+    outcome = project.send("--yes", env={"MAILER_TEST_PASSWORD": SECRET, "SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
 
     assert outcome.exit_code == 2, outcome
     assert f"the TLS certificate of 127.0.0.1:{server.port} could not be verified" in outcome.stderr
@@ -673,7 +695,7 @@ def test_tls_verify_false_sends_and_warns(make_smtp_server, tmp_path):
     project.configure(smtp={"security": "tls", "tls_verify": False})
     project.write_contacts(addresses(2))
 
-    outcome = project.send(env={"SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+    outcome = project.send("--yes", env={"SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
 
     assert outcome.exit_code == 0, outcome
     assert "TLS certificate verification is OFF" in outcome.stderr
@@ -775,7 +797,7 @@ def test_without_a_terminal_a_plain_progress_line_comes_every_interval(smtp_serv
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(12))
 
-    outcome = project.send("--rate", "10/s")
+    outcome = project.send("--yes", "--rate", "10/s")
 
     assert outcome.exit_code == 0, outcome
     lines = [line for line in outcome.stderr.splitlines() if line.startswith("sending news:")]

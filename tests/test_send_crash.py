@@ -64,7 +64,7 @@ def test_sigkill_mid_run_leaves_unknown_outcomes_that_are_reported_and_resent_on
     project.write_contacts(emails)
     slow_down(smtp_server)
 
-    process = project.spawn_send()
+    process = project.spawn_send("--yes")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
     finally:
@@ -98,7 +98,7 @@ def test_sigkill_mid_run_leaves_unknown_outcomes_that_are_reported_and_resent_on
     assert max(by_killed_run.values()) == 1
 
     speed_up(smtp_server)
-    rerun = project.send("--json")
+    rerun = project.send("--yes", "--json")
 
     # The unknown ones are left alone: the run finishes, and says it could not settle them
     # (exit 1: waiting will not settle them, so not 75).
@@ -121,7 +121,7 @@ def test_sigkill_mid_run_leaves_unknown_outcomes_that_are_reported_and_resent_on
         assert all(address in human.stdout for address in unknown)
 
     before_resend = Counter(received_addresses(smtp_server))
-    resend = project.send("--resend-unknown", "--json")
+    resend = project.send("--yes", "--resend-unknown", "--json")
 
     assert resend.exit_code == 0, resend
     assert json.loads(resend.stdout)["counts"]["sent"] == len(unknown)
@@ -140,7 +140,7 @@ def test_one_signal_finishes_the_messages_in_flight_prints_the_summary_and_exits
     project.write_contacts(emails)
     slow_down(smtp_server)
 
-    process = project.spawn_send("--json")
+    process = project.spawn_send("--yes", "--json")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
         process.send_signal(signum)
@@ -172,7 +172,7 @@ def test_one_signal_finishes_the_messages_in_flight_prints_the_summary_and_exits
     assert run.interrupted is True and run.finished_at is not None
 
     speed_up(smtp_server)
-    rerun = project.send()
+    rerun = project.send("--yes")
 
     assert rerun.exit_code == 0, rerun
     assert sorted(received_addresses(smtp_server)) == emails
@@ -188,7 +188,7 @@ def test_an_interrupted_long_list_accounts_for_every_row(smtp_server, tmp_path):
     project.write_contacts(emails)
     slow_down(smtp_server, stall=0.2)
 
-    process = project.spawn_send("--json")
+    process = project.spawn_send("--yes", "--json")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
         process.send_signal(signal.SIGINT)
@@ -210,7 +210,7 @@ def stalled_send(smtp_server, tmp_path, count: int) -> tuple[Project, subprocess
     project.configure(send={"connections": 1})
     project.write_contacts(addresses(count))
     slow_down(smtp_server, stall=5.0)
-    return project, project.spawn_send()
+    return project, project.spawn_send("--yes")
 
 
 def test_a_second_sigint_aborts_at_once(smtp_server, tmp_path):
@@ -242,18 +242,18 @@ def test_a_second_run_of_the_same_campaign_is_refused_with_75_naming_the_holder(
     project.write_contacts(emails)
     slow_down(smtp_server)
 
-    process = project.spawn_send()
+    process = project.spawn_send("--yes")
     try:
         wait_for(lambda: project.peek_statuses(), timeout=20)  # it holds the lock and is sending
 
-        overlap = project.send()
+        overlap = project.send("--yes")
 
         assert overlap.exit_code == 75, overlap
         assert "already being sent by another run" in overlap.stderr
         assert f"pid {process.pid}" in overlap.stderr
         # Another campaign on the same log is not blocked.
         project.write_contacts(["solo@example.org"], name="other.csv")
-        other = project.send("--campaign", "other", contacts=tmp_path / "other.csv")
+        other = project.send("--yes", "--campaign", "other", contacts=tmp_path / "other.csv")
         assert other.exit_code == 0, other
     finally:
         speed_up(smtp_server)
@@ -287,7 +287,7 @@ def test_every_message_is_on_record_as_sending_before_its_transaction_reaches_th
         return await accept(handler, smtp, session, envelope)
 
     handler.handle_DATA = checking_data
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert sorted(on_record_at_data) == emails

@@ -110,7 +110,7 @@ def test_a_signed_send_through_the_pool_gives_each_recipient_their_own_message(s
     if signing_module.signing_workers() == 0:
         pytest.skip("one core: no signing processes")
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert sorted(received_addresses(smtp_server)) == emails
@@ -128,7 +128,7 @@ def test_on_one_core_the_send_signs_in_process(smtp_server, tmp_path, key, signe
     emails = addresses(5)
     project.write_contacts(emails)
 
-    outcome = project.send()
+    outcome = project.send("--yes")
 
     assert outcome.exit_code == 0, outcome
     assert all(verifies(message.data, signer) for message in smtp_server.messages)
@@ -149,7 +149,7 @@ def test_an_interrupted_signed_send_accounts_for_every_row(smtp_server, tmp_path
         return await accept(handler, smtp, session, envelope)
 
     handler.handle_DATA = slow_data
-    process = project.spawn_send("--json")
+    process = project.spawn_send("--yes", "--json")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=30)
         process.send_signal(signal.SIGINT)

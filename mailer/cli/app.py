@@ -258,9 +258,23 @@ def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool)
         from ..dkim.signer import DKIMSigner
 
         signer = DKIMSigner.load(job.config.dkim)
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
-    confirm = None if yes or not interactive else functools.partial(_ask, reporter)
+    confirm = None if yes else _confirmation(reporter)
     return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
+
+
+def _confirmation(reporter: Reporter) -> Callable[[str], bool]:
+    """The prompt of a real send without --yes; without a terminal to ask on, a refusal.
+
+    A cron line or a script that forgot --yes must send nothing (PRODUCT.md): its stdin
+    is not a terminal, so there is nobody to answer the question.
+    """
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(
+            "a real send needs confirmation, and there is no terminal to ask on (stdin or stderr is not a "
+            "terminal); nothing was sent.",
+            hint="Add --yes to send without asking (in cron and scripts), or --dry-run to review first.",
+        )
+    return functools.partial(_ask, reporter)
 
 
 def _ask(reporter: Reporter, question: str) -> bool:
