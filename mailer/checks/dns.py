@@ -25,6 +25,9 @@ from typing import Literal, Protocol
 
 import dns.exception
 import dns.name
+import dns.rdata
+import dns.rdtypes.mxbase
+import dns.rdtypes.txtbase
 import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
@@ -112,6 +115,10 @@ class PublicKeyMatcher(Protocol):
     def public_key_matches(self, txt_value: str) -> bool: ...
 
 
+# What check_sender_domain accepts to compare the published DKIM key with the private one.
+_Matcher = PublicKeyMatcher | Callable[[str], bool] | None
+
+
 # ---------------------------------------------------------------------- resolver
 
 
@@ -164,7 +171,7 @@ class _Answer:
 
     qname: str
     rdtype: str
-    records: tuple = ()
+    records: tuple[dns.rdata.Rdata, ...] = ()
     nxdomain: bool = False
     error: str | None = None
     error_kind: str | None = None  # "timeout" | "dns-error" | "invalid-name"
@@ -172,7 +179,16 @@ class _Answer:
     @property
     def texts(self) -> list[str]:
         """TXT records, each with its strings concatenated (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
-        return [b"".join(r.strings).decode("utf-8", errors="replace") for r in self.records]
+        return [
+            b"".join(r.strings).decode("utf-8", errors="replace")
+            for r in self.records
+            if isinstance(r, dns.rdtypes.txtbase.TXTBase)
+        ]
+
+    @property
+    def mx_records(self) -> list[dns.rdtypes.mxbase.MXBase]:
+        """MX records (an MX answer holds nothing else)."""
+        return [r for r in self.records if isinstance(r, dns.rdtypes.mxbase.MXBase)]
 
 
 def _lookup(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> _Answer:
@@ -208,7 +224,7 @@ class _MailRoute:
 
     kind: str  # "mx" | "null-mx" | "mixed-null-mx" | "implicit-mx" | "no-mail-host" | "nxdomain" | "error"
     mx_hosts: tuple[str, ...] = ()
-    error: _Answer | None = None
+    error: _Answer | None = None  # set exactly when kind is "error"
 
 
 def _find_mail_route(resolver: dns.resolver.Resolver, domain: str) -> _MailRoute:
@@ -218,7 +234,7 @@ def _find_mail_route(resolver: dns.resolver.Resolver, domain: str) -> _MailRoute
     if mx.nxdomain:
         return _MailRoute("nxdomain")
     if mx.records:
-        ordered = sorted(mx.records, key=lambda r: (r.preference, str(r.exchange)))
+        ordered = sorted(mx.mx_records, key=lambda r: (r.preference, str(r.exchange)))
         # RFC 7505 §3: a null MX is one record with preference 0 and exchange ".".
         null = [r for r in ordered if r.exchange == dns.name.root]
         hosts = tuple(
@@ -251,7 +267,7 @@ def check_sender_domain(
     *,
     resolver: dns.resolver.Resolver,
     dkim_selector: str | None = None,
-    dkim_signer_or_public_key_matcher: PublicKeyMatcher | Callable[[str], bool] | None = None,
+    dkim_signer_or_public_key_matcher: _Matcher = None,
     dkim_domain: str | None = None,
     bulk: bool = True,
 ) -> list[CheckResult]:
@@ -294,7 +310,7 @@ def _lookup_warning(name: str, answer: _Answer, what: str) -> CheckResult:
 
 def _check_mx(resolver: dns.resolver.Resolver, domain: str) -> CheckResult:
     route = _find_mail_route(resolver, domain)
-    if route.kind == "error":
+    if route.error is not None:  # kind "error"
         return _lookup_warning("MX", route.error, "where mail for the domain goes")
     if route.kind == "nxdomain":
         return CheckResult(
@@ -370,7 +386,7 @@ def _spf_terms(record: str) -> list[tuple[str, str, str]]:
     return terms
 
 
-def _walk_spf(resolver, record: str, walk: _SPFWalk, *, depth: int) -> str | None:
+def _walk_spf(resolver: dns.resolver.Resolver, record: str, walk: _SPFWalk, *, depth: int) -> str | None:
     """Count DNS-querying terms through include/redirect; return the effective ``all`` qualifier."""
     terms = _spf_terms(record)
     all_qualifier = next((q for q, name, _ in terms if name == "all" and q != "="), None)
@@ -397,7 +413,7 @@ def _walk_spf(resolver, record: str, walk: _SPFWalk, *, depth: int) -> str | Non
     return all_qualifier
 
 
-def _follow_spf(resolver, target: str, walk: _SPFWalk, *, depth: int, how: str) -> str | None:
+def _follow_spf(resolver: dns.resolver.Resolver, target: str, walk: _SPFWalk, *, depth: int, how: str) -> str | None:
     if "%" in target:
         walk.warnings.append(f"{how}:{target} uses macros, not expanded by this check (its lookups are not counted)")
         return None
@@ -585,7 +601,7 @@ def _check_dmarc(resolver: dns.resolver.Resolver, domain: str, *, bulk: bool) ->
 # ----------------------------------------------------------------------- DKIM
 
 
-def _matcher_parts(matcher) -> tuple[Callable[[str], bool] | None, tuple[str, str] | None]:
+def _matcher_parts(matcher: _Matcher) -> tuple[Callable[[str], bool] | None, tuple[str, str] | None]:
     if matcher is None:
         return None, None
     record = None
@@ -603,7 +619,7 @@ def _check_dkim(
     domain: str,
     *,
     selector: str | None,
-    matcher,
+    matcher: _Matcher,
     dkim_domain: str,
 ) -> CheckResult:
     if not selector:
@@ -687,10 +703,12 @@ def _check_dkim(
 
 def _judge_recipient_domain(resolver: dns.resolver.Resolver, domain: str) -> DomainVerdict:
     route = _find_mail_route(resolver, domain)
-    if route.kind == "error":
+    if route.error is not None:  # kind "error"
         kind = route.error.error_kind
         if kind == "invalid-name":
-            return DomainVerdict(domain, "fail", "invalid-name", route.error.error)
+            return DomainVerdict(
+                domain, "fail", "invalid-name", route.error.error or f"{domain!r} is not a valid domain name"
+            )
         return DomainVerdict(domain, "warn", kind or "dns-error", f"unknown: {route.error.error}")
     if route.kind == "mx":
         return DomainVerdict(domain, "ok", "mx", f"MX {', '.join(route.mx_hosts)}", route.mx_hosts)

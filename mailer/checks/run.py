@@ -11,13 +11,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..compose.contacts import ContactReader, Rejected
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key
 from ..core.config import Config, find_config_path, load_config
 from ..core.errors import MailerError
+
+if TYPE_CHECKING:
+    import ssl
+
+    import dns.resolver
 
 __all__ = ["Check", "run_checks"]
 
@@ -45,11 +50,11 @@ def _from_domain(config: Config) -> str | None:
 
 
 def run_checks(
-    config_path: str | os.PathLike | None,
+    config_path: str | os.PathLike[str] | None,
     contacts: str | None,
     *,
-    resolver: Any = None,
-    ssl_context: Any = None,
+    resolver: dns.resolver.Resolver | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     skip_smtp: bool = False,
 ) -> Iterator[Check]:
@@ -188,7 +193,13 @@ def run_checks(
         yield from _check_contacts(contacts, config, resolver=resolver, on_progress=on_progress)
 
 
-def _check_contacts(contacts: str, config: Config, *, resolver: Any, on_progress: Any) -> Iterator[Check]:
+def _check_contacts(
+    contacts: str,
+    config: Config,
+    *,
+    resolver: dns.resolver.Resolver,
+    on_progress: Callable[[int, int], None] | None,
+) -> Iterator[Check]:
     from .dns import check_recipient_domains
 
     invalid: list[str] = []
