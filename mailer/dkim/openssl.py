@@ -67,7 +67,7 @@ UNUSED_RSA_PEM = (
 )
 
 
-class OpenSSLRSADKIM(dkimpy.DKIM):
+class OpenSSLRSADKIM(dkimpy.DKIM):  # type: ignore[misc]  # dkimpy has no type information (no py.typed, no stubs)
     """dkimpy's rsa-sha256 signer with the RSA operation done by OpenSSL.
 
     dkimpy has no hook for the private-key operation. Its ``sign`` builds the tags
@@ -87,20 +87,34 @@ class OpenSSLRSADKIM(dkimpy.DKIM):
     signatures that do not verify. One instance signs one message in one thread.
     """
 
-    def __init__(self, message: bytes, *, openssl_key: rsa.RSAPrivateKey, **kwargs) -> None:
+    # Set by dkimpy's DKIM (untyped); declared here so that the override is checked.
+    signature_algorithm: bytes
+
+    def __init__(self, message: bytes, *, openssl_key: rsa.RSAPrivateKey, **kwargs: object) -> None:
         super().__init__(message, signature_algorithm=_RSA_ALGORITHM, **kwargs)
         self._prehashed_key = _PrehashedRSAKey(openssl_key)
         self.signed_by_openssl = False  # lets the self-test see that the override ran
 
-    def gen_header(self, fields, include_headers, canon_policy, header_name, pk, standardize=False):
+    # The parameters are dkimpy's; canon_policy (its CanonicalizationPolicy) and pk
+    # (its parsed key) are only passed through. The result is the header field's value.
+    def gen_header(
+        self,
+        fields: list[tuple[bytes, bytes]],
+        include_headers: list[bytes],
+        canon_policy: object,
+        header_name: bytes,
+        pk: object,
+        standardize: bool = False,
+    ) -> bytes:
         if self.signature_algorithm != _RSA_ALGORITHM:
-            return super().gen_header(fields, include_headers, canon_policy, header_name, pk, standardize)
+            plain: bytes = super().gen_header(fields, include_headers, canon_policy, header_name, pk, standardize)
+            return plain
         # The tags, a= included, are already in ``fields``; the hash (self.hasher,
         # set by sign()) is SHA-256 for both algorithms. Only the call that makes
         # the signature changes; dkimpy's parsed ``pk`` is left unused.
         self.signature_algorithm = ED25519_ALGORITHM
         try:
-            header = super().gen_header(
+            header: bytes = super().gen_header(
                 fields, include_headers, canon_policy, header_name, self._prehashed_key, standardize
             )
         finally:

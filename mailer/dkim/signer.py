@@ -224,7 +224,7 @@ class DKIMSigner:
             )
 
         try:
-            fields = parse_private_key(material)
+            fields: dict[str, int] = parse_private_key(material)
         except (UnparsableKeyError, IndexError, ValueError, TypeError) as exc:
             raise DKIMError(
                 f"the DKIM private key is not a valid RSA key ({str(exc).splitlines()[0]}).",
@@ -324,7 +324,7 @@ class DKIMSigner:
                 include.append(key)
 
         try:
-            header = signer.sign(
+            header: bytes = signer.sign(
                 self._selector_bytes,
                 self._domain_bytes,
                 UNUSED_RSA_PEM if self._openssl_key is not None else self._private_key,
@@ -377,8 +377,8 @@ class DKIMSigner:
         if self.key_type == "ed25519":
             return raw == self._public_key
         try:
-            theirs = parse_public_key(raw)
-            ours = parse_public_key(self._public_key)
+            theirs: dict[str, int] = parse_public_key(raw)
+            ours: dict[str, int] = parse_public_key(self._public_key)
         except (UnparsableKeyError, IndexError, ValueError, TypeError):
             return False
         return theirs["modulus"] == ours["modulus"] and theirs["publicExponent"] == ours["publicExponent"]
