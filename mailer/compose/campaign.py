@@ -54,7 +54,7 @@ class Summary:
 
     campaign: str
     dry_run: bool
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     contacts: str = ""
     started: float = field(default_factory=time.time)

@@ -19,7 +19,8 @@ from difflib import get_close_matches
 from typing import IO, Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from ..core.addresses import check_address
 from ..core.errors import ContactsError, UsageError

@@ -50,6 +50,8 @@ def write_dry_run(
         if output_dir is not None:
             safe = re.sub(r"[^\w.@+-]", "_", contact.email)[:100]
             (output_dir / f"{count:06d}-{safe}.eml").write_bytes(message.data)
+        elif out is None:
+            raise TypeError("write_dry_run() needs out= (a binary stream) or output_dir=")
         elif format == "jsonl":
             record = {
                 "to": message.to,

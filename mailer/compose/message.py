@@ -160,7 +160,8 @@ class MessageBuilder:
         self._counter = 0
         self._date_second = -1
         self._date = ""
-        self._address_cache: dict[tuple[str, str], tuple[str, list[str], bool]] = {}
+        # (header name, value, expected count) -> _encode_address_header's result
+        self._address_cache: dict[tuple[str, str, int | None], tuple[str, list[str], bool]] = {}
         self._attachment_cache: dict[str, tuple[int, int, bytes]] = {}
 
     # -- headers -------------------------------------------------------------------

@@ -59,7 +59,8 @@ class SeenAddresses:
         if self._disk is not None:
             signed = digest - (1 << 63)  # SQLite integers are signed 64-bit
             if self._disk.execute(_SPILL_INSERT, (signed, line)).rowcount == 0:
-                return self._disk.execute(_SPILL_SELECT, (signed,)).fetchone()[0]
+                earlier: int = self._disk.execute(_SPILL_SELECT, (signed,)).fetchone()[0]
+                return earlier
             self._count += 1
             return None
         slot = self._slot(digest)
