@@ -19,7 +19,14 @@ from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
 from .policy import make_ssl_context, setup_error
 from .replies import classify_exception, reply_text
 
-__all__ = ["Setup"]
+__all__ = ["Setup", "StepNote"]
+
+#: Called as each setup step ends: ``(step name, ok, detail)``; :func:`probe_relay` records them.
+StepNote = Callable[[str, bool, str], None]
+
+
+def _no_note(name: str, ok: bool, detail: str) -> None:
+    pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +70,7 @@ class Setup:
         self.password = password
         self.secrets = _secret_forms(smtp.username, password)
         self.helo = smtp.helo or _local_hostname()
-        self.context = None
+        self.context: ssl.SSLContext | None = None
         if smtp.security != "none":
             self.context = ssl_context if ssl_context is not None else make_ssl_context(smtp)
 
@@ -82,15 +89,16 @@ class Setup:
         )
         return setup_error(f"TLS with {self.where} failed: {exc.reason or exc}.", hint)
 
-    def open(self, step: Callable[[str, bool, str], None] | None = None) -> smtplib.SMTP:
+    def open(self, step: StepNote | None = None) -> smtplib.SMTP:
         """Connect, EHLO, (STARTTLS, EHLO), AUTH. Returns the ready client.
 
         Raises TemporaryDeliveryError for what may pass (refused, timeout, 4xx) and
         ConnectionSetupError (USAGE) for what will not (TLS, login, missing STARTTLS).
         ``step`` is called as each step ends, for :func:`probe_relay`.
         """
-        note = step or (lambda name, ok, detail: None)
+        note = step or _no_note
         smtp = self.smtp
+        client: smtplib.SMTP
         try:
             if smtp.security == "tls":
                 client = smtplib.SMTP_SSL(local_hostname=self.helo, timeout=smtp.timeout, context=self.context)
@@ -98,8 +106,9 @@ class Setup:
                 client = smtplib.SMTP(local_hostname=self.helo, timeout=smtp.timeout)
             # smtplib takes the TLS server name (for certificate checks) from the host
             # given to the constructor, which would also connect before we can catch
-            # a TLS error apart from a refused connection; so set it here.
-            client._host = self.host
+            # a TLS error apart from a refused connection; so set it here (smtplib's
+            # private attribute, which typeshed does not declare, hence setattr).
+            setattr(client, "_host", self.host)  # noqa: B010
             code, greeting = client.connect(self.host, self.port)
         except ssl.SSLError as exc:
             note("connect", True, f"connected to {self.where}")
@@ -116,7 +125,7 @@ class Setup:
             client.close()
             raise
 
-    def _greet(self, client: smtplib.SMTP, code: int, greeting: bytes, note) -> smtplib.SMTP:
+    def _greet(self, client: smtplib.SMTP, code: int, greeting: bytes, note: StepNote) -> smtplib.SMTP:
         smtp = self.smtp
         text = _scrub(reply_text(greeting), self.secrets)
         if code != 220:
@@ -153,11 +162,13 @@ class Setup:
                             f"STARTTLS refused by {self.where}: {exc.smtp_code} {reply}", smtp_code=exc.smtp_code
                         ) from None
                     raise setup_error(f"{self.where} refused STARTTLS: {exc.smtp_code} {reply}.") from None
+                tls = client.sock
+                assert isinstance(tls, ssl.SSLSocket)  # starttls() succeeded
                 note(
                     "starttls",
                     True,
-                    f"TLS {client.sock.version()}, certificate "
-                    + ("verified" if self.context.verify_mode != ssl.CERT_NONE else "NOT verified"),
+                    f"TLS {tls.version()}, certificate "
+                    + ("verified" if tls.context.verify_mode != ssl.CERT_NONE else "NOT verified"),
                 )
                 self._ehlo(client, note)
             if smtp.username:
@@ -171,7 +182,7 @@ class Setup:
             raise error from None
         return client
 
-    def _ehlo(self, client: smtplib.SMTP, note) -> None:
+    def _ehlo(self, client: smtplib.SMTP, note: StepNote) -> None:
         code, reply = client.ehlo()
         if code == 250:
             note("ehlo", True, "extensions: " + (", ".join(sorted(k.upper() for k in client.esmtp_features)) or "none"))
@@ -192,10 +203,14 @@ class Setup:
             raise TemporaryDeliveryError(f"{self.where} refused HELO: {code} {text}", smtp_code=code)
         note("helo", True, "the relay speaks plain SMTP (no extensions)")
 
-    def _login(self, client: smtplib.SMTP, note) -> None:
+    def _login(self, client: smtplib.SMTP, note: StepNote) -> None:
         smtp = self.smtp
+        username, password = smtp.username, self.password
+        if not username or password is None:
+            # check_relay_settings() refuses a username without a password before any connection.
+            raise setup_error(f"[smtp] username is set to {username!r} but no password is available.")
         try:
-            client.login(smtp.username, self.password)
+            client.login(username, password)
         except smtplib.SMTPAuthenticationError as exc:
             reply = _scrub(reply_text(exc.smtp_error), self.secrets)
             note("auth", False, f"login as {smtp.username!r} rejected: {exc.smtp_code} {reply}")
@@ -225,5 +240,5 @@ class Setup:
             ) from None
         finally:
             # smtplib keeps the credentials on the object; drop them once used.
-            client.user = client.password = None
+            client.user = client.password = ""
         note("auth", True, f"logged in as {smtp.username!r}")

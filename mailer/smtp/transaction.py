@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
+from collections.abc import Callable
 
 from ..core.errors import PermanentDeliveryError
 from ..core.outcomes import Outgoing
@@ -30,6 +32,11 @@ _MAX_LINE = 8192
 
 # Outcomes of a transaction.
 OK, TEMP, PERM, STALE = range(4)
+
+# A reply: its code (-1 for one that does not parse) and its text.
+_Reply = tuple[int, bytes]
+# What a transaction came to: (outcome, reply code or None, reply text).
+_Result = tuple[int, int | None, str]
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _BARE_EOL = re.compile(rb"\r\n|\r|\n")
@@ -76,13 +83,27 @@ class Envelope:
 class Connection:
     """One open SMTP session and what its EHLO said."""
 
-    __slots__ = ("broken", "client", "eightbitmime", "pipelining", "readline", "size", "smtputf8", "transactions")
+    __slots__ = (
+        "broken",
+        "client",
+        "eightbitmime",
+        "pipelining",
+        "readline",
+        "size",
+        "smtputf8",
+        "sock",
+        "transactions",
+    )
 
     def __init__(self, client: smtplib.SMTP) -> None:
         self.client = client
+        if client.sock is None:
+            raise smtplib.SMTPServerDisconnected("the SMTP client is not connected")
+        # The session's socket, as set up (TLS included) before the first transaction.
+        self.sock: socket.socket = client.sock
         if client.file is None:
-            client.file = client.sock.makefile("rb")
-        self.readline = client.file.readline
+            client.file = self.sock.makefile("rb")
+        self.readline: Callable[[int], bytes] = client.file.readline
         self.transactions = 0
         features = client.esmtp_features
         self.pipelining = "pipelining" in features
@@ -102,7 +123,7 @@ class Connection:
         client.close()
         self.broken = True
 
-    def reply(self) -> tuple[int, bytes]:
+    def reply(self) -> _Reply:
         """Read one reply: (code, text); the lines of a multi-line reply joined by "\\n".
 
         smtplib's getreply() does the same with more overhead per line; this is on the
@@ -112,7 +133,7 @@ class Connection:
             code = line[:3]
             if code.isdigit():
                 return int(code), line[4:].strip()
-        lines = []
+        lines: list[bytes] = []
         while True:
             if not line:
                 raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
@@ -125,7 +146,7 @@ class Connection:
                 return int(line[:3]), b"\n".join(lines)
             line = self.readline(_MAX_LINE + 1)
 
-    def transact(self, envelope: Envelope) -> tuple[int, int | None, str]:
+    def transact(self, envelope: Envelope) -> _Result:
         """One MAIL / RCPT / DATA transaction. Returns (outcome, code, reply text).
 
         ``_STALE`` means the pooled connection turned out dead before anything that
@@ -143,7 +164,7 @@ class Connection:
             params += b" SIZE=%d" % envelope.size
         mail = b"MAIL FROM:<" + envelope.sender + b">" + params + b"\r\n"
         rcpts = [b"RCPT TO:<" + r + b">\r\n" for r in envelope.recipients]
-        replies: list[tuple[int, bytes]] = []
+        replies: list[_Reply] = []
         stage = 0  # 0: envelope, 1: sending the content, 2: waiting for the final reply
         try:
             if self.pipelining:
@@ -154,7 +175,7 @@ class Connection:
             if failure is not None:
                 return failure
             stage = 1
-            client.sock.sendall(envelope.body)
+            self.sock.sendall(envelope.body)
             stage = 2
             code, text = self.reply()
         except (OSError, smtplib.SMTPException) as exc:
@@ -190,9 +211,9 @@ class Connection:
             )
         return OK, code, reply
 
-    def _envelope_pipelined(self, mail: bytes, rcpts: list[bytes], replies: list) -> None:
+    def _envelope_pipelined(self, mail: bytes, rcpts: list[bytes], replies: list[_Reply]) -> None:
         # RFC 2920: MAIL, every RCPT and DATA in one write, then read one reply each.
-        self.client.sock.sendall(mail + b"".join(rcpts) + b"DATA\r\n")
+        self.sock.sendall(mail + b"".join(rcpts) + b"DATA\r\n")
         getreply = self.reply
         for _ in range(len(rcpts) + 2):
             reply = getreply()
@@ -200,8 +221,8 @@ class Connection:
             if reply[0] == 421:  # the relay is closing: no more replies will come
                 return
 
-    def _envelope_stepwise(self, mail: bytes, rcpts: list[bytes], replies: list) -> None:
-        sock = self.client.sock
+    def _envelope_stepwise(self, mail: bytes, rcpts: list[bytes], replies: list[_Reply]) -> None:
+        sock = self.sock
         getreply = self.reply
         sock.sendall(mail)
         reply = getreply()
@@ -220,7 +241,7 @@ class Connection:
             sock.sendall(b"DATA\r\n")
             replies.append(getreply())
 
-    def _envelope_failure(self, replies: list, recipients: int, reused: bool):
+    def _envelope_failure(self, replies: list[_Reply], recipients: int, reused: bool) -> _Result | None:
         """None when the relay said 354 to DATA; else the transaction's outcome."""
         mail_code = replies[0][0]
         if reused and mail_code in (421, 503):
@@ -246,13 +267,13 @@ class Connection:
             # The relay took DATA although the envelope failed (RFC 2920 says it must
             # not): end an empty message to keep the session in step.
             try:
-                self.client.sock.sendall(b".\r\n")
+                self.sock.sendall(b".\r\n")
                 self.reply()
             except (OSError, smtplib.SMTPException):
                 self.broken = True
         return self._failure(*failure)
 
-    def _failure(self, code: int, text: bytes) -> tuple[int, int | None, str]:
+    def _failure(self, code: int, text: bytes) -> _Result:
         reply = reply_text(text)
         if closes_connection(code) or not 200 <= code < 600:
             self.broken = True  # 421, or a reply we cannot make sense of
@@ -265,7 +286,7 @@ class Connection:
     def _reset(self) -> None:
         """RSET after a failed transaction, so the session is clean for the next one."""
         try:
-            self.client.sock.sendall(b"RSET\r\n")
+            self.sock.sendall(b"RSET\r\n")
             if self.reply()[0] != 250:
                 self.broken = True
         except (OSError, smtplib.SMTPException):
