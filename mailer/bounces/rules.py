@@ -7,8 +7,9 @@ never do, whatever their text says.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
-from ..core.outcomes import Status
+from ..core.outcomes import DeliveryEvent, Status
 
 __all__ = ["bounces_of", "is_bounce", "is_hard_bounce"]
 
@@ -49,10 +50,10 @@ def is_hard_bounce(code: int, reply_text: str) -> bool:
 
 def is_bounce(status: str, code: int | None, reply: str | None) -> bool:
     """Whether an outcome puts the address on the suppression list (a permanent "user unknown")."""
-    return status == Status.FAILED and bool(code) and is_hard_bounce(code, reply or "")
+    return status == Status.FAILED and code is not None and is_hard_bounce(code, reply or "")
 
 
-def bounces_of(events: list[tuple]) -> list[tuple[str, str]]:
+def bounces_of(events: Iterable[DeliveryEvent]) -> list[tuple[str, str]]:
     """``(recipient, reason)`` for each permanent "user unknown" failure among ``events``."""
     return [
         (recipient, f"{code} {reply}"[:500])

@@ -13,6 +13,7 @@ __all__ = [
     "RESULT_STATUSES",
     "SKIPPED_STATUSES",
     "STATUS_BY_VALUE",
+    "DeliveryEvent",
     "Outgoing",
     "Result",
     "Status",
@@ -67,3 +68,9 @@ class Status(StrEnum):
 STATUS_BY_VALUE = {status.value: status for status in Status}
 RESULT_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.DEFERRED})
 SKIPPED_STATUSES = frozenset({Status.INVALID, Status.SUPPRESSED})
+
+#: One delivery event, as the delivery process journals it and the send log applies it:
+#: ``(recipient, status, smtp_code, smtp_reply, message_id, line)``. ``status`` is a
+#: :class:`Status` value (a plain string once read back from the journal); ``line`` is
+#: set on ``sending`` events.
+DeliveryEvent = tuple[str, str, int | None, str | None, str | None, int | None]
