@@ -3,6 +3,7 @@
 
     python bench/bench.py dry-run --contacts 100000
     python bench/bench.py dry-run --contacts 1000000
+    python bench/bench.py dry-run --contacts 20000 --dkim
     python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge]
     python bench/bench.py dkim --key rsa|ed25519 --messages 2000
     python bench/bench.py check --contacts 100000 --domains 5000 --latency 0.02
@@ -152,7 +153,10 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
         work = Path(folder)
         write_contacts(work / "contacts.csv", args.contacts)
         (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
-        (work / "mailer.toml").write_text(CONFIG.format(port=25, connections=4), encoding="utf-8")
+        config = CONFIG.format(port=25, connections=4)
+        if args.dkim:
+            config += _dkim_config(work)
+        (work / "mailer.toml").write_text(config, encoding="utf-8")
         command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--dry-run", "--quiet"]
         elapsed, code, peak_mb = run_child(command, cwd=work)
     return {
@@ -162,8 +166,19 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
         "seconds": round(elapsed, 2),
         "messages_per_second": round(args.contacts / elapsed),
         "peak_rss_mb": peak_mb,
-        "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)]),
+        "peak_pss_mb": PEAK_PSS[0],
+        "dkim": "rsa-2048" if args.dkim else None,
+        "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)])
+        + (" --dkim" if args.dkim else ""),
     }
+
+
+def _dkim_config(work: Path) -> str:
+    """A fresh RSA-2048 key in ``work`` and the ``[dkim]`` section that names it."""
+    key = work / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    key.chmod(0o600)
+    return '\n[dkim]\ndomain = "acme.example"\nselector = "bench"\nprivate_key = "dkim.pem"\n'
 
 
 def free_port() -> int:
@@ -214,10 +229,7 @@ def bench_send(args: argparse.Namespace) -> dict:
             (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
             config = CONFIG.format(port=port, connections=args.connections)
             if args.dkim:
-                key = work / "dkim.pem"
-                subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
-                key.chmod(0o600)
-                config += '\n[dkim]\ndomain = "acme.example"\nselector = "bench"\nprivate_key = "dkim.pem"\n'
+                config += _dkim_config(work)
             (work / "mailer.toml").write_text(config, encoding="utf-8")
             command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--yes", "--quiet", "--json"]
             elapsed, code, peak_mb = run_child(command, cwd=work)
@@ -408,6 +420,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     dry = sub.add_parser("dry-run", help="render N messages into /dev/null")
     dry.add_argument("--contacts", type=int, default=100_000)
+    dry.add_argument("--dkim", action="store_true", help="sign every message (RSA-2048 key made for the run)")
     send = sub.add_parser("send", help="send N messages into a loopback sink")
     send.add_argument("--contacts", type=int, default=20_000)
     send.add_argument("--connections", type=int, default=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from send_support import Project, addresses, received_addresses, wait_for
+from send_support import MAILER, Project, addresses, received_addresses, wait_for
 
 from mailer.core.config import DKIMConfig
 from mailer.core.errors import DKIMError
@@ -191,3 +192,77 @@ def test_large_messages_go_through_without_the_pipes_filling_up(signer):
     assert not deadlocked, "the parent and a signing process were each waiting for the other"
     assert [o.key for o in out] == list(range(70))
     assert all(verifies(o.data, signer) for o in out[::23])
+
+
+# ---------------------------------------------------------------- the dry run signs
+
+
+def mbox_messages(data: bytes) -> list[bytes]:
+    """The messages of an mboxrd stream, with the CRLF line endings they are sent with."""
+    chunks = [chunk for chunk in re.split(rb"^From MAILER-DAEMON [^\n]*\n", data, flags=re.MULTILINE) if chunk]
+    return [re.sub(rb"^>(>*From )", rb"\1", chunk[:-1], flags=re.MULTILINE).replace(b"\n", b"\r\n") for chunk in chunks]
+
+
+def test_a_dry_run_writes_signed_messages_that_verify(tmp_path, key, signer):
+    project = Project(tmp_path)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
+    emails = addresses(BATCH * 2 + 3)
+    project.write_contacts(emails)
+
+    outcome = subprocess.run(
+        [
+            *MAILER,
+            "send",
+            str(project.contacts_path),
+            str(project.template_path),
+            "--dry-run",
+            "-c",
+            str(project.config_path),
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+
+    assert outcome.returncode == 0, outcome.stderr
+    messages = mbox_messages(outcome.stdout)
+    assert len(messages) == len(emails)
+    for address, data in zip(emails, messages):  # in the order of the list
+        assert data.startswith(b"DKIM-Signature:")
+        assert email.message_from_bytes(data, policy=email.policy.default)["To"].addresses[0].addr_spec == address
+        assert verifies(data, signer)
+
+
+def test_a_dry_run_on_one_core_signs_in_process(tmp_path, key, signer, monkeypatch):
+    monkeypatch.setattr(signing_module.os, "sched_getaffinity", lambda pid: {0})
+    assert signing_module.signing_workers() == 0
+    project = Project(tmp_path)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)})
+    project.write_contacts(addresses(5))
+    out = tmp_path / "review"
+
+    outcome = project.send("--dry-run", "--output", str(out))
+
+    assert outcome.exit_code == 0, outcome
+    files = sorted(out.glob("*.eml"))
+    assert len(files) == 5
+    assert all(verifies(path.read_bytes(), signer) for path in files)
+
+
+@pytest.mark.parametrize("broken", ["missing", "garbage"])
+def test_a_dry_run_with_a_bad_key_exits_2_like_a_real_send(tmp_path, broken):
+    bad = tmp_path / "dkim.pem"
+    if broken == "garbage":
+        bad.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+        bad.chmod(0o600)
+    project = Project(tmp_path)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(bad)})
+    project.write_contacts(addresses(3))
+
+    rehearsal = project.send("--dry-run")
+    real = project.send("--yes")
+
+    assert rehearsal.exit_code == real.exit_code == 2, rehearsal
+    assert str(bad) in rehearsal.stderr and "DKIM" in rehearsal.stderr
+    assert rehearsal.stderr == real.stderr  # the same clear message
+    assert "From MAILER-DAEMON" not in rehearsal.stdout and "Traceback" not in rehearsal.stderr

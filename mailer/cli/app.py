@@ -240,24 +240,30 @@ def send(
         spool_stdin=not dry_run,
     )
     try:
+        # A dry run signs as the real send does, so a bad key fails it the same way (exit 2).
+        signer = _load_signer(job)
         if dry_run:
-            summary = _dry_run(job, reporter, format=format, output=output)
+            summary = _dry_run(job, reporter, format=format, output=output, signer=signer)
         else:
-            summary = _send(job, reporter, yes=yes, resend_unknown=resend_unknown)
+            summary = _send(job, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
     finally:
         job.close()
     _print_summary(summary, reporter, json_output=json_output)
     raise typer.Exit(code=int(summary.exit_code))
 
 
-def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool) -> Summary:
+def _load_signer(job: Campaign) -> Any:
+    """The DKIM signer of ``[dkim]``, or None; a key that cannot be used is a DKIMError."""
+    if job.config.dkim is None:
+        return None
+    from ..dkim.signer import DKIMSigner
+
+    return DKIMSigner.load(job.config.dkim)
+
+
+def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool, signer: Any) -> Summary:
     from ..send.run import run_send
 
-    signer = None
-    if job.config.dkim is not None:
-        from ..dkim.signer import DKIMSigner
-
-        signer = DKIMSigner.load(job.config.dkim)
     confirm = None if yes else _confirmation(reporter)
     return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
 
@@ -287,11 +293,17 @@ def _ask(reporter: Reporter, question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | None) -> Summary:
+def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | None, signer: Any) -> Summary:
+    from ..send.signing import Signing
+
     summary = Summary(campaign=job.name, dry_run=True, contacts=job.contacts_name)
     out = None if output is not None else sys.stdout.buffer
     if out is not None and reporter.is_terminal and sys.stdout.isatty() and not reporter.quiet:
         reporter.warning("writing the dry run to the terminal; pipe it (| less) or redirect it (> review.mbox).")
+    for warning in getattr(signer, "warnings", []) or []:
+        reporter.warning(warning)
+    # Before the progress display starts its thread: the signing pool forks.
+    signing = Signing(signer) if signer is not None else None
     reporter.start_progress("dry run", count_data_rows(job.contacts_name if job.contacts_name != "<stdin>" else "-"))
     done = 0
 
@@ -302,9 +314,19 @@ def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | N
             reporter.update_progress(summary.counts["rows"], {"rendered": summary.counts["rendered"]})
 
     try:
-        write_dry_run(job, summary, out=out, output_dir=output, format=format, on_message=tick)
+        write_dry_run(
+            job,
+            summary,
+            out=out,
+            output_dir=output,
+            format=format,
+            on_message=tick,
+            sign=signing.signed if signing is not None else None,
+        )
     finally:
         reporter.stop_progress()
+        if signing is not None:
+            signing.close()
     return summary
 
 

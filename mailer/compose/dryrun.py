@@ -1,6 +1,7 @@
 """The dry run's writers: every built message as an mbox stream, JSON lines or ``.eml`` files.
 
-The messages are exactly what a real send would hand to the relay; nothing here
+The messages are exactly what a real send would hand to the relay (DKIM-signed by
+the ``sign`` the caller passes, the same signing as a real send); nothing here
 touches the network or the send log.
 """
 
@@ -9,12 +10,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from ..core.errors import UsageError
+from ..core.outcomes import Outgoing
 from .campaign import Campaign, Summary
+from .contacts import Contact
+from .message import BuiltMessage
 
 __all__ = ["DRY_RUN_FORMATS", "write_dry_run"]
 
@@ -28,6 +33,33 @@ def _mbox_from_line() -> bytes:
 
 _MBOX_ESCAPE = re.compile(rb"^(>*From )", re.MULTILINE)
 
+#: Signs a stream of messages in order, as a real send does (``Signing.signed``).
+Sign = Callable[[Iterator[Outgoing]], Iterator[Outgoing]]
+
+
+def _signed(messages: Iterator[tuple[Contact, BuiltMessage]], sign: Sign) -> Iterator[tuple[Contact, BuiltMessage]]:
+    """``messages`` with each message's data replaced by ``sign``'s (signed) data."""
+    outgoing = (
+        Outgoing(
+            key=(contact, message),
+            sender=message.sender,
+            recipients=message.recipients,
+            data=message.data,
+            message_id=message.message_id,
+            smtputf8=message.smtputf8,
+        )
+        for contact, message in messages
+    )
+    signed = sign(outgoing)
+    try:
+        for item in signed:
+            pair = cast("tuple[Contact, BuiltMessage]", item.key)
+            yield pair[0], replace(pair[1], data=item.data)
+    finally:
+        close = getattr(signed, "close", None)
+        if close is not None:
+            close()
+
 
 def write_dry_run(
     campaign: Campaign,
@@ -37,8 +69,12 @@ def write_dry_run(
     output_dir: Path | None = None,
     format: str = "mbox",
     on_message: Callable[[], None] | None = None,
+    sign: Sign | None = None,
 ) -> Summary:
-    """Render every selected message and write it out; nothing touches the network."""
+    """Render (and with ``sign``, DKIM-sign) every selected message and write it out.
+
+    Nothing touches the network.
+    """
     if format not in DRY_RUN_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(DRY_RUN_FORMATS)}, not {format!r}.")
     if output_dir is not None:
@@ -46,7 +82,10 @@ def write_dry_run(
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create the output folder ({exc.strerror}).", path=str(output_dir)) from None
-    for count, (contact, message) in enumerate(campaign.messages(summary), 1):
+    messages = campaign.messages(summary)
+    if sign is not None:
+        messages = _signed(messages, sign)
+    for count, (contact, message) in enumerate(messages, 1):
         if output_dir is not None:
             safe = re.sub(r"[^\w.@+-]", "_", contact.email)[:100]
             (output_dir / f"{count:06d}-{safe}.eml").write_bytes(message.data)

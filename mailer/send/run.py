@@ -29,7 +29,7 @@ from .child import DeliveryProcess
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover
 from .resume import SETTLED, Resume
-from .signing import SigningPool, signing_workers
+from .signing import Signing
 
 __all__ = ["SendPlan", "plan_send", "run_send", "unsubscribe_warning"]
 
@@ -151,13 +151,12 @@ def run_send(
         delivery = DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name, run_id=run_id)
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
-        workers = signing_workers() if signer is not None else 0
-        signing = SigningPool(signer, workers) if workers else None
+        signing = Signing(signer) if signer is not None else None
         reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
         interrupted = install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
         try:
-            outgoing = _outgoing(job, log, summary, signer=None if signing else signer, resume=resume)
+            outgoing = _outgoing(job, log, summary, resume=resume)
             stream = signing.signed(outgoing) if signing else outgoing
             try:
                 produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
@@ -212,7 +211,7 @@ class _ProgressThread:
         self._thread.join()
 
 
-def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, resume: Resume) -> Iterator[Outgoing]:
+def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, resume: Resume) -> Iterator[Outgoing]:
     campaign = job.name
     counts = summary.counts
 
@@ -238,12 +237,11 @@ def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, signer: Any, res
         log.record_skipped(campaign, recipient, status="invalid", reason=problem.reason, line=problem.line)
 
     for contact, message in job.messages(summary, skip=skip, on_problem=on_problem):
-        data = signer.sign(message.data) if signer is not None else message.data
         yield Outgoing(
             key=(normalize_address(contact.envelope), contact.line),
             sender=message.sender,
             recipients=message.recipients,
-            data=data,
+            data=message.data,
             message_id=message.message_id,
             smtputf8=message.smtputf8,
         )

@@ -5,6 +5,8 @@ Python process signs on one core at a time (the canonicalization holds the
 interpreter lock). :class:`SigningPool` forks worker processes that inherit the
 loaded key, hands them batches of messages round-robin, and gives the signed
 messages back in the order they came, with a bounded number of batches in flight.
+:class:`Signing` is how a run signs (a real send and a dry run alike): in that pool
+when there is more than one core, else in the calling process.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..core.errors import DKIMError
 from ..core.outcomes import Outgoing
 from .forking import FORK, Batch, become_child
 
-__all__ = ["BATCH", "BATCH_BYTES", "IN_FLIGHT_PER_WORKER", "SigningPool", "signing_workers"]
+__all__ = ["BATCH", "BATCH_BYTES", "IN_FLIGHT_PER_WORKER", "Signing", "SigningPool", "signing_workers"]
 
 BATCH = 16  # messages at most in one batch
 BATCH_BYTES = 256 * 1024  # and about this many bytes (messages with attachments are large)
@@ -151,3 +153,45 @@ def signing_workers() -> int:
     """How many DKIM signing processes: one per core, none on a single core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(cores, 4) if cores > 1 else 0
+
+
+class Signing:
+    """How one run DKIM-signs its messages: the real send and the dry run both use it.
+
+    With more than one core (``workers`` None: :func:`signing_workers`) the messages
+    are signed in a :class:`SigningPool`, else one by one in this process. Create it
+    before any thread of the caller starts (the pool forks); close it when done.
+    """
+
+    def __init__(self, signer: Any, *, workers: int | None = None) -> None:
+        self.signer = signer
+        count = signing_workers() if workers is None else workers
+        self._pool = SigningPool(signer, count) if count else None
+
+    @property
+    def workers(self) -> int:
+        """How many signing processes (0: signed in this process)."""
+        return len(self._pool._processes) if self._pool is not None else 0
+
+    @property
+    def dropped(self) -> int:
+        """Messages taken in but never given back (the consumer stopped early)."""
+        return self._pool.dropped if self._pool is not None else 0
+
+    def signed(self, items: Iterator[Outgoing]) -> Iterator[Outgoing]:
+        """``items`` with their data DKIM-signed, in the same order."""
+        if self._pool is not None:
+            return self._pool.signed(items)
+        sign = self.signer.sign
+        return (replace(item, data=sign(item.data)) for item in items)
+
+    def close(self) -> None:
+        """Stop the signing processes, if any (idempotent)."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> Signing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
