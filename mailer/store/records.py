@@ -59,7 +59,8 @@ DELIVERY_COLUMNS = (
 )
 
 
-def delivery_from_row(row: tuple) -> Delivery:
+def delivery_from_row(row: tuple[Any, ...]) -> Delivery:
+    """A :class:`Delivery` from a row of :data:`DELIVERY_COLUMNS`."""
     values = list(row)
     values[2] = STATUS_BY_VALUE[values[2]]
     return Delivery(*values)

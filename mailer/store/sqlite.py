@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..core.addresses import address_problem, domain_of, idna_twin, normalize_address
 from ..core.errors import ContactsError, SendLogError, UsageError
-from ..core.outcomes import RESULT_STATUSES, SKIPPED_STATUSES, STATUS_BY_VALUE, Status
+from ..core.outcomes import RESULT_STATUSES, SKIPPED_STATUSES, STATUS_BY_VALUE, DeliveryEvent, Status
 from .imports import parse_address_file
 from .locks import CampaignLock, campaign_lock_path
 from .migrations import migrate
@@ -229,9 +229,10 @@ class SendLog:
     def schema_version(self) -> int:
         """The schema version of the open database."""
         with self._guard as conn:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
+            version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+            return version
 
-    def _fetch_one(self, sql: str, params: tuple) -> tuple | None:
+    def _fetch_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
         """One row of a point query, on the hot path of every contact.
 
         Same guarantees as ``_guard``, written out and on a reused cursor: at 100k calls
@@ -242,7 +243,8 @@ class SendLog:
             cursor = self._point_cursor
             if cursor is None:
                 raise SendLogError("the send log is closed.", path=str(self.path))
-            return cursor.execute(sql, params).fetchone()
+            row: tuple[Any, ...] | None = cursor.execute(sql, params).fetchone()
+            return row
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.ProgrammingError):
                 raise
@@ -311,7 +313,7 @@ class SendLog:
     def record_events(
         self,
         campaign: str,
-        events: Iterable[tuple],
+        events: Iterable[DeliveryEvent],
         *,
         journal: tuple[int, int] | None = None,
         bounces: Iterable[tuple[str, str]] = (),
@@ -335,18 +337,18 @@ class SendLog:
                 raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
             key = normalize_address(recipient)
             rows.append((campaign, key, domain_of(key), str(status), smtp_code, smtp_reply, message_id, line, now, now))
-        bounces = [(normalize_address(address), reason, "bounce", now) for address, reason in bounces]
+        suppressions = [(normalize_address(address), reason, "bounce", now) for address, reason in bounces]
         if not rows and journal is None:
             return
         with self._guard as conn:
-            if len(rows) == 1 and journal is None and not bounces:
+            if len(rows) == 1 and journal is None and not suppressions:
                 conn.execute(_EVENT_SQL, rows[0])
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_EVENT_SQL, rows)
-                if bounces:
-                    conn.executemany(_SUPPRESSION_SQL, bounces)
+                if suppressions:
+                    conn.executemany(_SUPPRESSION_SQL, suppressions)
                 if journal is not None:
                     conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (journal[1], journal[0]))
             except BaseException:
@@ -359,7 +361,8 @@ class SendLog:
         row = self._fetch_one("SELECT journal_applied FROM runs WHERE id = ?", (run_id,))
         if row is None:
             raise ValueError(f"no run with id {run_id} in {self.path}")
-        return row[0]
+        applied: int | None = row[0]
+        return applied
 
     def set_journal_applied(self, run_id: int, offset: int) -> None:
         with self._guard as conn:
@@ -502,7 +505,10 @@ class SendLog:
                 "INSERT INTO runs (campaign, template, contacts, pid, host, started_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (campaign, template, contacts, os.getpid(), socket.gethostname(), self._now()),
             )
-            return cursor.lastrowid
+            run_id = cursor.lastrowid
+        if run_id is None:  # sqlite3 sets it after every successful INSERT
+            raise SendLogError("the send log did not return the new run's id.", path=str(self.path))
+        return run_id
 
     def finish_run(self, run_id: int, *, counts: Mapping[str, int], interrupted: bool) -> None:
         """Record the end of a run with its counts by status and whether it was interrupted."""
@@ -525,7 +531,14 @@ class SendLog:
             ).fetchall()
         return [
             Run(
-                *row[:8],
+                id=row[0],
+                campaign=row[1],
+                template=row[2],
+                contacts=row[3],
+                pid=row[4],
+                host=row[5],
+                started_at=row[6],
+                finished_at=row[7],
                 interrupted=None if row[8] is None else bool(row[8]),
                 counts=None if row[9] is None else json.loads(row[9]),
             )
@@ -591,7 +604,7 @@ class SendLog:
         """Take addresses off the suppression list; returns how many were on it."""
         if isinstance(addresses, str):
             addresses = [addresses]
-        keys = []
+        keys: list[tuple[str, str]] = []
         for address in addresses:
             key = normalize_address(address)
             keys.append((key, idna_twin(key) or key))
@@ -599,8 +612,8 @@ class SendLog:
         with self._guard as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for key in keys:
-                    removed += conn.execute("DELETE FROM suppressions WHERE address IN (?, ?)", key).rowcount > 0
+                for pair in keys:
+                    removed += conn.execute("DELETE FROM suppressions WHERE address IN (?, ?)", pair).rowcount > 0
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
