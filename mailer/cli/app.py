@@ -100,7 +100,7 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
                 import traceback
 
                 traceback.print_exc()
-                if getattr(exc, "debug_traceback", None):  # raised in the delivery process
+                if exc.debug_traceback:  # raised in the delivery process
                     sys.stderr.write("in the delivery process:\n" + exc.debug_traceback)
             Reporter().error(str(exc))
             raise typer.Exit(code=int(exc.exit_code)) from None

@@ -190,7 +190,7 @@ def _looks_like_password(name: str) -> bool:
     return any(c.islower() for c in name) and any(c.isupper() for c in name) and any(c.isdigit() for c in name)
 
 
-def find_config_path(explicit: str | os.PathLike | None) -> tuple[Path | None, bool]:
+def find_config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path | None, bool]:
     """Where the config is: ``--config``, else ``$MAILER_CONFIG``, else ``./mailer.toml``.
 
     Returns the path and whether the user asked for it explicitly (an explicit path
@@ -205,7 +205,7 @@ def find_config_path(explicit: str | os.PathLike | None) -> tuple[Path | None, b
     return (default if default.exists() else None), False
 
 
-def load_config(explicit: str | os.PathLike | None = None) -> Config:
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     """Find, read and validate the config file. No file at the default place gives defaults."""
     path, _was_explicit = find_config_path(explicit)
     if path is None:

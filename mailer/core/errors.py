@@ -8,6 +8,7 @@ its exit code. The CLI turns any of them into one paragraph on stderr in one pla
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TypedDict, Unpack
 
 __all__ = [
     "AttachmentError",
@@ -38,14 +39,24 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+class _Where(TypedDict, total=False):
+    """The keyword arguments every :class:`MailerError` takes, passed on by its subclasses."""
+
+    path: str | None
+    line: int | None
+    hint: str | None
+
+
 class MailerError(Exception):
     """Root of every error mailer reports to the user.
 
     ``message`` says what is wrong; ``path`` and ``line`` say where; ``hint`` says how
-    to fix it. ``str()`` gives the whole one-paragraph message.
+    to fix it. ``str()`` gives the whole one-paragraph message. ``debug_traceback``
+    is set on an error raised in the delivery process: its traceback there, for --debug.
     """
 
     exit_code: ExitCode = ExitCode.USAGE
+    debug_traceback: str | None = None
 
     def __init__(
         self,
@@ -78,7 +89,7 @@ class UsageError(MailerError):
 class ConfigError(MailerError):
     """A missing, unreadable or invalid config file or key."""
 
-    def __init__(self, message: str, *, key: str | None = None, **kwargs) -> None:
+    def __init__(self, message: str, *, key: str | None = None, **kwargs: Unpack[_Where]) -> None:
         super().__init__(message, **kwargs)
         self.key = key
 
@@ -120,7 +131,7 @@ class DeliveryError(MailerError):
         *,
         smtp_code: int | None = None,
         recipient: str | None = None,
-        **kwargs,
+        **kwargs: Unpack[_Where],
     ) -> None:
         super().__init__(message, **kwargs)
         self.smtp_code = smtp_code
