@@ -238,6 +238,27 @@ def test_a_damaged_journal_is_an_error_that_keeps_the_file(db_path):
     assert rows(db_path) == {}  # nothing half-applied
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b'["user1@example.com", "sent"]\n', id="too-few-fields"),
+        pytest.param(b'{"recipient": "user1@example.com"}\n', id="not-a-list"),
+        pytest.param(line(("user1@example.com", "bogus", None, None, None, None)), id="unknown-status"),
+        pytest.param(line((7, "sent", 250, "ok", None, None)), id="recipient-not-text"),
+    ],
+)
+def test_a_journal_line_of_the_wrong_shape_is_damage_not_a_crash(db_path, bad):
+    # Valid JSON that is not an event (a damaged file): the same clear error as a line
+    # that is not JSON, with the file kept and nothing applied; not a bare ValueError.
+    run_id = new_run(db_path)
+    path = write_journal(db_path, run_id, line(sending(1)) + bad + line(sent(1)))
+    with SendLog.open(db_path) as log, pytest.raises(SendLogError) as caught:
+        recover(log, CAMPAIGN)
+    assert "journal of campaign 'news' is damaged" in str(caught.value)
+    assert path.exists()
+    assert rows(db_path) == {}
+
+
 def test_a_journal_that_cannot_be_created_is_a_clear_error(db_path, tmp_path):
     run_id = new_run(db_path)
     journal_path(db_path, CAMPAIGN).mkdir()  # something in the way

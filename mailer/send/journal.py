@@ -35,6 +35,7 @@ from typing import Any
 
 from ..bounces.rules import bounces_of
 from ..core.errors import LockedError, SendLogError
+from ..core.outcomes import RESULT_STATUSES, DeliveryEvent, Status
 from ..store.locks import CampaignLock, campaign_file_path
 from ..store.sqlite import SendLog
 
@@ -79,7 +80,7 @@ class JournalWriter:
             ) from None
         self._header_size = len(header)
         self._written = len(header)  # the file's size: every append is counted here
-        self._pending: list[tuple] = []
+        self._pending: list[DeliveryEvent] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
@@ -87,7 +88,7 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._run, name="mailer-journal", daemon=True)
         self._thread.start()
 
-    def append(self, event: tuple) -> None:
+    def append(self, event: DeliveryEvent) -> None:
         """Write one event to the journal; it is on record when this returns."""
         line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
         with self._lock:
@@ -116,11 +117,11 @@ class JournalWriter:
             if len(self._pending) >= _BATCH_EVENTS:
                 self._wake.notify()
 
-    def _take(self) -> tuple[list[tuple], int]:
+    def _take(self) -> tuple[list[DeliveryEvent], int]:
         events, self._pending = self._pending, []
         return events, self._written
 
-    def _apply(self, events: list[tuple], offset: int) -> None:
+    def _apply(self, events: list[DeliveryEvent], offset: int) -> None:
         self.log.record_events(self.campaign, events, journal=(self.run_id, offset), bounces=bounces_of(events))
 
     def _run(self) -> None:
@@ -166,16 +167,43 @@ class JournalWriter:
         self.path.unlink(missing_ok=True)
 
 
-def _read_events(data: bytes, start: int) -> Iterator[tuple[tuple, int]]:
-    """Each complete event line from ``start``, with the offset just after it."""
+_EVENT_STATUSES = frozenset({Status.SENDING, *RESULT_STATUSES})
+
+
+def _optional(value: object, kind: type) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def _as_event(value: object) -> DeliveryEvent:
+    """A decoded journal line as the event :meth:`JournalWriter.append` wrote; ValueError if it is not one."""
+    if isinstance(value, list) and len(value) == 6:
+        recipient, status, code, reply, message_id, line = value
+        if (
+            isinstance(recipient, str)
+            and isinstance(status, str)
+            and status in _EVENT_STATUSES
+            and _optional(code, int)
+            and _optional(reply, str)
+            and _optional(message_id, str)
+            and _optional(line, int)
+        ):
+            return (recipient, status, code, reply, message_id, line)
+    raise ValueError(f"a line is not a delivery event: {json.dumps(value)[:200]}")
+
+
+def _read_events(data: bytes, start: int) -> Iterator[tuple[DeliveryEvent, int]]:
+    """Each complete event line from ``start``, with the offset just after it.
+
+    Raises ValueError (or a JSONDecodeError) for a line that is not an event: the file is damaged.
+    """
     position = start
     while True:
         end = data.find(b"\n", position)
         if end < 0:
             return  # nothing more, or a line the kill cut off: its transaction never began
-        event = json.loads(data[position:end].decode("utf-8", "surrogateescape"))
+        event = _as_event(json.loads(data[position:end].decode("utf-8", "surrogateescape")))
         position = end + 1
-        yield tuple(event), position
+        yield event, position
 
 
 def recover(log: SendLog, campaign: str, lock: CampaignLock | None = None) -> int:
