@@ -494,3 +494,115 @@ def test_the_bundled_welcome_template_is_well_formed_for_every_plan(run_cli, tmp
         plans.add(team)
         assert team == ("Your team mates can join" in text_of(message))
     assert plans == {True, False}
+
+
+# --- the sandbox: a template cannot reach Python, files, the environment or mailer -----------
+
+SECRET = "s3cret-Pa55word-never-shown"
+
+_ESCAPES = [
+    "{{ lipsum.__globals__['os'].popen('touch pwned').read() }}",
+    "{{ lipsum.__globals__.__builtins__.open('secret.txt').read() }}",
+    '{{ lipsum.__globals__["os"].environ["MAILER_SMTP_PASSWORD"] }}',
+    "{{ cycler.__init__.__globals__.os.popen('touch pwned').read() }}",
+    "{{ joiner.__init__.__globals__.os.environ.MAILER_SMTP_PASSWORD }}",
+    "{{ namespace.__init__.__globals__.os.system('touch pwned') }}",
+    "{{ self._TemplateReference__context.environment.globals }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ range.__globals__ }}",
+    "{{ lipsum['__glo' ~ 'bals__']['os'].popen('touch pwned').read() }}",
+    "{{ lipsum|attr('__globals__') }}",
+    "{{ '{0.__globals__[os].environ[MAILER_SMTP_PASSWORD]}'.format(lipsum) }}",
+    "{% set g = lipsum|attr('__glo' ~ 'bals__') %}{{ g.os.popen('touch pwned').read() }}",
+    "{{ config.__class__ }}",
+    "{{ request.application.__globals__ }}",
+    "{{ self.__init__.__globals__ }}",
+]
+
+
+@pytest.mark.parametrize("probe", _ESCAPES)
+@pytest.mark.parametrize("where", ["body", "header", "attachment", "html", "md"])
+def test_a_template_cannot_escape_the_sandbox(project, run_cli, monkeypatch, probe, where):
+    monkeypatch.setenv("MAILER_SMTP_PASSWORD", SECRET)
+    project.write("secret.txt", "top secret file content")
+    project.csv(CONTACTS)
+    name = {"html": "mail.html.j2", "md": "mail.md.j2"}.get(where, "mail.txt.j2")
+    header = f"Subject: Hi {probe}\n" if where == "header" else "Subject: Hi\n"
+    attachment = f"Attachment: files/{probe}\n" if where == "attachment" else ""
+    body = "Hello\n" if where in ("header", "attachment") else f"Hello\n{probe}\n"
+    project.template(f"From: Acme <news@acme.example>\n{header}{attachment}\n{body}", name=name)
+    result = run_cli("send", "contacts.csv", name, "--dry-run")
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.stdout[:500])
+    assert "Traceback" not in result.output
+    assert name in result.stderr
+    assert not project.path("pwned").exists()
+    assert SECRET not in result.stdout and SECRET not in result.stderr
+    assert "top secret" not in result.stdout and "top secret" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        "{{ lipsum.__globals__['os'].popen('touch pwned').read() }}",
+        "{{ lipsum.__globals__.os.environ.MAILER_SMTP_PASSWORD }}",
+        "{{ lipsum['__glo' ~ 'bals__'].os.environ.MAILER_SMTP_PASSWORD }}",
+    ],
+)
+def test_the_configs_list_unsubscribe_template_is_sandboxed_too(project, run_cli, monkeypatch, probe):
+    monkeypatch.setenv("MAILER_SMTP_PASSWORD", SECRET)
+    project.csv(CONTACTS)
+    project.config(
+        '[smtp]\nhost = "127.0.0.1"\nport = 2525\nsecurity = "none"\n\n'
+        f'[message]\nfrom = "a@acme.example"\nlist_unsubscribe = "https://acme.example/u?x={probe}"\n'
+    )
+    project.template("Subject: Hi\n\nHello\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.stdout[:500])
+    assert "Traceback" not in result.output
+    assert "message.list_unsubscribe" in result.stderr and "mailer.toml" in result.stderr
+    assert not project.path("pwned").exists()
+    assert SECRET not in result.output
+
+
+def test_a_sandbox_violation_behind_a_condition_is_found_before_anything_is_built(project, run_cli):
+    project.csv(CONTACTS)
+    project.template(
+        "From: a@acme.example\nSubject: Hi\n\nHello\n{% if email == 'bob@example.com' %}\n"
+        "{{ lipsum.__globals__.os.popen('touch pwned').read() }}\n{% endif %}\n"
+    )
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mail.txt.j2:6:", "__globals__")
+    assert result.stdout == "" and not project.path("pwned").exists()
+
+
+def test_the_sandbox_keeps_ordinary_templates_working(project, run_cli):
+    project.csv(CONTACTS)
+    project.template(
+        "From: a@acme.example\nSubject: {{ first_name|upper }} {{ '%s-%03d'|format(plan, 7) }}\n\n"
+        "{% set ns = namespace(n=0) %}{% for item in items.split(';') %}{% set ns.n = ns.n + 1 %}"
+        "{{ loop.index }}:{{ item.title() }} {% endfor %}{{ ns.n }} {{ '{}!'.format(last_name) }}"
+        " {{ {'a': 1}.items()|list }} {{ cycler('x', 'y').next() }}\n"
+    )
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    assert str(messages[0]["Subject"]) == "ANN pro-007"
+    assert messages[0].get_content().replace("\r\n", "\n") == "1:Apple 2:Pear 2 Lee! [('a', 1)] x\n"
+
+
+def test_a_sandbox_violation_built_at_render_time_names_the_line(project, run_cli):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\nSubject: Hi\n\nHello\n{{ '{0.__globals__}'.format(lipsum) }}\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, "mail.txt.j2:5:", "sandbox", "__globals__")
+    assert result.stdout == ""
+
+
+def test_a_sandbox_violation_on_a_later_row_is_that_rows_error(project, run_cli):
+    project.csv("email,name,field\nann@example.com,Ann,upper\nbob@example.com,Bob,__class__\n")
+    project.template("From: a@acme.example\nSubject: Hi\n\n{{ (name|attr(field))() }}\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1, result.stderr
+    assert [m.get_content().strip() for m in messages] == ["ANN"]
+    (problem,) = summary["problems"]
+    assert problem["email"] == "bob@example.com" and "sandbox" in problem["reason"] and "__class__" in problem["reason"]

@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from jinja2 import Environment, StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta
 
 from ..core.addresses import address_key
 from ..core.config import Config
 from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
 from .contacts import Contact, ContactReader, Rejected, compile_where
 from .message import BuiltMessage, MessageBuilder
+from .sandbox import Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
-from .templates import BUILTIN_VARIABLES, load_template
+from .templates import BUILTIN_VARIABLES, RenderAbort, ValueTemplate, load_template
 
 __all__ = ["PROBLEM_KINDS", "Campaign", "Problem", "Summary", "default_campaign_name"]
 
@@ -133,7 +134,7 @@ class Campaign:
         self.where = compile_where(where, columns=self.reader.variable_names)
         available = set(self.reader.variable_names) | set(BUILTIN_VARIABLES)
         message = config.message
-        env = Environment(undefined=StrictUndefined, autoescape=False)
+        env = Sandbox(autoescape=False)
         self._unsubscribe_url = None
         if message.list_unsubscribe:
             self._unsubscribe_url = self._compile_config_template(
@@ -154,12 +155,22 @@ class Campaign:
         self.feedback_id = message.feedback_id
         self.contacts_name = self.reader.display_name
 
-    def _compile_config_template(self, env: Environment, key: str, source: str, *, available: set[str]) -> Any:
+    def _compile_config_template(
+        self, env: Environment, key: str, source: str, *, available: set[str]
+    ) -> ValueTemplate:
         where = str(self.config.path or "mailer.toml")
         try:
             parsed = env.parse(source)
         except TemplateSyntaxError as exc:
             raise ConfigError(f"'{key}' is not a valid template: {exc.message}.", key=key, path=where) from None
+        unsafe = find_unsafe_attribute(parsed)
+        if unsafe is not None:
+            raise ConfigError(
+                f"'{key}' uses the attribute {unsafe[0]!r}, which templates may not reach.",
+                key=key,
+                path=where,
+                hint="Names starting with _ are Python internals; the sandbox refuses them.",
+            )
         # Checked here, like the template's own variables: at render time an unknown
         # name would fail every row and log the whole list as invalid.
         unknown = sorted(meta.find_undeclared_variables(parsed) - available)
@@ -170,7 +181,7 @@ class Campaign:
                 path=where,
                 hint=f"It can use email, campaign and the contact file's columns: {', '.join(self.reader.columns)}.",
             )
-        return env.from_string(parsed)
+        return ValueTemplate(env.from_string(parsed), key=key, path=where)
 
     @property
     def unsubscribe_configured(self) -> bool:
@@ -254,6 +265,11 @@ class Campaign:
                     variables["unsubscribe_url"] = self._unsubscribe_url.render(variables)
                 rendered = self.template.render(variables)
                 message = self.builder.build(rendered, contact=item, extra_headers=self._extra_headers(variables))
+            except RenderAbort as exc:
+                if handled == 0:
+                    raise  # the template's fault, met before any message was handed out: exit 2
+                problem(Problem(item.line, "error", str(exc), item.email), item)
+                continue
             except (RowError, TemplateError, UndefinedError) as exc:
                 text = exc.message if isinstance(exc, MailerError) else str(exc)
                 problem(Problem(item.line, "error", text, item.email), item)

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import IO, Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateSyntaxError, UndefinedError
 
 from ..core.addresses import check_address
 from ..core.errors import ContactsError, UsageError
+from .sandbox import Sandbox, SecurityError
 
 __all__ = ["Contact", "ContactReader", "Rejected", "compile_where", "normalize_identifier"]
 
@@ -74,7 +73,7 @@ def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[di
     """Compile ``--where`` into a predicate evaluated in Jinja's sandbox (never ``eval``)."""
     if not expression:
         return None
-    env = SandboxedEnvironment(undefined=StrictUndefined)
+    env = Sandbox()
     try:
         compiled = env.compile_expression(expression, undefined_to_none=False)
     except TemplateSyntaxError as exc:
@@ -94,7 +93,7 @@ def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[di
                 hint=f"The columns are: {', '.join(columns)}.",
             ) from None
         except SecurityError as exc:
-            raise UsageError(f"--where {expression!r} is not allowed: {exc}.") from None
+            raise UsageError(f"--where {expression!r} is not allowed: {str(exc).rstrip('.')}.") from None
         except Exception as exc:  # a type error in the user's expression, e.g. '<' on str and int
             raise UsageError(f"--where {expression!r} failed on a row: {exc}.") from None
 

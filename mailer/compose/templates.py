@@ -23,12 +23,23 @@ from typing import Any
 import css_inline
 from inscriptis import get_text
 from inscriptis.model.config import ParserConfig
-from jinja2 import Environment, StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta, nodes
 from markdown_it import MarkdownIt
 
 from ..core.errors import RowError, TemplateError
+from .sandbox import Sandbox, SecurityError, find_unsafe_attribute, template_line
 
-__all__ = ["BUILTIN_VARIABLES", "DEFAULT_CSS", "MessageTemplate", "Rendered", "html_to_text", "load_template"]
+__all__ = [
+    "BUILTIN_VARIABLES",
+    "DEFAULT_CSS",
+    "MessageTemplate",
+    "RenderAbort",
+    "Rendered",
+    "ValueTemplate",
+    "check_template_source",
+    "html_to_text",
+    "load_template",
+]
 
 
 BUILTIN_VARIABLES = ("email", "campaign")
@@ -70,6 +81,8 @@ _TABLE_CONTEXT = re.compile(
 )
 _TEXT_CONFIG = ParserConfig(display_links=True)
 _SEPARATOR = "\x00"
+# "+#}": trim_blocks must not eat a newline the next part starts with.
+_NEW_LINE_COMMENT = "{#\n+#}"
 
 DEFAULT_CSS = """
 body { margin: 0; padding: 0; background: #ffffff; }
@@ -85,6 +98,15 @@ code { font-family: Menlo, Consolas, monospace; font-size: 14px; background: #f6
 pre { background: #f6f8fa; padding: 12px; overflow: auto; }
 hr { border: 0; border-top: 1px solid #d0d7de; margin: 24px 0; }
 """
+
+
+class RenderAbort(TemplateError):
+    """A template that broke the sandbox's rules while rendering: the template's fault.
+
+    Nothing of it is used. On the run's first message it stops the run (exit 2: nothing
+    was sent); later, that row is reported and the run goes on, so that what was already
+    handed to the relay stays accounted for.
+    """
 
 
 @dataclass
@@ -123,6 +145,9 @@ class MessageTemplate:
     text_from_html: bool  # no precompiled text alternative: derive it per message
     used_variables: dict[str, int]  # name -> first line
     _environment: Environment
+    # The file line of the first line of each header and attachment source, in order.
+    source_lines: list[int] = field(default_factory=list)
+    body_line: int = 1
 
     @property
     def header_names(self) -> list[str]:
@@ -151,11 +176,36 @@ class MessageTemplate:
         # Render everything in ONE Jinja call per contact: each render pays for a new
         # context, which costs more than the rendering of a short template itself.
         # Parts are joined with NUL, which no header or body may contain.
-        parts = [source for _, source in self.header_sources] + self.attachment_sources + [self.text_source]
+        parts = [source for _, source in self.header_sources] + self.attachment_sources
+        # file line of each part's first line; None where the part is derived (its lines
+        # are not the file's). The body as written goes first: a fault in it is met
+        # there, with the file's own line numbers.
+        lines: list[int | None] = list(self.source_lines) or [None] * len(parts)
+        html = None
         if self.html_source is not None:
-            parts.append("{% autoescape true %}" + self.html_source + "{% endautoescape %}")
+            html = "{% autoescape true %}" + self.html_source + "{% endautoescape %}"
+        if self.kind == "html" and html is not None:
+            parts += [html, self.text_source]
+            lines += [self.body_line, None]
+            self._html_index, self._text_index = len(parts) - 2, len(parts) - 1
+        else:
+            parts.append(self.text_source)
+            lines.append(self.body_line)
+            self._text_index = len(parts) - 1
+            if html is not None:
+                parts.append(html)
+                lines.append(None)
+            self._html_index = len(parts) - 1
         self._part_count = len(parts)
-        self._bundle = self._environment.from_string(_SEPARATOR.join(parts))
+        # Each part after the first starts on a line of its own (a comment holding a
+        # newline, which renders as nothing), so that a line of the bundle names one part.
+        source = (_SEPARATOR + _NEW_LINE_COMMENT).join(parts)
+        self._bundle = self._environment.from_string(source)
+        self._part_starts: list[tuple[int, int | None]] = []  # (bundle line, file line)
+        line = 1
+        for part, first in zip(parts, lines):
+            self._part_starts.append((line, first))
+            line += part.count("\n") + 1
         self._address_counts = {
             name.lower(): _address_count(source)
             for name, source in self.header_sources
@@ -164,8 +214,18 @@ class MessageTemplate:
 
     def render(self, variables: dict[str, Any]) -> Rendered:
         """Render headers, body and attachment paths for one contact."""
+        bundle = self._bundle
         try:
-            output = self._bundle.render(variables)
+            # root_render_func directly, not render(): Jinja's render rewrites the
+            # traceback, and the real one tells the template line of a fault.
+            output = "".join(bundle.root_render_func(bundle.new_context(variables)))
+        except SecurityError as exc:
+            raise RenderAbort(
+                f"the template broke the sandbox: {exc}",
+                path=str(self.path),
+                line=self._file_line(exc),
+                hint="Templates may not reach Python internals (names starting with _).",
+            ) from None
         except UndefinedError as exc:
             raise TemplateError(f"rendering failed: {exc.message}.", path=str(self.path)) from None
         except Exception as exc:
@@ -182,11 +242,38 @@ class MessageTemplate:
             _attachment_path(self.path.parent, value.strip(), folder)
             for value, folder in zip(parts[count : count + attachment_count], self.attachment_folders)
         ]
-        text = parts[count + attachment_count]
-        html = parts[-1] if self.html_source is not None else None
+        text = parts[self._text_index]
+        html = parts[self._html_index] if self.html_source is not None else None
         if self.text_from_html and html is not None:
             text = html_to_text(html)
         return Rendered(headers, text, html, attachments, self._address_counts)
+
+    def _file_line(self, exc: BaseException) -> int | None:
+        """The template file's line where ``exc`` was raised, when it can be told."""
+        line = template_line(self._bundle, exc.__traceback__)
+        if line is None:
+            return None
+        start, first = [item for item in self._part_starts if item[0] <= line][-1]
+        return None if first is None else first + line - start
+
+
+class ValueTemplate:
+    """A templated config value (``[message] list_unsubscribe``), rendered per contact."""
+
+    def __init__(self, template: Any, *, key: str, path: str) -> None:
+        self._template = template
+        self.key = key
+        self.path = path
+
+    def render(self, variables: dict[str, Any]) -> str:
+        try:
+            return str(self._template.render(variables))
+        except SecurityError as exc:
+            raise RenderAbort(f"'{self.key}' broke the sandbox: {exc}", path=self.path) from None
+        except UndefinedError as exc:
+            raise TemplateError(f"'{self.key}': {exc.message}.", path=self.path) from None
+        except Exception as exc:
+            raise RowError(f"rendering '{self.key}' failed: {type(exc).__name__}: {exc}") from None
 
 
 def _address_count(source: str) -> int | None:
@@ -221,17 +308,23 @@ def _template_kind(path: Path) -> str:
     )
 
 
-def _environments() -> tuple[Environment, Environment]:
+def _environments() -> tuple[Sandbox, Sandbox]:
     # trim_blocks/lstrip_blocks: a line holding only {% if %} leaves no blank line behind.
-    options = dict(
-        undefined=StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        auto_reload=False,
-        cache_size=0,
-    )
-    return Environment(autoescape=False, **options), Environment(autoescape=True, **options)
+    options: dict[str, Any] = dict(keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    return Sandbox(autoescape=False, **options), Sandbox(autoescape=True, **options)
+
+
+def check_template_source(ast: nodes.Template, *, path: str, line_offset: int = 0) -> None:
+    """Refuse, before anything is rendered, attributes the sandbox forbids (``x.__class__``)."""
+    unsafe = find_unsafe_attribute(ast)
+    if unsafe is not None:
+        name, line = unsafe
+        raise TemplateError(
+            f"the template uses the attribute {name!r}, which templates may not reach.",
+            path=path,
+            line=line + line_offset,
+            hint="Names starting with _ are Python internals; the sandbox refuses them.",
+        )
 
 
 def _protect(source: str) -> tuple[str, list[str]]:
@@ -366,6 +459,7 @@ def _compile(env: Environment, part: _Part, path: Path, used: dict[str, int]) ->
     except TemplateSyntaxError as exc:
         message = (exc.message or "").rstrip(".")
         raise TemplateError(f"template syntax error: {message}.", path=str(path), line=exc.lineno) from None
+    check_template_source(ast, path=str(path))
     for name in undeclared:
         line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == name), default=part.line)
         used[name] = min(used.get(name, line), line)
@@ -423,7 +517,9 @@ def load_template(path: Path) -> MessageTemplate:
     text_env, html_env = _environments()
     used: dict[str, int] = {}
     headers: list[tuple[str, str]] = []
+    header_lines: list[int] = []
     attachments: list[str] = []
+    attachment_lines: list[int] = []
     attachment_folders: list[Path | None] = []
     seen: set[str] = set()
     for name, value, line in raw_headers:
@@ -441,9 +537,11 @@ def load_template(path: Path) -> MessageTemplate:
         compiled = _compile(text_env, _Part(value, line), path, used)
         if lowered == "attachment":
             attachments.append(compiled)
+            attachment_lines.append(line)
             attachment_folders.append(_attachment_folder(path.parent, value))
         else:
             headers.append((name, compiled))
+            header_lines.append(line)
     if "subject" not in seen:
         raise TemplateError(
             "the template has no Subject: header.",
@@ -478,4 +576,6 @@ def load_template(path: Path) -> MessageTemplate:
         text_from_html=text_from_html,
         used_variables=used,
         _environment=text_env,
+        source_lines=header_lines + attachment_lines,
+        body_line=body.line,
     )
