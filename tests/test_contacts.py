@@ -505,3 +505,18 @@ def test_seen_addresses_stay_compact():
         tracemalloc.stop()
     assert len(seen) == total
     assert current / total < 28, f"{current / total:.1f} bytes per address"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_as_the_contact_file_is_refused(project, run_cli, kind):
+    import os
+
+    project.template("From: a@acme.example\nSubject: Hi\n\nHi.\n")
+    if kind == "fifo":
+        os.mkfifo(project.path("contacts.csv"))
+        name = "contacts.csv"
+    else:
+        name = "/dev/zero"
+    result = run_cli("send", name, "mail.txt.j2", "--dry-run")
+    assert_fails(result, 2, name, "not a regular file", "stdin")
+    assert result.stdout == ""

@@ -606,3 +606,60 @@ def test_a_sandbox_violation_on_a_later_row_is_that_rows_error(project, run_cli)
     assert [m.get_content().strip() for m in messages] == ["ANN"]
     (problem,) = summary["problems"]
     assert problem["email"] == "bob@example.com" and "sandbox" in problem["reason"] and "__class__" in problem["reason"]
+
+
+# --- links and special files as attachments ----------------------------------------------
+
+
+def test_a_link_inside_the_attachment_folder_cannot_lead_out_of_it(project, run_cli):
+    import os
+
+    project.write("secret.pdf", b"do not send")
+    project.write("mail/secret.pdf", b"do not send either")
+    project.write("mail/invoices/INV-1.pdf", b"%PDF ann")
+    project.write("mail/invoices/real/INV-2.pdf", b"%PDF bob")
+    os.symlink("../../secret.pdf", project.path("mail/invoices/link.pdf"))
+    os.symlink("..", project.path("mail/invoices/dirlink"))
+    os.symlink("real", project.path("mail/invoices/inside"))  # a link that stays inside is fine
+    project.csv(
+        "email,invoice\n"
+        "ann@example.com,INV-1.pdf\n"
+        "eve@example.com,link.pdf\n"
+        "mal@example.com,dirlink/secret.pdf\n"
+        "bob@example.com,inside/INV-2.pdf\n"
+    )
+    project.template(
+        "From: a@acme.example\nSubject: Invoice\nAttachment: invoices/{{ invoice }}\n\nAttached.\n",
+        name="mail/invoice.txt.j2",
+    )
+    result, summary, messages = dry_run(project, run_cli, template="mail/invoice.txt.j2")
+    assert result.exit_code == 1, result.stderr
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com", "bob@example.com"]
+    assert all(b"do not send" not in a.get_payload(decode=True) for m in messages for a in m.iter_attachments())
+    reasons = {p["email"]: p["reason"] for p in summary["problems"]}
+    assert set(reasons) == {"eve@example.com", "mal@example.com"}
+    assert all("leads outside" in reason for reason in reasons.values())
+
+
+def test_a_pipe_is_refused_as_an_attachment(project, run_cli):
+    import os
+
+    project.write("files/ok.txt", b"fine")
+    os.mkfifo(project.path("files/pipe.txt"))
+    project.csv("email,file\nann@example.com,ok.txt\nbob@example.com,pipe.txt\n")
+    project.template("From: a@acme.example\nSubject: Hi\nAttachment: files/{{ file }}\n\nHi.\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1, result.stderr
+    assert [m["To"].addresses[0].addr_spec for m in messages] == ["ann@example.com"]
+    (problem,) = summary["problems"]
+    assert problem["email"] == "bob@example.com" and "not a regular file" in problem["reason"]
+
+
+def test_a_device_is_refused_as_an_attachment(project, run_cli):
+    project.csv("email\nann@example.com\n")
+    project.template("From: a@acme.example\nSubject: Hi\nAttachment: /dev/zero\n\nHi.\n")
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 1, result.stderr
+    assert messages == []
+    (problem,) = summary["problems"]
+    assert "/dev/zero is not a regular file" in problem["reason"]

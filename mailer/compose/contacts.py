@@ -9,8 +9,10 @@ duplicates are found by the caller with :class:`mailer.compose.seen.SeenAddresse
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -117,6 +119,21 @@ def _spool(stream: IO[bytes]) -> IO[bytes]:
     return spool
 
 
+def _refuse_special_file(source: str) -> None:
+    """A FIFO would block at open (or read once), a device (/dev/zero) never end: refuse them."""
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return  # open() says what is wrong
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return
+    raise ContactsError(
+        "is not a regular file (a pipe, device or socket).",
+        path=source,
+        hint="Give a CSV file, or pass - and pipe the contacts on stdin.",
+    )
+
+
 class ContactReader:
     """Reads contacts from a CSV path or ``-`` (stdin), one row at a time.
 
@@ -147,6 +164,7 @@ class ContactReader:
                 self._binary = self._spool
                 self.rereadable = self._spool.name
         else:
+            _refuse_special_file(source)
             try:
                 self._binary = open(source, "rb")  # noqa: SIM115 - closed by close()
             except FileNotFoundError:

@@ -26,6 +26,7 @@ import mimetypes
 import os
 import re
 import secrets
+import stat as stat_module
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -244,6 +245,9 @@ class MessageBuilder:
             raise RowError(f"attachment {key} not found") from None
         except OSError as exc:
             raise RowError(f"attachment {key} cannot be read ({exc.strerror})") from None
+        if not stat_module.S_ISREG(stat.st_mode) and not stat_module.S_ISDIR(stat.st_mode):
+            # A FIFO would block the run forever, /dev/zero fill the memory.
+            raise RowError(f"attachment {key} is not a regular file (a pipe, device or socket)")
         cached = self._attachment_cache.get(key)
         if cached is not None and cached[0] == stat.st_mtime_ns and cached[1] == stat.st_size:
             return cached[2]

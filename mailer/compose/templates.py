@@ -484,16 +484,17 @@ def _attachment_folder(template_folder: Path, source: str) -> Path | None:
     if tag is None:
         return None
     literal_folder = source[: tag.start()].rpartition("/")[0]
-    return Path(os.path.normpath(template_folder.absolute() / literal_folder))
+    return Path(os.path.realpath(template_folder / literal_folder))
 
 
 def _attachment_path(template_folder: Path, value: str, folder: Path | None) -> Path:
     path = template_folder / value
-    # Compared by name, not by resolving links: a link the user made in that folder is theirs.
-    if folder is not None and not Path(os.path.normpath(path.absolute())).is_relative_to(folder):
+    # Compared on real paths: a link inside the folder (invoices/link.pdf -> ../secret.pdf,
+    # or invoices/up -> ..) must not carry a contact's value out of it.
+    if folder is not None and not Path(os.path.realpath(path)).is_relative_to(folder):
         raise RowError(
             f"attachment path {value!r} leads outside {folder}: a templated Attachment: path "
-            "may only name files in the folder its template gives (check the contact's values)"
+            "may only name files in the folder its template gives, links resolved (check the contact's values)"
         )
     return path
 
