@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 import mailer.dkim.openssl
 from mailer.core.config import DKIMConfig
 from mailer.core.errors import DKIMError, ExitCode
+from mailer.dkim.record import parse_tag_list
 from mailer.dkim.signer import OVERSIGNED_HEADERS, SIGNED_HEADERS, DKIMSigner
 
 OPENSSL = shutil.which("openssl")
@@ -693,3 +694,43 @@ def test_header_lists_are_consistent():
     assert "from" in SIGNED_HEADERS and "list-unsubscribe-post" in SIGNED_HEADERS
     assert set(SIGNED_HEADERS) >= OVERSIGNED_HEADERS
     assert "feedback-id" not in OVERSIGNED_HEADERS
+
+
+# ---------------------------------------------------------------- the tag-list parser (RFC 6376 §3.2)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("v=DKIM1; k=rsa; p=MIIB", {"v": "DKIM1", "k": "rsa", "p": "MIIB"}),
+        ("v=DKIM1;k=rsa;p=MIIB;", {"v": "DKIM1", "k": "rsa", "p": "MIIB"}),  # one trailing ";"
+        (" v = DKIM1 ;\tp =\tMIIB ; ", {"v": "DKIM1", "p": "MIIB"}),  # WSP around names, "=", values
+        ("v=DKIM1;\r\n p=MIIB\r\n\tIjAN", {"v": "DKIM1", "p": "MIIB\tIjAN"}),  # FWS: folded lines
+        ("v=DKIM1; p=MII B  IjAN", {"v": "DKIM1", "p": "MII B  IjAN"}),  # WSP inside a value is kept
+        ("v=DKIM1; p=", {"v": "DKIM1", "p": ""}),  # an empty value (a revoked key)
+        ("v=DKIM1; p= ;", {"v": "DKIM1", "p": ""}),
+        ("a_1=x;B=y", {"a_1": "x", "B": "y"}),  # names: ALPHA *(ALPHA / DIGIT / "_"), case kept
+        ("n=a=b", {"n": "a=b"}),  # "=" is a VALCHAR
+        ("rua=mailto:d@x.test,mailto:e@y.test!10m", {"rua": "mailto:d@x.test,mailto:e@y.test!10m"}),
+        ("", None),  # no tag-spec at all
+        ("v=DKIM1; v=DKIM1", None),  # duplicate tags invalidate the whole list
+        ("v=DKIM1;; p=MIIB", None),  # an empty tag-spec
+        ("v=DKIM1; ;", None),
+        ("v=DKIM1; p", None),  # no "="
+        ("v=DKIM1; =MIIB", None),  # no name
+        ("v=DKIM1; 1p=MIIB", None),  # a name starts with a letter
+        ("v=DKIM1; p-x=MIIB", None),  # "-" is not ALNUMPUNC
+        ("v DKIM=1", None),  # white space inside a name
+        ("v=DKIM1; n=caf\u00e9", None),  # a value is printable ASCII
+        ("v=DKIM1;\r\np=MIIB", None),  # a line break not followed by WSP is not folding
+    ],
+)
+def test_parse_tag_list_follows_rfc_6376_section_3_2(text, expected):
+    assert parse_tag_list(text) == expected
+
+
+def test_parse_tag_list_names_are_case_sensitive_unless_folded():
+    assert parse_tag_list("V=DKIM1; P=MIIB") == {"V": "DKIM1", "P": "MIIB"}
+    assert parse_tag_list("V=DMARC1; P=reject", fold_names=True) == {"v": "DMARC1", "p": "reject"}
+    assert parse_tag_list("p=none; P=reject") == {"p": "none", "P": "reject"}
+    assert parse_tag_list("p=none; P=reject", fold_names=True) is None  # the same tag twice

@@ -565,3 +565,39 @@ def test_five_thousand_domains_are_each_queried_once(dns_server):
     names = [q.name for q in dns_server.queries]
     assert len(names) == 5000 and len(set(names)) == 5000
     # How long this takes is measured by `python bench/bench.py check`, not here.
+
+
+# ---------------------------------------------------------------- one tag-list parser (dkim.record)
+
+
+def test_dkim_tag_names_are_case_sensitive_as_verifiers_read_them(dns_server, resolver, signer):
+    # RFC 6376 §3.2: "P=" is not "p=", so verifiers find no key in this record; the
+    # check used to lower-case names and call it published.
+    name, value = signer.dns_record()
+    zone = good_zone(signer)
+    zone[(name, "TXT")] = [value.replace("v=", "V=").replace("p=", "P=")]
+    dns_server.set_zone(zone)
+    dkim = check(resolver, dkim_selector=SELECTOR)["DKIM"]
+    assert dkim.status == "fail" and "holds no DKIM key record" in dkim.detail
+
+
+def test_a_dkim_record_with_an_empty_tag_spec_is_not_a_key(dns_server, resolver, signer):
+    name, value = signer.dns_record()
+    zone = good_zone(signer)
+    zone[(name, "TXT")] = [value.replace("; k=", ";; k=")]
+    dns_server.set_zone(zone)
+    dkim = check(resolver, dkim_selector=SELECTOR)["DKIM"]
+    assert dkim.status == "fail" and "holds no DKIM key record" in dkim.detail
+
+
+def test_dmarc_tag_names_are_case_insensitive(dns_server, resolver):
+    dns_server.set_zone(dmarc_zone("v=DMARC1; P=reject; RUA=mailto:d@acme.test"))
+    dmarc = check(resolver)["DMARC"]
+    assert dmarc.status == "ok" and "p=reject" in dmarc.detail and "rua" not in dmarc.detail
+
+
+@pytest.mark.parametrize("record", ["v=DMARC1; p=none; p=reject", "v=DMARC1; p=reject; P=none"])
+def test_a_dmarc_record_with_a_tag_twice_is_not_a_valid_tag_list(dns_server, resolver, record):
+    dns_server.set_zone(dmarc_zone(record))
+    dmarc = check(resolver)["DMARC"]
+    assert dmarc.status == "fail" and "not a valid tag list" in dmarc.detail and dmarc.fix

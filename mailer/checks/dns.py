@@ -33,6 +33,7 @@ from publicsuffixlist import PublicSuffixList
 
 from ..core.config import DNSConfig
 from ..core.errors import ConfigError
+from ..dkim.record import parse_tag_list
 
 __all__ = [
     "SPF_LOOKUP_LIMIT",
@@ -500,21 +501,6 @@ def _check_spf(resolver: dns.resolver.Resolver, domain: str) -> CheckResult:
 # ---------------------------------------------------------------------- DMARC
 
 
-def _parse_tags(text: str) -> dict[str, str] | None:
-    """A tag=value list (RFC 6376 §3.2, reused by RFC 7489 §6.4); None when malformed."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip().lower()
-        if not sep or not name or name in tags:
-            return None
-        tags[name] = value.strip()
-    return tags
-
-
 def _is_dmarc(text: str) -> bool:
     # RFC 7489 §6.6.3: records that do not start with v=DMARC1 are discarded.
     return re.match(r"^\s*v\s*=\s*DMARC1\s*(;|$)", text, re.IGNORECASE) is not None
@@ -570,7 +556,15 @@ def _check_dmarc(resolver: dns.resolver.Resolver, domain: str, *, bulk: bool) ->
         )
     record = records[0]
     inherited = f" (inherited from the organizational domain {where})" if where != domain else ""
-    tags = _parse_tags(record) or {}
+    tags = parse_tag_list(record, fold_names=True)
+    if tags is None:
+        return CheckResult(
+            "DMARC",
+            "fail",
+            f'_dmarc.{where}: "{record}"{inherited} is not a valid tag list (tag=value pairs separated by ";", '
+            "each tag once; RFC 7489 §6.4, RFC 6376 §3.2), so receivers may ignore it.",
+            suggestion,
+        )
     # RFC 7489 §6.3: sp= is the policy for subdomains of the organizational domain.
     policy_tag = "sp" if where != domain and "sp" in tags else "p"
     policy = tags.get(policy_tag, "").lower()
@@ -649,7 +643,7 @@ def _check_dkim(
             f"no DKIM key published at {name}: receivers cannot verify your signatures, and treat the mail as unsigned.",
             publish,
         )
-    candidates = [(text, _parse_tags(text)) for text in texts]
+    candidates = [(text, parse_tag_list(text)) for text in texts]
     keys = [(text, tags) for text, tags in candidates if tags is not None and "p" in tags]
     if not keys:
         return CheckResult(

@@ -33,16 +33,39 @@ def check_dns_name(value: str, *, what: str, where: str) -> str:
     return ascii_text
 
 
-def parse_tag_list(text: str) -> dict[str, str] | None:
-    """Parse an RFC 6376 §3.2 tag-list (``a=1; b=2``); None when it is malformed."""
+# RFC 6376 §3.2: tag-name = ALPHA *ALNUMPUNC; a value is VALCHARs (printable ASCII but
+# ";") in runs separated by white space; white space (WSP, and FWS: CRLF then WSP)
+# around names, "=" and values is not part of them.
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_TAG_VALUE = re.compile(r"(?:[\x21-\x3a\x3c-\x7e]+(?:[ \t]+[\x21-\x3a\x3c-\x7e]+)*)?")
+_FOLDING = re.compile(r"\r?\n(?=[ \t])")
+
+
+def parse_tag_list(text: str, *, fold_names: bool = False) -> dict[str, str] | None:
+    """Parse an RFC 6376 §3.2 tag-list (``v=DKIM1; k=rsa; p=...``); None when it is malformed.
+
+    Names are case-sensitive, as DKIM wants; ``fold_names`` lower-cases them (DMARC
+    records, RFC 7489 §6.4, whose ABNF names are case-insensitive). A value may be
+    empty (``p=``) and keeps its inner white space (a folding line break goes, the
+    white space after it stays); one trailing ``;`` is allowed. A duplicate name
+    makes the whole list invalid, as does an empty tag-spec (``a=1;;b=2``), a name
+    that is not ALPHA *(ALPHA / DIGIT / "_"), a spec without ``=``, or a character
+    outside printable ASCII in a value.
+    """
+    unfolded = _FOLDING.sub("", text)
+    specs = unfolded.split(";")
+    if len(specs) > 1 and not specs[-1].strip(" \t"):
+        specs.pop()  # the optional trailing ";"
     tags: dict[str, str] = {}
-    for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue  # a trailing ";" is allowed
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or not name or name in tags:
-            return None  # duplicate tags make the record invalid (RFC 6376 §3.2)
-        tags[name] = value.strip()
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        name = name.strip(" \t")
+        value = value.strip(" \t")
+        if not sep or not _TAG_NAME.fullmatch(name) or not _TAG_VALUE.fullmatch(value):
+            return None
+        if fold_names:
+            name = name.lower()
+        if name in tags:
+            return None  # RFC 6376 §3.2: the entire tag-list is invalid
+        tags[name] = value
     return tags
