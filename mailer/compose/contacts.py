@@ -23,14 +23,11 @@ from typing import IO, Any
 from jinja2 import TemplateSyntaxError, UndefinedError
 
 from ..core.addresses import check_address
+from ..core.csv_header import find_email_column, sniff_delimiter
 from ..core.errors import ContactsError, UsageError
 from .sandbox import Sandbox, SecurityError
 
 __all__ = ["Contact", "ContactReader", "Rejected", "compile_where", "normalize_identifier"]
-
-
-_DELIMITERS = (",", ";", "\t", "|")
-_EMAIL_HEADER_NAMES = {"email", "emailaddress", "mail"}
 
 
 def normalize_identifier(header: str) -> str:
@@ -176,7 +173,7 @@ class ContactReader:
         self._line = 0
         self._lines = self._decoded_lines()
         header_line = self._read_header_line()
-        self.delimiter = self._sniff_delimiter(header_line)
+        self.delimiter = sniff_delimiter(header_line)
         # strict: without it an unclosed quote silently swallows every later row into
         # one field; with it the reader reports the row where the quote opened.
         self._rows = csv.reader(self._chain_first(header_line), delimiter=self.delimiter, strict=True)
@@ -234,12 +231,6 @@ class ContactReader:
         yield first
         yield from self._lines
 
-    @staticmethod
-    def _sniff_delimiter(header_line: str) -> str:
-        counts = {d: header_line.count(d) for d in _DELIMITERS}
-        best = max(_DELIMITERS, key=lambda d: counts[d])
-        return best if counts[best] else ","
-
     def _parse_header(self, header: list[str], email_column: str | None) -> _Header:
         names = [h.strip() for h in header]
         if any(not n for n in names):
@@ -257,29 +248,25 @@ class ContactReader:
                     f"the header names the column {name!r} twice.", path=self.display_name, line=self._line_of_header()
                 )
             seen.add(name)
-        if email_column:
-            wanted = email_column.strip().lower()
-            matches = [i for i, n in enumerate(names) if n.lower() == wanted]
-            if not matches:
+        email_index = find_email_column(names, wanted=email_column or None)
+        if email_index is None:
+            if email_column:
                 raise ContactsError(
                     f"there is no column {email_column!r} (from --email-column).",
                     path=self.display_name,
                     hint=f"The columns are: {', '.join(names)}.",
                 )
-        else:
-            matches = [i for i, n in enumerate(names) if re.sub(r"[\s_-]", "", n.lower()) in _EMAIL_HEADER_NAMES]
-            if not matches:
-                raise ContactsError(
-                    "no email column found.",
-                    path=self.display_name,
-                    hint=f"Name one 'email' or pass --email-column. The columns are: {', '.join(names)}.",
-                )
+            raise ContactsError(
+                "no email column found.",
+                path=self.display_name,
+                hint=f"Name one 'email' or pass --email-column. The columns are: {', '.join(names)}.",
+            )
         aliases = []
         for index, name in enumerate(names):
             identifier = normalize_identifier(name)
             if identifier and identifier != name and identifier not in names:
                 aliases.append((index, identifier))
-        return _Header(names=names, aliases=aliases, email_index=matches[0])
+        return _Header(names=names, aliases=aliases, email_index=email_index)
 
     def _line_of_header(self) -> int:
         return max(self._line, 1)

@@ -6,13 +6,10 @@ import csv
 import io
 from pathlib import Path
 
+from ..core.csv_header import find_email_column, sniff_delimiter
 from ..core.errors import ContactsError
 
 __all__ = ["parse_address_file"]
-
-
-_EMAIL_COLUMNS = ("email", "e-mail", "mail", "email address", "e-mail address")
-_CSV_DELIMITERS = ",;\t"
 
 
 def parse_address_file(text: str, *, path: Path, default_reason: str | None) -> list[tuple[int, str, str | None]]:
@@ -22,9 +19,9 @@ def parse_address_file(text: str, *, path: Path, default_reason: str | None) -> 
     if first is None:
         return []
     header_line = lines[first]
-    delimiter = max(_CSV_DELIMITERS, key=header_line.count)
+    delimiter = sniff_delimiter(header_line)
     header = [cell.strip().lower() for cell in next(csv.reader([header_line], delimiter=delimiter))]
-    email_column = next((header.index(name) for name in _EMAIL_COLUMNS if name in header), None)
+    email_column = find_email_column(header)
     if email_column is None:
         if len(header) > 1:
             raise ContactsError(
