@@ -167,7 +167,7 @@ def test_an_unreachable_relay_and_a_missing_password_fail(ready, dns_server):
     assert outcome.exit_code == 1, outcome
     checks = lines_of(outcome)
     assert checks["config/password"] == "FAIL"
-    assert "MAILER_TEST_CHECK_PASSWORD is not set" in outcome.stdout
+    assert "MAILER_TEST_CHECK_PASSWORD (named by [smtp] password_env) is not set" in outcome.stdout
     assert any(name.startswith("smtp/") and status == "FAIL" for name, status in checks.items()), outcome.stdout
 
 
@@ -251,3 +251,75 @@ def test_the_relay_check_does_starttls_verified_and_login_without_showing_the_pa
     assert lines_of(untrusted)["smtp/starttls"] == "FAIL"
     assert "could not be verified" in untrusted.stdout
     assert len(server.auth_attempts) == 1  # no login over the unverified connection
+
+
+# ------------------------------------------------- one rule for the relay settings, as send has it
+
+
+def json_checks(outcome) -> dict[str, dict]:
+    return {f"{c['section']}/{c['name']}": c for c in json.loads(outcome.stdout)["checks"]}
+
+
+@pytest.mark.parametrize(
+    "smtp,env,words",
+    [
+        # An empty variable: check used to say "is set" where send refused to log in.
+        ({"password_env": "MAILER_TEST_CHECK_PASSWORD"}, {"MAILER_TEST_CHECK_PASSWORD": ""}, "is empty"),
+        ({"password_env": "MAILER_TEST_CHECK_PASSWORD"}, {"MAILER_TEST_CHECK_PASSWORD": None}, "is not set"),
+        ({}, {}, "password_env is not"),
+        # In clear to a remote host: check said "password ok" and failed only the probe.
+        (
+            {"host": "192.0.2.1", "password_env": "MAILER_TEST_CHECK_PASSWORD"},
+            {"MAILER_TEST_CHECK_PASSWORD": "Pw-4e1b-never-shown"},
+            "refusing to send the password to 192.0.2.1",
+        ),
+    ],
+    ids=["empty", "unset", "no-password-env", "cleartext"],
+)
+def test_check_refuses_the_relay_settings_send_refuses_with_the_same_words(ready, smtp, env, words):
+    project, _, _ = ready
+    project.configure(smtp={"username": "news", **smtp})
+    project.write_contacts(["jane@customers.example"])
+
+    checked = project.cli("check", "--json", env=env)
+    sent = project.send("--yes", env=env)
+
+    assert checked.exit_code == 1 and sent.exit_code == 2, (checked, sent)
+    password = json_checks(checked)["config/password"]
+    assert password["status"] == "fail" and words in password["detail"], password
+    assert f"{password['detail']} {password['fix']}" in sent.stderr.replace("\n", " ")
+    assert json_checks(checked)["smtp/connection"]["status"] == "fail"  # not tried
+    assert "Pw-4e1b-never-shown" not in checked.stdout + sent.stderr
+    assert project.server.connections == 0
+
+
+def test_an_untrusted_relay_certificate_gets_the_tls_verify_hint_send_gives(ready, make_smtp_server):
+    project, _, _ = ready
+    server = make_smtp_server(starttls=True)
+    project.configure(smtp={"port": server.port, "security": "starttls"})
+    project.write_contacts(["jane@customers.example"])
+    untrusted = {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
+
+    checked = project.cli("check", "--json", env=untrusted)
+    sent = project.send("--yes", env=untrusted)
+
+    assert checked.exit_code == 1 and sent.exit_code == 2, (checked, sent)
+    starttls = json_checks(checked)["smtp/starttls"]
+    assert starttls["status"] == "fail" and "could not be verified" in starttls["detail"]
+    assert "tls_verify = false" in starttls["fix"]
+    assert starttls["fix"] in sent.stderr.replace("\n", " ")
+
+
+def test_check_and_send_warn_of_a_missing_unsubscribe_in_the_same_words(ready):
+    project, _, _ = ready
+    project.sections["message"].pop("list_unsubscribe")  # a marketing campaign without one
+    project.configure()
+    project.write_contacts(["jane@customers.example"])
+
+    checked = project.cli("check", "--json")
+    sent = project.send("--yes")
+
+    unsubscribe = json_checks(checked)["config/unsubscribe"]
+    assert unsubscribe["status"] == "warn" and "one-click unsubscribe" in unsubscribe["detail"]
+    assert sent.exit_code == 0, sent
+    assert f"warning: {unsubscribe['detail']} {unsubscribe['fix']}" in sent.stderr.replace("\n", " ")

@@ -13,11 +13,13 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..compose.campaign import unsubscribe_warning
 from ..compose.contacts import ContactReader, Rejected
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key
 from ..core.config import Config, find_config_path, load_config
 from ..core.errors import MailerError
+from ..smtp.policy import relay_settings_problem, tls_verification_warning
 
 if TYPE_CHECKING:
     import ssl
@@ -77,36 +79,26 @@ def run_checks(
         yield Check("config", "config file", "ok", f"{path}: keys valid")
     smtp = config.smtp
     password = smtp.password()
-    if smtp.username:
-        if not smtp.password_env:
-            yield Check(
-                "config",
-                "password",
-                "fail",
-                "[smtp] username is set but password_env is not",
-                "Set password_env to the NAME of the variable that holds the password.",
-            )
-        elif password is None:
-            yield Check(
-                "config",
-                "password",
-                "fail",
-                f"the variable {smtp.password_env} is not set",
-                f"export {smtp.password_env}=... before sending (it is never stored in the file).",
-            )
-        else:
-            yield Check("config", "password", "ok", f"{smtp.password_env} is set")
-    if not smtp.tls_verify:
+    relay_problem = relay_settings_problem(smtp, password)
+    if relay_problem is not None:
+        yield Check("config", "password", "fail", relay_problem.message, relay_problem.hint)
+    elif smtp.username:
+        yield Check("config", "password", "ok", f"{smtp.password_env} is set")
+    tls_warning = tls_verification_warning(smtp)
+    if tls_warning is not None:
         yield Check(
             "config",
             "TLS verification",
             "warn",
-            "tls_verify = false: the relay's certificate is not checked",
-            "Only for lab relays; remove tls_verify = false for real sends.",
+            tls_warning,
+            "Remove tls_verify = false (the default verifies), unless the relay is on a trusted network.",
         )
-    if config.message.kind == "transactional":
+    unsubscribe = unsubscribe_warning(config.message)
+    if unsubscribe is not None:
+        yield Check("config", "unsubscribe", "warn", *unsubscribe)
+    elif config.message.kind == "transactional":
         yield Check("config", "unsubscribe", "ok", "transactional stream: no unsubscribe headers expected")
-    elif config.message.list_unsubscribe or config.message.list_unsubscribe_mailto:
+    else:
         what = " and ".join(
             x
             for x, on in (
@@ -116,15 +108,6 @@ def run_checks(
             if on
         )
         yield Check("config", "unsubscribe", "ok", f"List-Unsubscribe with {what}")
-    else:
-        yield Check(
-            "config",
-            "unsubscribe",
-            "warn",
-            "no unsubscribe configured for a marketing stream",
-            'Set [message] list_unsubscribe = "https://..." (one-click, RFC 8058); transactional mail: '
-            'set [message] kind = "transactional".',
-        )
 
     signer = None
     if config.dkim is not None:
@@ -139,7 +122,15 @@ def run_checks(
             for warning in signer.warnings:
                 yield Check("config", "DKIM key", "warn", warning)
 
-    if not skip_smtp:
+    if not skip_smtp and relay_problem is not None:
+        yield Check(
+            "smtp",
+            "connection",
+            "fail",
+            "not tried: the relay settings are refused (see config/password)",
+            "Fix config/password, then run mailer check again.",
+        )
+    elif not skip_smtp:
         from ..smtp.probe import probe_relay
 
         probe = probe_relay(smtp, password=password, ssl_context=ssl_context)
@@ -149,7 +140,7 @@ def run_checks(
                 step.name,
                 "ok" if step.ok else "fail",
                 step.detail,
-                None if step.ok else "Check [smtp] host, port and security, and the relay's logs.",
+                None if step.ok else step.fix or "Check [smtp] host, port and security, and the relay's logs.",
             )
         if probe.ok:
             wanted = ("PIPELINING", "SIZE", "SMTPUTF8", "CHUNKING", "8BITMIME")

@@ -20,7 +20,7 @@ from typing import IO, Any
 from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta
 
 from ..core.addresses import address_key
-from ..core.config import Config
+from ..core.config import Config, MessageConfig
 from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
 from .contacts import Contact, ContactReader, Rejected, compile_where
 from .message import BuiltMessage, MessageBuilder
@@ -28,10 +28,25 @@ from .sandbox import Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
 from .templates import BUILTIN_VARIABLES, RenderAbort, ValueTemplate, load_template
 
-__all__ = ["PROBLEM_KINDS", "Campaign", "Problem", "Summary", "default_campaign_name"]
+__all__ = ["PROBLEM_KINDS", "Campaign", "Problem", "Summary", "default_campaign_name", "unsubscribe_warning"]
 
 PROBLEM_KINDS = ("invalid", "fields", "duplicate", "blank", "error")
 _PROBLEMS_KEPT = 100
+
+
+def unsubscribe_warning(message: MessageConfig) -> tuple[str, str] | None:
+    """``(what, how to fix it)`` for bulk mail without an unsubscribe, or None.
+
+    The one rule behind the warning of ``send`` and the line of ``mailer check``.
+    """
+    if message.kind == "transactional" or message.list_unsubscribe or message.list_unsubscribe_mailto:
+        return None
+    return (
+        "no unsubscribe is configured: Gmail, Yahoo and Outlook.com junk or reject bulk mail without "
+        "one-click unsubscribe.",
+        "Set [message] list_unsubscribe (an https URL) and/or list_unsubscribe_mailto; for transactional "
+        'mail (receipts, password resets) set [message] kind = "transactional" instead.',
+    )
 
 
 def default_campaign_name(template: Path) -> str:
@@ -182,10 +197,6 @@ class Campaign:
                 hint=f"It can use email, campaign and the contact file's columns: {', '.join(self.reader.columns)}.",
             )
         return ValueTemplate(env.from_string(parsed), key=key, path=where)
-
-    @property
-    def unsubscribe_configured(self) -> bool:
-        return bool(self._unsubscribe_url or self._unsubscribe_mailto)
 
     def close(self) -> None:
         self.reader.close()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..compose.campaign import Campaign, Problem, Summary
+from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
 from ..compose.contacts import Contact, ContactReader
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key, normalize_address
@@ -31,18 +31,7 @@ from .journal import recover
 from .resume import SETTLED, Resume
 from .signing import Signing
 
-__all__ = ["SendPlan", "plan_send", "run_send", "unsubscribe_warning"]
-
-
-def unsubscribe_warning(job: Campaign) -> str | None:
-    """The warning for bulk mail without one-click unsubscribe, or None."""
-    if job.unsubscribe_configured or job.config.message.kind == "transactional":
-        return None
-    return (
-        "no unsubscribe is configured: Gmail, Yahoo and Outlook.com junk or reject bulk mail without "
-        "one-click unsubscribe. Set [message] list_unsubscribe (an https URL) and/or list_unsubscribe_mailto; "
-        'for transactional mail (receipts, password resets) set [message] kind = "transactional" instead.'
-    )
+__all__ = ["SendPlan", "plan_send", "run_send"]
 
 
 @dataclass
@@ -98,18 +87,9 @@ def run_send(
     config = job.config
     smtp = config.smtp
     password = smtp.password()
-    if smtp.username and smtp.password_env and password is None:
-        raise UsageError(
-            f"the environment variable {smtp.password_env} (named by [smtp] password_env) is not set.",
-            hint=f"Export it first: read -rs {smtp.password_env} && export {smtp.password_env}.",
-        )
-    if smtp.username and not smtp.password_env:
-        raise UsageError(
-            "[smtp] username is set but password_env is not.",
-            hint='Set password_env = "MAILER_SMTP_PASSWORD" (the variable\'s NAME) and export that variable.',
-        )
     check_relay_settings(smtp, password)
-    for warning in filter(None, [tls_verification_warning(smtp), unsubscribe_warning(job)]):
+    unsubscribe = unsubscribe_warning(config.message)
+    for warning in filter(None, [tls_verification_warning(smtp), " ".join(unsubscribe) if unsubscribe else None]):
         reporter.warning(warning)
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from dataclasses import dataclass
 
 from ..core.config import SMTPConfig
 from ..core.errors import ConnectionSetupError, ExitCode
 
 __all__ = [
     "TLS_VERIFY_DISABLED_WARNING",
+    "RelayProblem",
     "check_relay_settings",
     "is_loopback_host",
     "make_ssl_context",
+    "relay_settings_problem",
     "setup_error",
     "tls_verification_warning",
 ]
@@ -53,29 +56,57 @@ def setup_error(message: str, hint: str | None = None) -> ConnectionSetupError:
     return error
 
 
-def check_relay_settings(smtp: SMTPConfig, password: str | None) -> None:
-    """Refuse settings that must not be used, before any connection is made.
+@dataclass(frozen=True)
+class RelayProblem:
+    """A relay setting that must not be used: what is wrong and how to fix it."""
 
-    Raises :class:`ConnectionSetupError` (exit code USAGE) when a username is set but
-    no password is available, or when the password would go over an unencrypted
-    connection to a host that is not this machine.
+    message: str
+    hint: str
+
+
+def relay_settings_problem(smtp: SMTPConfig, password: str | None) -> RelayProblem | None:
+    """The one rule for the relay's login settings, or None when they may be used.
+
+    ``send`` refuses what it finds (:func:`check_relay_settings`) and ``mailer check``
+    shows it, with the same words. Wrong: a username without ``password_env``, a
+    ``password_env`` whose variable is unset or empty, and a password that would go
+    over an unencrypted connection to a host that is not this machine.
     """
     if smtp.security not in ("starttls", "tls", "none"):
-        raise setup_error(f"unknown [smtp] security {smtp.security!r}.", 'Use "starttls", "tls" or "none".')
+        return RelayProblem(f"unknown [smtp] security {smtp.security!r}.", 'Use "starttls", "tls" or "none".')
     if not smtp.username:
-        return
+        return None
+    variable = smtp.password_env
+    if not password and not variable:
+        return RelayProblem(
+            f"[smtp] username is set to {smtp.username!r} but password_env is not.",
+            'Set password_env = "MAILER_SMTP_PASSWORD" (the variable\'s NAME, never the password) and export '
+            "that variable, or remove the username if the relay needs no login.",
+        )
     if not password:
-        where = f"the environment variable {smtp.password_env}" if smtp.password_env else "[smtp] password_env"
-        raise setup_error(
-            f"[smtp] username is set to {smtp.username!r} but no password is available.",
-            f"Set {where} to the relay password (or remove the username if the relay needs no login).",
+        state = "not set" if password is None else "empty"
+        return RelayProblem(
+            f"the environment variable {variable} (named by [smtp] password_env) is {state}.",
+            f"Export it first: read -rs {variable} && export {variable} (the password is never stored in a file).",
         )
     if smtp.security == "none" and not is_loopback_host(smtp.host):
-        raise setup_error(
+        return RelayProblem(
             f'refusing to send the password to {smtp.host} over an unencrypted connection ([smtp] security = "none").',
             'Use security = "starttls" (port 587) or "tls" (port 465); '
             '"none" with a login is allowed only for a relay on this machine.',
         )
+    return None
+
+
+def check_relay_settings(smtp: SMTPConfig, password: str | None) -> None:
+    """Refuse settings that must not be used, before any connection is made.
+
+    Raises :class:`ConnectionSetupError` (exit code USAGE) for what
+    :func:`relay_settings_problem` finds.
+    """
+    problem = relay_settings_problem(smtp, password)
+    if problem is not None:
+        raise setup_error(problem.message, problem.hint)
 
 
 def make_ssl_context(smtp: SMTPConfig) -> ssl.SSLContext:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..core.config import SMTPConfig
 from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
-from .policy import check_relay_settings
+from .policy import relay_settings_problem
 from .session import Setup
 
 __all__ = ["ProbeStep", "RelayProbe", "probe_relay"]
@@ -20,11 +20,15 @@ __all__ = ["ProbeStep", "RelayProbe", "probe_relay"]
 
 @dataclass(frozen=True)
 class ProbeStep:
-    """One step of :func:`probe_relay`: what was tried, whether it worked, and details."""
+    """One step of :func:`probe_relay`: what was tried, whether it worked, and details.
+
+    ``fix`` is the hint a send would give for the same failure (None: none known).
+    """
 
     name: str
     ok: bool
     detail: str
+    fix: str | None = None
 
 
 @dataclass
@@ -59,17 +63,18 @@ def probe_relay(smtp: SMTPConfig, *, password: str | None, ssl_context: ssl.SSLC
     def note(name: str, ok: bool, detail: str) -> None:
         probe.steps.append(ProbeStep(name, ok, detail))
 
-    try:
-        check_relay_settings(smtp, password)
-    except ConnectionSetupError as exc:
-        note("settings", False, str(exc))
+    problem = relay_settings_problem(smtp, password)
+    if problem is not None:
+        probe.steps.append(ProbeStep("settings", False, problem.message, problem.hint))
         return probe
     setup = Setup(smtp, password, ssl_context)
     try:
         client = setup.open(note)
     except (ConnectionSetupError, TemporaryDeliveryError) as exc:
         if not probe.steps or probe.steps[-1].ok:
-            note("setup", False, str(exc))
+            note("setup", False, exc.message)
+        # The hint a send prints for this error (tls_verify for a certificate, say).
+        probe.steps[-1] = replace(probe.steps[-1], fix=exc.hint)
         return probe
     try:
         probe.extensions = {k.upper(): v for k, v in client.esmtp_features.items()}
