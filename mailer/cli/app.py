@@ -178,7 +178,7 @@ def send(
         str | None,
         typer.Option("--email-column", help="The column holding the address (default: email / E-mail, any case)."),
     ] = None,
-    campaign: Annotated[
+    campaign_name: Annotated[
         str | None, typer.Option("--campaign", help="Send-log key for resuming (default: template name).")
     ] = None,
     rate: Annotated[str | None, typer.Option("--rate", help="Overall rate: N/s, N/min, N/h or N/day.")] = None,
@@ -229,11 +229,11 @@ def send(
             hint="Add --output DIR to write the messages as files, then --json prints the summary on stdout.",
         )
     reporter = Reporter(quiet=quiet)
-    job = Campaign(
+    campaign = Campaign(
         contacts=contacts,
         template=template,
         config=config,
-        name=campaign,
+        name=campaign_name,
         where=where,
         limit=limit,
         email_column=email_column,
@@ -241,31 +241,31 @@ def send(
     )
     try:
         # A dry run signs as the real send does, so a bad key fails it the same way (exit 2).
-        signer = _load_signer(job)
+        signer = _load_signer(campaign)
         if dry_run:
-            summary = _dry_run(job, reporter, format=format, output=output, signer=signer)
+            summary = _dry_run(campaign, reporter, format=format, output=output, signer=signer)
         else:
-            summary = _send(job, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
+            summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
     finally:
-        job.close()
+        campaign.close()
     _print_summary(summary, reporter, json_output=json_output)
     raise typer.Exit(code=int(summary.exit_code))
 
 
-def _load_signer(job: Campaign) -> Any:
+def _load_signer(campaign: Campaign) -> Any:
     """The DKIM signer of ``[dkim]``, or None; a key that cannot be used is a DKIMError."""
-    if job.config.dkim is None:
+    if campaign.config.dkim is None:
         return None
     from ..dkim.signer import DKIMSigner
 
-    return DKIMSigner.load(job.config.dkim)
+    return DKIMSigner.load(campaign.config.dkim)
 
 
-def _send(job: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool, signer: Any) -> Summary:
+def _send(campaign: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool, signer: Any) -> Summary:
     from ..send.run import run_send
 
     confirm = None if yes else _confirmation(reporter)
-    return run_send(job, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
+    return run_send(campaign, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
 
 
 def _confirmation(reporter: Reporter) -> Callable[[str], bool]:
@@ -293,10 +293,10 @@ def _ask(reporter: Reporter, question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | None, signer: Any) -> Summary:
+def _dry_run(campaign: Campaign, reporter: Reporter, *, format: str, output: Path | None, signer: Any) -> Summary:
     from ..send.signing import Signing
 
-    summary = Summary(campaign=job.name, dry_run=True, contacts=job.contacts_name)
+    summary = Summary(campaign_name=campaign.name, dry_run=True, contacts=campaign.contacts_name)
     out = None if output is not None else sys.stdout.buffer
     if out is not None and reporter.is_terminal and sys.stdout.isatty() and not reporter.quiet:
         reporter.warning("writing the dry run to the terminal; pipe it (| less) or redirect it (> review.mbox).")
@@ -304,7 +304,9 @@ def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | N
         reporter.warning(warning)
     # Before the progress display starts its thread: the signing pool forks.
     signing = Signing(signer) if signer is not None else None
-    reporter.start_progress("dry run", count_data_rows(job.contacts_name if job.contacts_name != "<stdin>" else "-"))
+    reporter.start_progress(
+        "dry run", count_data_rows(campaign.contacts_name if campaign.contacts_name != "<stdin>" else "-")
+    )
     done = 0
 
     def tick() -> None:
@@ -315,7 +317,7 @@ def _dry_run(job: Campaign, reporter: Reporter, *, format: str, output: Path | N
 
     try:
         write_dry_run(
-            job,
+            campaign,
             summary,
             out=out,
             output_dir=output,
@@ -359,7 +361,9 @@ def _print_summary(summary: Summary, reporter: Reporter, *, json_output: bool) -
     problems = [(f"{summary.contacts}:{p.line}", p.reason) for p in summary.problems if p.kind != "blank"]
     listed_kinds = ("invalid", "fields", "duplicate", "error")
     more = max(0, sum(summary.counts[k] for k in listed_kinds) - len(problems))
-    title = f"{'dry run' if summary.dry_run else 'send'} of campaign {summary.campaign!r} in {summary.elapsed:.1f}s"
+    title = (
+        f"{'dry run' if summary.dry_run else 'send'} of campaign {summary.campaign_name!r} in {summary.elapsed:.1f}s"
+    )
     rows = [(label, summary.counts[key]) for key, label in _SUMMARY_LABELS]
     reporter.print_summary(title, rows, problems, more)
 
@@ -393,11 +397,11 @@ def preview(
     if row is not None and to is not None:
         raise UsageError("give --row or --to, not both.")
     config = load_config(config_path)
-    job = Campaign(contacts=contacts, template=template, config=config, email_column=email_column)
+    campaign = Campaign(contacts=contacts, template=template, config=config, email_column=email_column)
     try:
-        message = find_message(job, row=row or (None if to else 1), to=to)
+        message = find_message(campaign, row=row or (None if to else 1), to=to)
     finally:
-        job.close()
+        campaign.close()
     show_message(message)
     if html is not None:
         from .preview import write_html_part
@@ -411,7 +415,7 @@ def preview(
 @app.command()
 @handle_errors
 def report(
-    campaign: Annotated[str | None, typer.Option("--campaign", help="Only this campaign (default: all).")] = None,
+    campaign_name: Annotated[str | None, typer.Option("--campaign", help="Only this campaign (default: all).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     failed: Annotated[
         Path | None,
@@ -438,15 +442,15 @@ def report(
     with SendLog.open(config.log.path, create=False) as log:
         recover_all(log)  # what a killed run left in its journal (a live run's is left alone)
         if failed is not None:
-            if campaign is None:
+            if campaign_name is None:
                 raise UsageError("--failed needs --campaign NAME.")
             try:
                 with failed.open("w", newline="", encoding="utf-8") as file:
-                    written = log.write_failed_csv(campaign, file)
+                    written = log.write_failed_csv(campaign_name, file)
             except OSError as exc:
                 raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
             Reporter().info(f"wrote {written} failed and deferred rows to {failed}")
-        result = log.report(campaign)
+        result = log.report(campaign_name)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return

@@ -18,11 +18,11 @@ from ..core.errors import UsageError
 __all__ = ["find_message", "show_message", "write_html_part"]
 
 
-def find_message(job: Campaign, *, row: int | None, to: str | None) -> BuiltMessage:
+def find_message(campaign: Campaign, *, row: int | None, to: str | None) -> BuiltMessage:
     """The message of the ``row``-th data row, or of the contact with address ``to``."""
-    summary = Summary(campaign=job.name, dry_run=True, contacts=job.contacts_name)
+    summary = Summary(campaign_name=campaign.name, dry_run=True, contacts=campaign.contacts_name)
     wanted = to.strip().lower() if to else None
-    for contact, message in job.messages(summary):
+    for contact, message in campaign.messages(summary):
         if row is not None and summary.counts["rows"] == row:
             return message
         if wanted is not None and contact.email.lower() == wanted:
@@ -33,9 +33,9 @@ def find_message(job: Campaign, *, row: int | None, to: str | None) -> BuiltMess
         if (row is not None and problem.line >= row + 1 and summary.counts["rows"] >= row) or (
             wanted and problem.email.lower() == wanted
         ):
-            raise UsageError(f"{job.contacts_name}:{problem.line}: that row is not mailed: {problem.reason}.")
+            raise UsageError(f"{campaign.contacts_name}:{problem.line}: that row is not mailed: {problem.reason}.")
     what = f"row {row}" if row is not None else f"a contact with address {to}"
-    raise UsageError(f"{job.contacts_name} has no {what}.")
+    raise UsageError(f"{campaign.contacts_name} has no {what}.")
 
 
 def show_message(message: BuiltMessage, *, console: Console | None = None) -> None:

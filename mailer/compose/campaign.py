@@ -68,7 +68,7 @@ class Problem:
 class Summary:
     """What a run did: counts by outcome and the first problems, for humans and JSON."""
 
-    campaign: str
+    campaign_name: str
     dry_run: bool
     counts: Counter[str] = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
@@ -103,7 +103,7 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "campaign": self.campaign,
+            "campaign": self.campaign_name,
             "dry_run": self.dry_run,
             "contacts": self.contacts,
             "counts": dict(sorted(self.counts.items())),
@@ -250,7 +250,7 @@ class Campaign:
     ) -> Iterator[tuple[Contact, BuiltMessage]]:
         handled = 0
         where = self.where
-        campaign = self.name
+        campaign_name = self.name
         counts = summary.counts
         for item in self.reader:
             counts["rows"] += 1
@@ -258,7 +258,7 @@ class Campaign:
                 problem(Problem(item.line, item.kind, item.reason, item.email))
                 continue
             variables = item.variables
-            variables["campaign"] = campaign
+            variables["campaign"] = campaign_name
             if where is not None and not where(variables):
                 counts["filtered"] += 1
                 continue

@@ -44,21 +44,23 @@ class SendPlan:
     suppressed: int
 
 
-def _reread(job: Campaign) -> ContactReader:
+def _reread(campaign: Campaign) -> ContactReader:
     """A second reader over the campaign's contacts (a file, or stdin's spooled copy)."""
-    return ContactReader(job.reader.rereadable, email_column=job.email_column, display_name=job.reader.display_name)
+    return ContactReader(
+        campaign.reader.rereadable, email_column=campaign.email_column, display_name=campaign.reader.display_name
+    )
 
 
-def plan_send(job: Campaign, resume: Resume) -> SendPlan:
+def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:
     """Count who would be mailed, without rendering (a second, cheap pass over the CSV)."""
     plan = SendPlan(0, 0, 0, 0)
     seen = SeenAddresses()
-    with _reread(job) as reader:
+    with _reread(campaign) as reader:
         for item in reader:
             if not isinstance(item, Contact):
                 continue
-            item.variables["campaign"] = job.name
-            if job.where is not None and not job.where(item.variables):
+            item.variables["campaign"] = campaign.name
+            if campaign.where is not None and not campaign.where(item.variables):
                 continue
             if seen.add(address_key(item.envelope), item.line) is not None:
                 continue
@@ -69,13 +71,13 @@ def plan_send(job: Campaign, resume: Resume) -> SendPlan:
                 plan.unknown += 1
             elif reason == "suppressed":
                 plan.suppressed += 1
-            elif job.limit is None or plan.recipients < job.limit:
+            elif campaign.limit is None or plan.recipients < campaign.limit:
                 plan.recipients += 1
     return plan
 
 
 def run_send(
-    job: Campaign,
+    campaign: Campaign,
     *,
     reporter: Any,
     confirm: Callable[[str], bool] | None,
@@ -84,7 +86,7 @@ def run_send(
     ssl_context: Any = None,
 ) -> Summary:
     """Send the campaign for real. ``confirm`` (or None: do not ask) sees the plan first."""
-    config = job.config
+    config = campaign.config
     smtp = config.smtp
     password = smtp.password()
     check_relay_settings(smtp, password)
@@ -94,22 +96,22 @@ def run_send(
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
 
-    if job.reader.rereadable is not None:
+    if campaign.reader.rereadable is not None:
         # Find a broken byte or quote anywhere in the list before the first message goes.
-        with _reread(job) as reader:
+        with _reread(campaign) as reader:
             reader.scan()
-    summary = Summary(campaign=job.name, dry_run=False, contacts=job.contacts_name)
-    with SendLog.open(config.log.path) as log, log.acquire_lock(job.name) as lock:
+    summary = Summary(campaign_name=campaign.name, dry_run=False, contacts=campaign.contacts_name)
+    with SendLog.open(config.log.path) as log, log.acquire_lock(campaign.name) as lock:
         # What a killed run of this campaign left in its journal goes into the log first.
-        recover(log, job.name, lock)
-        resume = Resume(log, job.name, resend_unknown=resend_unknown)
+        recover(log, campaign.name, lock)
+        resume = Resume(log, campaign.name, resend_unknown=resend_unknown)
         plan = None
         wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
-        if (confirm is not None or wants_total) and job.reader.rereadable is not None:
-            plan = plan_send(job, resume)
+        if (confirm is not None or wants_total) and campaign.reader.rereadable is not None:
+            plan = plan_send(campaign, resume)
         if confirm is not None and plan is not None:
             question = (
-                f"Send campaign {job.name!r} to {plan.recipients} recipients through "
+                f"Send campaign {campaign.name!r} to {plan.recipients} recipients through "
                 f"{smtp.host}:{smtp.effective_port} ({smtp.security})?"
             )
             notes = []
@@ -124,19 +126,21 @@ def run_send(
             if not confirm(question):
                 raise UsageError("not confirmed; nothing was sent.")
         summary.started = time.time()  # the run's time, not the time spent at the prompt
-        run_id = log.start_run(job.name, template=str(job.template.path), contacts=job.contacts_name)
+        run_id = log.start_run(campaign.name, template=str(campaign.template.path), contacts=campaign.contacts_name)
         counts = summary.counts
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
-        delivery = DeliveryProcess(config, password=password, ssl_context=ssl_context, campaign=job.name, run_id=run_id)
+        delivery = DeliveryProcess(
+            config, password=password, ssl_context=ssl_context, campaign=campaign.name, run_id=run_id
+        )
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
         signing = Signing(signer) if signer is not None else None
-        reporter.start_progress(f"sending {job.name}", plan.recipients if plan is not None else None)
+        reporter.start_progress(f"sending {campaign.name}", plan.recipients if plan is not None else None)
         interrupted = install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
         try:
-            outgoing = _outgoing(job, log, summary, resume=resume)
+            outgoing = _outgoing(campaign, log, summary, resume=resume)
             stream = signing.signed(outgoing) if signing else outgoing
             try:
                 produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
@@ -152,7 +156,7 @@ def run_send(
             try:
                 # A delivery process that died (killed by the system, say) left its last
                 # events in the journal: put them in the log now, not at the next run.
-                recover(log, job.name, lock)
+                recover(log, campaign.name, lock)
             except MailerError as exc:  # the next send or report tries again
                 reporter.warning(f"the delivery journal could not be applied yet: {exc}")
             for key, value in delivery.counts().items():
@@ -191,8 +195,8 @@ class _ProgressThread:
         self._thread.join()
 
 
-def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, resume: Resume) -> Iterator[Outgoing]:
-    campaign = job.name
+def _outgoing(campaign: Campaign, log: SendLog, summary: Summary, *, resume: Resume) -> Iterator[Outgoing]:
+    campaign_name = campaign.name
     counts = summary.counts
 
     def skip(contact: Contact) -> bool:
@@ -203,7 +207,7 @@ def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, resume: Resume) 
         if reason == "suppressed":
             recipient = normalize_address(contact.envelope)
             log.record_skipped(
-                campaign, recipient, status="suppressed", reason="on the suppression list", line=contact.line
+                campaign_name, recipient, status="suppressed", reason="on the suppression list", line=contact.line
             )
         return True
 
@@ -211,12 +215,12 @@ def _outgoing(job: Campaign, log: SendLog, summary: Summary, *, resume: Resume) 
         if problem.kind in ("duplicate", "blank"):
             return  # the address has its own row; a blank row has no recipient
         recipient = normalize_address(contact.envelope) if contact else (problem.email or f"line {problem.line}")
-        status = log.status_of(campaign, recipient)
+        status = log.status_of(campaign_name, recipient)
         if status in SETTLED or status == Status.SENDING:
             return  # never overwrite what happened to a real message
-        log.record_skipped(campaign, recipient, status="invalid", reason=problem.reason, line=problem.line)
+        log.record_skipped(campaign_name, recipient, status="invalid", reason=problem.reason, line=problem.line)
 
-    for contact, message in job.messages(summary, skip=skip, on_problem=on_problem):
+    for contact, message in campaign.messages(summary, skip=skip, on_problem=on_problem):
         yield Outgoing(
             key=(normalize_address(contact.envelope), contact.line),
             sender=message.sender,
