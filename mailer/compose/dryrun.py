@@ -39,18 +39,7 @@ Sign = Callable[[Iterator[Outgoing]], Iterator[Outgoing]]
 
 def _signed(messages: Iterator[tuple[Contact, BuiltMessage]], sign: Sign) -> Iterator[tuple[Contact, BuiltMessage]]:
     """``messages`` with each message's data replaced by ``sign``'s (signed) data."""
-    outgoing = (
-        Outgoing(
-            key=(contact, message),
-            sender=message.sender,
-            recipients=message.recipients,
-            data=message.data,
-            message_id=message.message_id,
-            smtputf8=message.smtputf8,
-        )
-        for contact, message in messages
-    )
-    signed = sign(outgoing)
+    signed = sign(message.outgoing((contact, message)) for contact, message in messages)
     try:
         for item in signed:
             pair = cast("tuple[Contact, BuiltMessage]", item.key)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ..core.addresses import AddressCheck, check_address
 from ..core.errors import RowError
+from ..core.outcomes import Outgoing
 from .contacts import Contact
 from .templates import Rendered
 
@@ -63,6 +64,17 @@ class BuiltMessage:
     subject: str
     attachments: list[str] = field(default_factory=list)
     smtputf8: bool = False
+
+    def outgoing(self, key: object) -> Outgoing:
+        """This message as handed to delivery (or to the signing of a dry run)."""
+        return Outgoing(
+            key=key,
+            sender=self.sender,
+            recipients=self.recipients,
+            data=self.data,
+            message_id=self.message_id,
+            smtputf8=self.smtputf8,
+        )
 
 
 def encode_words(text: str) -> list[str]:

@@ -221,11 +221,4 @@ def _outgoing(campaign: Campaign, log: SendLog, summary: Summary, *, resume: Res
         log.record_skipped(campaign_name, recipient, status="invalid", reason=problem.reason, line=problem.line)
 
     for contact, message in campaign.messages(summary, skip=skip, on_problem=on_problem):
-        yield Outgoing(
-            key=(normalize_address(contact.envelope), contact.line),
-            sender=message.sender,
-            recipients=message.recipients,
-            data=message.data,
-            message_id=message.message_id,
-            smtputf8=message.smtputf8,
-        )
+        yield message.outgoing((normalize_address(contact.envelope), contact.line))
