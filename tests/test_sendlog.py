@@ -20,7 +20,6 @@ import pytest
 from mailer.core.addresses import address_problem, normalize_address
 from mailer.core.errors import ContactsError, ExitCode, LockedError, SendLogError, UsageError
 from mailer.core.outcomes import Status
-from mailer.send.resume import should_send
 from mailer.store.locks import CampaignLock, campaign_lock_path
 from mailer.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from mailer.store.records import FAILED_CSV_HEADER, InvalidEntry
@@ -103,29 +102,6 @@ def test_check_address_accepts_valid_and_explains_invalid() -> None:
     assert "@" in address_problem("jane.example.com")
     assert address_problem("jane@") is not None
     assert address_problem("   ") == "the address is empty"
-
-
-@pytest.mark.parametrize(
-    ("status", "resend_unknown", "expected"),
-    [
-        (None, False, True),
-        ("deferred", False, True),
-        ("sending", False, False),
-        ("sending", True, True),
-        ("sent", True, False),
-        ("failed", True, False),
-        ("invalid", True, False),
-        ("suppressed", True, False),
-        (Status.SENT, False, False),
-    ],
-)
-def test_should_send_follows_the_resume_rules(status, resend_unknown: bool, expected: bool) -> None:
-    assert should_send(status, resend_unknown=resend_unknown) is expected
-
-
-def test_should_send_rejects_an_unknown_status() -> None:
-    with pytest.raises(ValueError, match="pending"):
-        should_send("pending")
 
 
 def test_campaign_lock_path_is_a_safe_distinct_file_beside_the_log(tmp_path: Path) -> None:
@@ -388,23 +364,6 @@ def test_counts_by_status_include_zeros_and_stay_per_campaign(log: SendLog) -> N
     }
     assert log.counts("other")["deferred"] == 1
     assert sum(log.counts("nothing-yet").values()) == 0
-
-
-def test_resume_decisions_from_the_log(log: SendLog) -> None:
-    log.record_result("news", "sent@example.com", status="sent", smtp_code=250, smtp_reply="ok")
-    log.record_result("news", "later@example.com", status="deferred", smtp_code=451, smtp_reply="later")
-    log.mark_sending("news", "unknown@example.com", message_id="<u@x>")
-    decide = {
-        address: should_send(log.status_of("news", address), resend_unknown=False)
-        for address in ("sent@example.com", "later@example.com", "unknown@example.com", "new@example.com")
-    }
-    assert decide == {
-        "sent@example.com": False,
-        "later@example.com": True,
-        "unknown@example.com": False,
-        "new@example.com": True,
-    }
-    assert should_send(log.status_of("news", "unknown@example.com"), resend_unknown=True)
 
 
 # --- reports ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = [
     "DeliveryEvent",
     "Outgoing",
     "Result",
+    "Skip",
     "Status",
 ]
 
@@ -74,3 +75,11 @@ SKIPPED_STATUSES = frozenset({Status.INVALID, Status.SUPPRESSED})
 #: :class:`Status` value (a plain string once read back from the journal); ``line`` is
 #: set on ``sending`` events.
 DeliveryEvent = tuple[str, str, int | None, str | None, str | None, int | None]
+
+
+class Skip(StrEnum):
+    """Why a selected contact is not mailed in this run (a count of the run's summary)."""
+
+    ALREADY_DONE = "already_done"  # sent or failed for good in an earlier run
+    UNKNOWN = "unknown"  # an earlier run handed it over and died: outcome unknown
+    SUPPRESSED = "suppressed"  # on the suppression list

@@ -5,32 +5,29 @@ from __future__ import annotations
 from ..compose.contacts import Contact
 from ..compose.seen import SeenAddresses
 from ..core.addresses import normalize_address
-from ..core.outcomes import STATUS_BY_VALUE, Status
+from ..core.outcomes import Skip, Status
 from ..store.sqlite import SendLog
 
-__all__ = ["SETTLED", "Resume", "should_send"]
+__all__ = ["Resume", "resume_rule"]
 
 
-def should_send(status: str | None, *, resend_unknown: bool = False) -> bool:
-    """The resume rule: may a recipient with this logged ``status`` be mailed now?
+def resume_rule(status: Status | None, *, suppressed: bool, resend_unknown: bool) -> Skip | None:
+    """The resume rule: why a recipient with this logged ``status`` is not mailed now, or None.
 
-    Never logged and ``deferred`` recipients are mailed; ``sending`` ones (outcome
-    unknown) only when ``resend_unknown`` is true; ``sent``, ``failed``, ``invalid``
-    and ``suppressed`` ones never again.
+    ``sent`` and ``failed`` settle a recipient for good (:attr:`Skip.ALREADY_DONE`);
+    ``sending`` (outcome unknown) is left out unless ``resend_unknown``
+    (:attr:`Skip.UNKNOWN`). Never logged, ``deferred``, ``invalid`` and ``suppressed``
+    recipients are mailed unless the suppression list holds them now
+    (:attr:`Skip.SUPPRESSED`): a row fixed in the CSV, or an address taken off the
+    suppression list, is mailed by the next run.
     """
-    if status is None or status == Status.DEFERRED:
-        return True
-    if status == Status.SENDING:
-        return resend_unknown
-    if status in STATUS_BY_VALUE:
-        return False
-    raise ValueError(f"unknown send-log status {status!r}")
-
-
-# Statuses that settle a recipient for good. `invalid` and `suppressed` are not here on
-# purpose: a row fixed in the CSV, or an address removed from the suppression list,
-# is mailed by the next run; the suppression list itself is checked on every run.
-SETTLED = {Status.SENT.value, Status.FAILED.value}
+    if status is Status.SENT or status is Status.FAILED:
+        return Skip.ALREADY_DONE
+    if status is Status.SENDING and not resend_unknown:
+        return Skip.UNKNOWN
+    if suppressed:
+        return Skip.SUPPRESSED
+    return None
 
 
 class Resume:
@@ -53,20 +50,15 @@ class Resume:
         for address in log.iter_suppressed_keys():
             self.suppressed.add(address.encode("utf-8", "surrogatepass"), 1)
 
-    def settled_by(self, contact: Contact) -> str | None:
-        """``already_done``, ``unknown`` or ``suppressed`` when the contact is not mailed now."""
+    def settled_by(self, contact: Contact) -> Skip | None:
+        """Why the contact is not mailed now (:func:`resume_rule`), or None."""
         recipient = normalize_address(contact.envelope)
         status = None
         if len(self.logged) and self.logged.get(recipient.encode("utf-8", "surrogatepass")) is not None:
             status = self.log.status_of(self.campaign, recipient)
-        if status in SETTLED:
-            return "already_done"
-        if status == Status.SENDING and not self.resend_unknown:
-            return "unknown"
-        if (
-            len(self.suppressed)
+        suppressed = (
+            len(self.suppressed) > 0
             and self.suppressed.get(contact.envelope.lower().encode("utf-8", "surrogatepass")) is not None
             and self.log.is_suppressed(contact.envelope)
-        ):
-            return "suppressed"
-        return None
+        )
+        return resume_rule(status, suppressed=suppressed, resend_unknown=self.resend_unknown)

@@ -22,13 +22,13 @@ from ..compose.contacts import Contact, ContactReader
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key, normalize_address
 from ..core.errors import MailerError, UsageError
-from ..core.outcomes import Outgoing, Status
+from ..core.outcomes import Outgoing, Skip, Status
 from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store.sqlite import SendLog
 from .child import DeliveryProcess
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover
-from .resume import SETTLED, Resume
+from .resume import Resume
 from .signing import Signing
 
 __all__ = ["SendPlan", "plan_send", "run_send"]
@@ -65,11 +65,11 @@ def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:
             if seen.add(address_key(item.envelope), item.line) is not None:
                 continue
             reason = resume.settled_by(item)
-            if reason == "already_done":
+            if reason is Skip.ALREADY_DONE:
                 plan.settled += 1
-            elif reason == "unknown":
+            elif reason is Skip.UNKNOWN:
                 plan.unknown += 1
-            elif reason == "suppressed":
+            elif reason is Skip.SUPPRESSED:
                 plan.suppressed += 1
             elif campaign.limit is None or plan.recipients < campaign.limit:
                 plan.recipients += 1
@@ -204,7 +204,7 @@ def _outgoing(campaign: Campaign, log: SendLog, summary: Summary, *, resume: Res
         if reason is None:
             return False
         counts[reason] += 1
-        if reason == "suppressed":
+        if reason is Skip.SUPPRESSED:
             recipient = normalize_address(contact.envelope)
             log.record_skipped(
                 campaign_name, recipient, status="suppressed", reason="on the suppression list", line=contact.line
@@ -216,7 +216,7 @@ def _outgoing(campaign: Campaign, log: SendLog, summary: Summary, *, resume: Res
             return  # the address has its own row; a blank row has no recipient
         recipient = normalize_address(contact.envelope) if contact else (problem.email or f"line {problem.line}")
         status = log.status_of(campaign_name, recipient)
-        if status in SETTLED or status == Status.SENDING:
+        if status in (Status.SENT, Status.FAILED, Status.SENDING):
             return  # never overwrite what happened to a real message
         log.record_skipped(campaign_name, recipient, status="invalid", reason=problem.reason, line=problem.line)
 
