@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from store_support import delivery_row
 from typer.testing import CliRunner
 
 from mailer.cli.app import app
@@ -183,8 +184,7 @@ class Project:
         return {recipient: status for recipient, status in rows}
 
     def delivery(self, recipient: str, campaign: str = "news"):
-        with SendLog.open(self.log_path, create=False) as log:
-            return log.get_delivery(campaign, recipient)
+        return delivery_row(self.log_path, campaign, recipient)
 
     def peek_statuses(self, campaign: str = "news") -> dict[str, str]:
         """Like :meth:`statuses`, for polling while another process writes (never creates the file)."""

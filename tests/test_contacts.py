@@ -244,8 +244,8 @@ MESSY = (
     "bob@example.com,Bob\n"  # 3  too few fields
     "\n"  # 4  blank
     "jane@,Jane,pro\n"  # 5  invalid
-    "ANN@example.com,Ann again,pro\n"  # 6  not a duplicate: the local part keeps its case
-    "ann@example.com,Ann twice,pro\n"  # 7  duplicate of line 2 (domain case ignored)
+    "ANN@example.com,Ann again,pro\n"  # 6  duplicate of line 2: case is ignored, local part included
+    "ann@example.com,Ann twice,pro\n"  # 7  duplicate of line 2
     "kai@bücher.example,Kai,team\n"  # 8  IDN domain: valid
     'lee@example.com,"Lee\n'  # 9  a quoted field over two lines
     'Second",pro\n'  # 10
@@ -263,17 +263,18 @@ def test_bad_rows_are_reported_with_lines_skipped_and_counted(project, run_cli):
     assert summary["exit_code"] == 1
     assert summary["counts"] == {
         "rows": 11,
-        "rendered": 4,
+        "rendered": 3,
         "fields": 2,
         "blank": 2,
         "invalid": 2,
-        "duplicate": 1,
+        "duplicate": 2,
     }
     problems = {(p["line"], p["kind"]) for p in summary["problems"]}
     assert problems == {
         (3, "fields"),
         (4, "blank"),
         (5, "invalid"),
+        (6, "duplicate"),
         (7, "duplicate"),
         (11, "fields"),
         (12, "blank"),
@@ -286,13 +287,12 @@ def test_bad_rows_are_reported_with_lines_skipped_and_counted(project, run_cli):
     assert "has 4 fields, the header has 3" in by_line[11]["reason"]
     assert [m["To"].addresses[0].addr_spec for m in messages] == [
         "ann@example.com",
-        "ANN@example.com",
         "kai@xn--bcher-kva.example",
         "lee@example.com",
     ]
-    assert "Hi Lee\nSecond." in messages[3].get_content().replace("\r\n", "\n")  # a newline in the body is fine
+    assert "Hi Lee\nSecond." in messages[2].get_content().replace("\r\n", "\n")  # a newline in the body is fine
     # Every skipped row is named on stderr with its file and line.
-    for line in (3, 5, 7, 11, 13):
+    for line in (3, 5, 6, 7, 11, 13):
         assert f"contacts.csv:{line}:" in result.stderr
 
 
@@ -332,9 +332,9 @@ def test_check_address_normalizes():
     assert utf8.smtputf8 and utf8.envelope == "jürgen@example.de"
 
 
-def test_address_key_ignores_the_domain_case_only():
-    assert address_key("a@X.com") == address_key("a@x.com")
-    assert address_key("A@x.com") != address_key("a@x.com")
+def test_address_key_ignores_case_in_the_local_part_and_the_domain():
+    assert address_key("a@X.com") == address_key("a@x.com") == address_key("A@x.com")
+    assert address_key("a@x.com") != address_key("b@x.com")
 
 
 # --- the fast path is a subset of the validator -------------------------------------------
@@ -416,9 +416,9 @@ def test_seen_addresses_memory_stays_flat_past_the_spill():
 
 def test_seen_addresses_with_address_keys():
     seen = SeenAddresses()
-    assert seen.add(address_key("a@X.com"), 2) is None
-    assert seen.add(address_key("a@x.com"), 9) == 2
-    assert seen.add(address_key("b@x.com"), 10) is None
+    assert seen.add(address_key("a@X.com").encode(), 2) is None
+    assert seen.add(address_key("A@x.com").encode(), 9) == 2
+    assert seen.add(address_key("b@x.com").encode(), 10) is None
 
 
 # --- --where and --limit ------------------------------------------------------------------

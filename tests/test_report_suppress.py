@@ -142,7 +142,7 @@ def test_suppress_add_remove_list(tmp_path):
 
     assert listed(project) == {
         "ann@example.com": ["asked by phone", "manual"],
-        "Bob@example.org": ["asked by phone", "manual"],
+        "bob@example.org": ["asked by phone", "manual"],  # listed by its key (address_key)
         "new@example.com": ["", "manual"],
     }
 
@@ -235,3 +235,18 @@ def test_an_internationalized_domain_is_suppressed_in_either_form(smtp_server, t
         "bea@xn--bcher-kva.example",
         "cid@xn--bcher-kva.example",
     ]
+
+
+def test_a_suppression_stops_the_address_in_any_case_unicode_included(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    assert project.cli("suppress", "add", "Ann@X.org", "ÄNN@x.org").exit_code == 0
+    project.write_contacts(["ann@x.org", "änn@x.org", "ANNA@x.org"])
+
+    outcome = project.send("--yes", "--json")
+
+    assert outcome.exit_code == 0, outcome
+    assert json.loads(outcome.stdout)["counts"]["suppressed"] == 2
+    assert received_addresses(smtp_server) == ["ANNA@x.org"]  # sent as written
+    # Taken off in another case, it is off.
+    removed = project.cli("suppress", "remove", "ANN@x.ORG")
+    assert removed.exit_code == 0 and "removed 1" in removed.stderr, removed

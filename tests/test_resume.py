@@ -61,13 +61,28 @@ def test_resume_decisions_from_a_real_send_log(tmp_path: Path) -> None:
             "gone@example.com",
             "new@example.com",
         ]
-        decide = {a: Resume(log, "news", resend_unknown=False).settled_by(contact(a)) for a in addresses}
-        assert decide == {
-            "sent@example.com": Skip.ALREADY_DONE,
-            "later@example.com": None,
-            "unknown@example.com": Skip.UNKNOWN,
-            "gone@example.com": Skip.SUPPRESSED,
-            "new@example.com": None,
-        }
-        assert Resume(log, "news", resend_unknown=True).settled_by(contact("unknown@example.com")) is None
-        assert Resume(log, "other", resend_unknown=False).settled_by(contact("sent@example.com")) is None
+        contacts = [contact(a, line) for line, a in enumerate(addresses, 2)]
+        expected = [Skip.ALREADY_DONE, None, Skip.UNKNOWN, Skip.SUPPRESSED, None]
+        assert Resume(log, "news", resend_unknown=False).classify(contacts) == expected
+        # In batches of two, through settle(): the same answers, each with its contact.
+        settled = list(Resume(log, "news", resend_unknown=False, batch=2).settle(iter(contacts)))
+        assert settled == list(zip(contacts, expected))
+        assert Resume(log, "news", resend_unknown=True).classify(contacts)[2] is None
+        assert Resume(log, "other", resend_unknown=False).classify(contacts[:1]) == [None]
+
+
+def test_the_store_is_asked_once_per_batch_not_once_per_contact(tmp_path: Path) -> None:
+    with SendLog.open(tmp_path / "mailer.sqlite3") as log:
+        log.record_events(
+            "news", [(f"user{i}@example.com", Status.SENT, 250, "ok", None, i) for i in range(0, 1200, 3)]
+        )
+        log.add_suppressions([f"user{i}@example.com" for i in range(1, 1200, 3)])
+        queries: list[str] = []
+        assert log._conn is not None
+        log._conn.set_trace_callback(queries.append)
+        contacts = [contact(f"user{i}@example.com", i + 2) for i in range(1200)]
+        decisions = [skip for _contact, skip in Resume(log, "news", resend_unknown=False).settle(iter(contacts))]
+        log._conn.set_trace_callback(None)
+    assert decisions == [(Skip.ALREADY_DONE, Skip.SUPPRESSED, None)[i % 3] for i in range(1200)]
+    # 1,200 contacts in batches of 500: three batches, one status and one suppression query each.
+    assert len([q for q in queries if q.lstrip().startswith("SELECT")]) == 6

@@ -80,6 +80,33 @@ def test_send_delivers_each_contact_once_logs_sent_and_a_rerun_sends_nothing(smt
     assert len(smtp_server.messages) == 6
 
 
+def test_addresses_that_differ_by_case_only_get_one_message(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["good@example.org", "GOOD@EXAMPLE.ORG", "Good@Example.org"])
+
+    outcome = project.send("--yes", "--json")
+
+    assert outcome.exit_code == 0, outcome
+    assert json.loads(outcome.stdout)["counts"]["duplicate"] == 2
+    assert received_addresses(smtp_server) == ["good@example.org"]
+
+
+def test_a_rerun_with_the_address_in_another_case_mails_nobody_twice(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["Jane.Doe@example.org", "ömer@example.org"])
+    assert project.send("--yes").exit_code == 0
+    project.write_contacts(["jane.doe@EXAMPLE.ORG", "ÖMER@example.org", "new@example.org"])
+
+    again = project.send("--yes", "--json")
+
+    assert again.exit_code == 0, again
+    counts = json.loads(again.stdout)["counts"]
+    assert (counts["already_done"], counts["sent"]) == (2, 1), counts
+    assert Counter(received_addresses(smtp_server)) == Counter(
+        ["Jane.Doe@example.org", "ömer@example.org", "new@example.org"]
+    )
+
+
 def test_json_summary_is_the_only_thing_on_stdout(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     project.write_contacts(addresses(2) + ["broken-address"])

@@ -200,9 +200,16 @@ def _check_contacts(
     suppressed = 0
     log = None
     if Path(config.log.path).exists():
-        from ..store.sqlite import SendLog
+        from ..store import open_store
 
-        log = SendLog.open(config.log.path, create=False)
+        log = open_store(config.log, create=False)
+    batch: list[str] = []
+
+    def count_suppressed() -> int:
+        found = sum(log.suppressed(batch)) if log is not None and batch else 0
+        batch.clear()
+        return found
+
     try:
         with ContactReader(contacts) as reader:
             for item in reader:
@@ -213,13 +220,15 @@ def _check_contacts(
                             invalid.append(f"line {item.line}: {item.reason}")
                     continue
                 rows += 1
-                if seen.add(address_key(item.envelope), item.line) is not None:
+                if seen.add(address_key(item.envelope).encode("utf-8", "surrogatepass"), item.line) is not None:
                     duplicates += 1
                     continue
                 domain = item.envelope.rpartition("@")[2].lower()
                 domains[domain] = domains.get(domain, 0) + 1
-                if log is not None and log.is_suppressed(item.envelope):
-                    suppressed += 1
+                batch.append(item.envelope)
+                if len(batch) >= 500:
+                    suppressed += count_suppressed()
+        suppressed += count_suppressed()
     finally:
         if log is not None:
             log.close()

@@ -436,10 +436,10 @@ def report(
     import json
 
     from ..send.journal import recover_all
-    from ..store.sqlite import SendLog
+    from ..store import open_store
 
     config = load_config(config_path)
-    with SendLog.open(config.log.path, create=False) as log:
+    with open_store(config.log, create=False) as log:
         recover_all(log)  # what a killed run left in its journal (a live run's is left alone)
         if failed is not None:
             if campaign_name is None:
@@ -470,9 +470,9 @@ app.add_typer(suppress_app, name="suppress")
 
 
 def _open_log(config_path: Path | None, *, create: bool = True):
-    from ..store.sqlite import SendLog
+    from ..store import open_store
 
-    return SendLog.open(load_config(config_path).log.path, create=create)
+    return open_store(load_config(config_path).log, create=create)
 
 
 def _log_exists(config_path: Path | None) -> bool:

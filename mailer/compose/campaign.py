@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -22,13 +22,25 @@ from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta
 from ..core.addresses import address_key
 from ..core.config import Config, MessageConfig
 from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
+from ..core.outcomes import Skip
 from .contacts import Contact, ContactReader, Rejected, compile_where
 from .message import BuiltMessage, MessageBuilder
 from .sandbox import Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
 from .templates import BUILTIN_VARIABLES, RenderAbort, ValueTemplate, load_template
 
-__all__ = ["PROBLEM_KINDS", "Campaign", "Problem", "Summary", "default_campaign_name", "unsubscribe_warning"]
+__all__ = [
+    "PROBLEM_KINDS",
+    "Campaign",
+    "Problem",
+    "Settle",
+    "Summary",
+    "default_campaign_name",
+    "unsubscribe_warning",
+]
+
+# Pairs each contact with why it is not mailed now (None: mail it); may look ahead.
+Settle = Callable[[Iterator[Contact]], Iterable[tuple[Contact, Skip | None]]]
 
 PROBLEM_KINDS = ("invalid", "fields", "duplicate", "blank", "error")
 _PROBLEMS_KEPT = 100
@@ -221,13 +233,16 @@ class Campaign:
         self,
         summary: Summary,
         *,
-        skip: Callable[[Contact], bool] | None = None,
+        settle: Settle | None = None,
+        on_skipped: Callable[[Contact, Skip], None] | None = None,
         on_problem: Callable[[Problem, Contact | None], None] | None = None,
-    ) -> Iterator[tuple[Contact, BuiltMessage]]:
+    ) -> Generator[tuple[Contact, BuiltMessage], None, None]:
         """Yield (contact, message) for every selected contact, recording problems in ``summary``.
 
-        ``skip(contact)`` lets the sender leave out contacts the send log already
-        settled (it counts them itself); ``on_problem`` is told of each bad row.
+        ``settle`` pairs each selected contact with why it is not mailed now (a
+        :class:`Skip`, counted in ``summary``; the sender asks its send log a batch at a
+        time) or None; ``on_skipped`` is told of each contact so left out, and
+        ``on_problem`` of each bad row.
         """
         seen = SeenAddresses()
 
@@ -237,18 +252,17 @@ class Campaign:
                 on_problem(item, contact)
 
         try:
-            yield from self._selected(summary, seen, skip, problem)
+            candidates = self._candidates(summary, seen, problem)
+            settled = settle(candidates) if settle is not None else ((contact, None) for contact in candidates)
+            yield from self._selected(summary, settled, on_skipped, problem)
         finally:
+            close = getattr(settled, "close", None)
+            if close is not None:
+                close()  # a look-ahead generator: let it settle its accounts now
             seen.close()
 
-    def _selected(
-        self,
-        summary: Summary,
-        seen: SeenAddresses,
-        skip: Callable[[Contact], bool] | None,
-        problem: Callable[..., None],
-    ) -> Iterator[tuple[Contact, BuiltMessage]]:
-        handled = 0
+    def _candidates(self, summary: Summary, seen: SeenAddresses, problem: Callable[..., None]) -> Iterator[Contact]:
+        """The valid, selected (``--where``), first-seen contacts."""
         where = self.where
         campaign_name = self.name
         counts = summary.counts
@@ -262,15 +276,31 @@ class Campaign:
             if where is not None and not where(variables):
                 counts["filtered"] += 1
                 continue
-            earlier = seen.add(address_key(item.envelope), item.line)
+            earlier = seen.add(address_key(item.envelope).encode("utf-8", "surrogatepass"), item.line)
             if earlier is not None:
                 problem(Problem(item.line, "duplicate", f"{item.email} already appears on line {earlier}", item.email))
                 continue
+            yield item
+
+    def _selected(
+        self,
+        summary: Summary,
+        settled: Iterable[tuple[Contact, Skip | None]],
+        on_skipped: Callable[[Contact, Skip], None] | None,
+        problem: Callable[..., None],
+    ) -> Iterator[tuple[Contact, BuiltMessage]]:
+        handled = 0
+        counts = summary.counts
+        for item, skip in settled:
             if self.limit is not None and handled >= self.limit:
                 counts["over_limit"] += 1
                 continue
-            if skip is not None and skip(item):
+            if skip is not None:
+                counts[skip] += 1
+                if on_skipped is not None:
+                    on_skipped(item, skip)
                 continue
+            variables = item.variables
             try:
                 if self._unsubscribe_url is not None:
                     variables["unsubscribe_url"] = self._unsubscribe_url.render(variables)

@@ -12,7 +12,7 @@ from ..bounces.rules import is_bounce
 from ..core.errors import ExitCode, MailerError, SendLogError
 from ..core.outcomes import Outgoing, Result, Status
 from ..delivery.pool import deliver
-from ..store.sqlite import SendLog
+from ..store import open_store
 from .forking import FORK, Batch, become_child, start_child
 from .journal import JournalWriter
 
@@ -208,7 +208,7 @@ def _delivery_child(
                 )
 
     try:
-        with SendLog.open(config.log.path) as log:
+        with open_store(config.log) as log:
             journal = JournalWriter(log, campaign, run_id)
             try:
                 stats = deliver(

@@ -20,7 +20,7 @@ whenever every line in it is in the database and it has grown past a few megabyt
 
 File format: a JSON header line ``{"mailer_journal": 1, "campaign": ..., "run": id}``,
 then one JSON array per event: ``[recipient, status, smtp_code, smtp_reply,
-message_id, line]`` (:meth:`mailer.store.sqlite.SendLog.record_events`). A last line without its newline
+message_id, line]`` (:meth:`mailer.store.base.SendStore.record_events`). A last line without its newline
 was cut off by the kill: its ``write()`` never returned, so no transaction followed it.
 """
 
@@ -30,16 +30,15 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..bounces.rules import bounces_of
 from ..core.errors import LockedError, SendLogError
 from ..core.outcomes import RESULT_STATUSES, DeliveryEvent, Status
-from ..store.locks import CampaignLock, campaign_file_path
-from ..store.sqlite import SendLog
+from ..store.base import SendStore
+from ..store.locks import CampaignLock
 
-__all__ = ["FORMAT_VERSION", "JournalWriter", "journal_path", "recover", "recover_all"]
+__all__ = ["FORMAT_VERSION", "JournalWriter", "recover", "recover_all"]
 
 
 FORMAT_VERSION = 1
@@ -47,11 +46,6 @@ FORMAT_VERSION = 1
 _TRUNCATE_AT = 8 * 1024 * 1024
 _BATCH_SECONDS = 0.05
 _BATCH_EVENTS = 2048
-
-
-def journal_path(db_path: Path, campaign: str) -> Path:
-    """The journal file of ``campaign`` beside the send log at ``db_path``."""
-    return campaign_file_path(db_path, campaign, "journal")
 
 
 class JournalWriter:
@@ -62,11 +56,11 @@ class JournalWriter:
     one, so a broken send log stops the run at the next message.
     """
 
-    def __init__(self, log: SendLog, campaign: str, run_id: int) -> None:
+    def __init__(self, log: SendStore, campaign: str, run_id: int) -> None:
         self.log = log
         self.campaign = campaign
         self.run_id = run_id
-        self.path = journal_path(log.path, campaign)
+        self.path = log.journal_path(campaign)
         header = json.dumps({"mailer_journal": FORMAT_VERSION, "campaign": campaign, "run": run_id}).encode() + b"\n"
         try:
             # The caller holds the campaign lock and has recovered any earlier journal.
@@ -206,13 +200,13 @@ def _read_events(data: bytes, start: int) -> Iterator[tuple[DeliveryEvent, int]]
         yield event, position
 
 
-def recover(log: SendLog, campaign: str, lock: CampaignLock | None = None) -> int:
+def recover(log: SendStore, campaign: str, lock: CampaignLock | None = None) -> int:
     """Apply what a killed run of ``campaign`` left in its journal; returns how many events.
 
     Needs the campaign's lock: pass the one held, or None to take it for the call. When
     another run holds it, the journal is that run's, live: nothing is done (returns 0).
     """
-    path = journal_path(log.path, campaign)
+    path = log.journal_path(campaign)
     if not path.exists():
         return 0
     if lock is None:
@@ -254,7 +248,7 @@ def recover(log: SendLog, campaign: str, lock: CampaignLock | None = None) -> in
     return len(events)
 
 
-def recover_all(log: SendLog) -> int:
+def recover_all(log: SendStore) -> int:
     """:func:`recover` every campaign of this send log that left a journal behind."""
     total = 0
     for path in sorted(log.path.parent.glob(f"{log.path.name}.*.journal")):
@@ -264,6 +258,6 @@ def recover_all(log: SendLog) -> int:
             campaign = header["campaign"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not readable as a journal: recover() of its campaign will say so
-        if isinstance(campaign, str) and journal_path(log.path, campaign) == path:
+        if isinstance(campaign, str) and log.journal_path(campaign) == path:
             total += recover(log, campaign)
     return total

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from ..compose.contacts import Contact
-from ..compose.seen import SeenAddresses
-from ..core.addresses import normalize_address
-from ..core.outcomes import Skip, Status
-from ..store.sqlite import SendLog
+from collections.abc import Iterable, Iterator, Sequence
 
-__all__ = ["Resume", "resume_rule"]
+from ..compose.contacts import Contact
+from ..core.outcomes import Skip, Status
+from ..store.base import SendStore
+
+__all__ = ["BATCH", "Resume", "resume_rule"]
+
+# Contacts per question to the store: one round trip for this many (a point query per
+# contact cost 15-30 µs on SQLite, a batch of 500 about 1-5 µs a contact).
+BATCH = 500
 
 
 def resume_rule(status: Status | None, *, suppressed: bool, resend_unknown: bool) -> Skip | None:
@@ -31,34 +35,43 @@ def resume_rule(status: Status | None, *, suppressed: bool, resend_unknown: bool
 
 
 class Resume:
-    """Decides, per contact, whether an earlier run or the suppression list settles it.
+    """Applies :func:`resume_rule` to contacts, asking the store about a batch at a time."""
 
-    In-memory prefilters keep this cheap: a point query per contact costs ~30 µs while
-    the delivery process is writing the same database, more than building the
-    message. A digest hit is confirmed by the real query, so a (rare) false hit
-    changes nothing.
-    """
-
-    def __init__(self, log: SendLog, campaign: str, *, resend_unknown: bool) -> None:
-        self.log = log
+    def __init__(self, store: SendStore, campaign: str, *, resend_unknown: bool, batch: int = BATCH) -> None:
+        self.store = store
         self.campaign = campaign
         self.resend_unknown = resend_unknown
-        self.logged = SeenAddresses()
-        for recipient in log.iter_recipients(campaign):
-            self.logged.add(recipient.encode("utf-8", "surrogatepass"), 1)
-        self.suppressed = SeenAddresses()
-        for address in log.iter_suppressed_keys():
-            self.suppressed.add(address.encode("utf-8", "surrogatepass"), 1)
+        self.batch = batch
+        self.waiting = 0
 
-    def settled_by(self, contact: Contact) -> Skip | None:
-        """Why the contact is not mailed now (:func:`resume_rule`), or None."""
-        recipient = normalize_address(contact.envelope)
-        status = None
-        if len(self.logged) and self.logged.get(recipient.encode("utf-8", "surrogatepass")) is not None:
-            status = self.log.status_of(self.campaign, recipient)
-        suppressed = (
-            len(self.suppressed) > 0
-            and self.suppressed.get(contact.envelope.lower().encode("utf-8", "surrogatepass")) is not None
-            and self.log.is_suppressed(contact.envelope)
-        )
-        return resume_rule(status, suppressed=suppressed, resend_unknown=self.resend_unknown)
+    def classify(self, contacts: Sequence[Contact]) -> list[Skip | None]:
+        """Why each contact is not mailed now, or None, in order (two store queries)."""
+        envelopes = [contact.envelope for contact in contacts]
+        statuses = self.store.statuses(self.campaign, envelopes)
+        suppressed = self.store.suppressed(envelopes)
+        resend_unknown = self.resend_unknown
+        return [
+            resume_rule(status, suppressed=is_suppressed, resend_unknown=resend_unknown)
+            for status, is_suppressed in zip(statuses, suppressed)
+        ]
+
+    def settle(self, contacts: Iterable[Contact]) -> Iterator[tuple[Contact, Skip | None]]:
+        """Each contact with its decision, classified in batches of :attr:`batch`.
+
+        :attr:`waiting` counts the contacts read from ``contacts`` and not handed on yet:
+        a run that stops early counts them as not attempted.
+        """
+        batch: list[Contact] = []
+        for contact in contacts:
+            batch.append(contact)
+            self.waiting += 1
+            if len(batch) >= self.batch:
+                yield from self._decided(batch)
+                batch = []
+        if batch:
+            yield from self._decided(batch)
+
+    def _decided(self, batch: list[Contact]) -> Iterator[tuple[Contact, Skip | None]]:
+        for pair in zip(batch, self.classify(batch)):
+            self.waiting -= 1
+            yield pair

@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
 from ..compose.contacts import Contact, ContactReader
 from ..compose.seen import SeenAddresses
-from ..core.addresses import address_key, normalize_address
+from ..core.addresses import address_key
 from ..core.errors import MailerError, UsageError
 from ..core.outcomes import Outgoing, Skip, Status
 from ..smtp.policy import check_relay_settings, tls_verification_warning
-from ..store.sqlite import SendLog
+from ..store import open_store
+from ..store.base import SendStore
+from ..store.records import SkippedRow
 from .child import DeliveryProcess
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover
-from .resume import Resume
+from .resume import BATCH, Resume
 from .signing import Signing
 
 __all__ = ["SendPlan", "plan_send", "run_send"]
@@ -55,24 +57,31 @@ def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:
     """Count who would be mailed, without rendering (a second, cheap pass over the CSV)."""
     plan = SendPlan(0, 0, 0, 0)
     seen = SeenAddresses()
-    with _reread(campaign) as reader:
+
+    def selected(reader: ContactReader) -> Iterator[Contact]:
         for item in reader:
             if not isinstance(item, Contact):
                 continue
             item.variables["campaign"] = campaign.name
             if campaign.where is not None and not campaign.where(item.variables):
                 continue
-            if seen.add(address_key(item.envelope), item.line) is not None:
+            if seen.add(address_key(item.envelope).encode("utf-8", "surrogatepass"), item.line) is not None:
                 continue
-            reason = resume.settled_by(item)
-            if reason is Skip.ALREADY_DONE:
-                plan.settled += 1
-            elif reason is Skip.UNKNOWN:
-                plan.unknown += 1
-            elif reason is Skip.SUPPRESSED:
-                plan.suppressed += 1
-            elif campaign.limit is None or plan.recipients < campaign.limit:
-                plan.recipients += 1
+            yield item
+
+    try:
+        with _reread(campaign) as reader:
+            for _contact, reason in resume.settle(selected(reader)):
+                if reason is Skip.ALREADY_DONE:
+                    plan.settled += 1
+                elif reason is Skip.UNKNOWN:
+                    plan.unknown += 1
+                elif reason is Skip.SUPPRESSED:
+                    plan.suppressed += 1
+                elif campaign.limit is None or plan.recipients < campaign.limit:
+                    plan.recipients += 1
+    finally:
+        seen.close()
     return plan
 
 
@@ -101,7 +110,7 @@ def run_send(
         with _reread(campaign) as reader:
             reader.scan()
     summary = Summary(campaign_name=campaign.name, dry_run=False, contacts=campaign.contacts_name)
-    with SendLog.open(config.log.path) as log, log.acquire_lock(campaign.name) as lock:
+    with open_store(config.log) as log, log.acquire_lock(campaign.name) as lock:
         # What a killed run of this campaign left in its journal goes into the log first.
         recover(log, campaign.name, lock)
         resume = Resume(log, campaign.name, resend_unknown=resend_unknown)
@@ -146,6 +155,7 @@ def run_send(
                 produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
             finally:
                 stream.close()  # a stop leaves it unfinished: count what it still held
+                outgoing.close()  # and record the skipped rows it still held, store open
             result = delivery.wait()
         finally:
             progress.stop()
@@ -169,7 +179,8 @@ def run_send(
             summary.finished = time.time()
             summary.interrupted = interrupted["signal"] is not None
             log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
-        counts["not_attempted"] += result["untouched"] + produced["unsent"] + (signing.dropped if signing else 0)
+        dropped = signing.dropped if signing else 0
+        counts["not_attempted"] += result["untouched"] + produced["unsent"] + dropped + resume.waiting
         counts["deferred"] += result["waiting_retry"]
     return summary
 
@@ -195,30 +206,36 @@ class _ProgressThread:
         self._thread.join()
 
 
-def _outgoing(campaign: Campaign, log: SendLog, summary: Summary, *, resume: Resume) -> Iterator[Outgoing]:
+def _outgoing(
+    campaign: Campaign, store: SendStore, summary: Summary, *, resume: Resume
+) -> Generator[Outgoing, None, None]:
     campaign_name = campaign.name
-    counts = summary.counts
+    skipped: list[SkippedRow] = []  # recorded in batches, like everything else
 
-    def skip(contact: Contact) -> bool:
-        reason = resume.settled_by(contact)
-        if reason is None:
-            return False
-        counts[reason] += 1
+    def on_skipped(contact: Contact, reason: Skip) -> None:
         if reason is Skip.SUPPRESSED:
-            recipient = normalize_address(contact.envelope)
-            log.record_skipped(
-                campaign_name, recipient, status="suppressed", reason="on the suppression list", line=contact.line
-            )
-        return True
+            skipped.append(SkippedRow(contact.envelope, Status.SUPPRESSED, "on the suppression list", contact.line))
+            if len(skipped) >= BATCH:
+                flush()
 
     def on_problem(problem: Problem, contact: Contact | None) -> None:
         if problem.kind in ("duplicate", "blank"):
             return  # the address has its own row; a blank row has no recipient
-        recipient = normalize_address(contact.envelope) if contact else (problem.email or f"line {problem.line}")
-        status = log.status_of(campaign_name, recipient)
-        if status in (Status.SENT, Status.FAILED, Status.SENDING):
-            return  # never overwrite what happened to a real message
-        log.record_skipped(campaign_name, recipient, status="invalid", reason=problem.reason, line=problem.line)
+        recipient = contact.envelope if contact else problem.email
+        # The store never lets this overwrite what happened to a real message.
+        skipped.append(SkippedRow(recipient, Status.INVALID, problem.reason, problem.line))
+        if len(skipped) >= BATCH:
+            flush()
 
-    for contact, message in campaign.messages(summary, skip=skip, on_problem=on_problem):
-        yield message.outgoing((normalize_address(contact.envelope), contact.line))
+    def flush() -> None:
+        store.record_skipped(campaign_name, skipped)
+        skipped.clear()
+
+    messages = campaign.messages(summary, settle=resume.settle, on_skipped=on_skipped, on_problem=on_problem)
+    try:
+        for contact, message in messages:
+            # As written: the store keys it (mailer.core.addresses.address_key).
+            yield message.outgoing((contact.envelope, contact.line))
+    finally:
+        messages.close()  # now, so that the contacts it read ahead are counted (Resume.waiting)
+        flush()

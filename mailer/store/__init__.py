@@ -1,1 +1,22 @@
 """The store: the send log, run history and suppression list, behind the SendStore interface."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.config import LogConfig
+    from .base import SendStore
+
+__all__ = ["open_store"]
+
+
+def open_store(log: LogConfig, *, create: bool = True) -> SendStore:
+    """Open the store that ``[log]`` names (SQLite at ``log.path``), creating it if need be.
+
+    With ``create=False`` a missing store is an error (for ``mailer report``). Raises
+    :class:`~mailer.core.errors.SendLogError` when it cannot be used.
+    """
+    from .sqlite import SendLog
+
+    return SendLog.open(log.path, create=create)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ..core.addresses import address_key
 from ..core.errors import SendLogError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
@@ -80,6 +81,73 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX deliveries_campaign_retry ON deliveries (campaign, status) "
         "WHERE status IN ('failed', 'deferred')",
     ),
+    # 4: one address rule (mailer.core.addresses.address_key): recipients and suppressions
+    # are keyed by the case-folded local part and the lower-case ASCII domain, so
+    # Ann@x.org and ann@x.org are one person for resume and suppression; the address as
+    # written is kept beside the key (the retry CSV gives it back). Rows that become one
+    # key keep the most settled of them: sent, then sending (it may have been delivered:
+    # keeping it keeps it from a resend and in `mailer report`), then failed, deferred,
+    # suppressed, invalid; the latest first among equals. Suppressions keep the oldest.
+    (
+        """
+        CREATE TABLE deliveries_v4 (
+            campaign    TEXT NOT NULL,
+            recipient   TEXT NOT NULL,   -- address_key(), or the folded raw value of an invalid row
+            address     TEXT,            -- the address as written in the contacts
+            domain      TEXT NOT NULL,
+            status      TEXT NOT NULL,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            smtp_code   INTEGER,
+            smtp_reply  TEXT,
+            message_id  TEXT,
+            line        INTEGER,
+            reason      TEXT,
+            first_at    TEXT NOT NULL,
+            updated_at  TEXT NOT NULL,
+            PRIMARY KEY (campaign, recipient)
+        ) WITHOUT ROWID
+        """,
+        """
+        INSERT INTO deliveries_v4 (campaign, recipient, address, domain, status, attempts, smtp_code,
+                                   smtp_reply, message_id, line, reason, first_at, updated_at)
+        SELECT campaign, new_key, recipient, domain, status, attempts, smtp_code,
+               smtp_reply, message_id, line, reason, first_at, updated_at
+        FROM (
+            SELECT *, mailer_address_key(recipient) AS new_key,
+                   row_number() OVER (
+                       PARTITION BY campaign, mailer_address_key(recipient)
+                       ORDER BY CASE status WHEN 'sent' THEN 0 WHEN 'sending' THEN 1 WHEN 'failed' THEN 2
+                                WHEN 'deferred' THEN 3 WHEN 'suppressed' THEN 4 ELSE 5 END,
+                                updated_at DESC, recipient
+                   ) AS choice
+            FROM deliveries
+        ) WHERE choice = 1
+        """,
+        "DROP TABLE deliveries",
+        "ALTER TABLE deliveries_v4 RENAME TO deliveries",
+        "CREATE INDEX deliveries_campaign_retry ON deliveries (campaign, status) "
+        "WHERE status IN ('failed', 'deferred')",
+        # The key is folded already: no NOCASE collation (it folds ASCII only).
+        """
+        CREATE TABLE suppressions_v4 (
+            address   TEXT NOT NULL PRIMARY KEY,   -- address_key()
+            reason    TEXT,
+            source    TEXT NOT NULL,
+            added_at  TEXT NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        INSERT INTO suppressions_v4 (address, reason, source, added_at)
+        SELECT new_key, reason, source, added_at
+        FROM (
+            SELECT *, mailer_address_key(address) AS new_key,
+                   row_number() OVER (PARTITION BY mailer_address_key(address) ORDER BY added_at, address) AS choice
+            FROM suppressions
+        ) WHERE choice = 1
+        """,
+        "DROP TABLE suppressions",
+        "ALTER TABLE suppressions_v4 RENAME TO suppressions",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -107,6 +175,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
                 path=str(path),
                 hint="Point [log] path in mailer.toml at a file of its own.",
             )
+        # Steps may call the address rule by this name (step 4 re-keys every row with it).
+        conn.create_function("mailer_address_key", 1, address_key, deterministic=True)
         for step in MIGRATIONS[version:]:
             for statement in step:
                 conn.execute(statement)

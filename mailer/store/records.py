@@ -21,6 +21,7 @@ __all__ = [
     "ReplyCount",
     "Report",
     "Run",
+    "SkippedRow",
     "Suppression",
     "delivery_from_row",
     "utc_now",
@@ -35,6 +36,18 @@ def utc_now() -> datetime:
 
 
 # --- records ------------------------------------------------------------------------
+
+
+class SkippedRow(NamedTuple):
+    """A contact that is not mailed: ``invalid`` (a bad row) or ``suppressed``.
+
+    ``recipient`` may be any string (the raw value of a bad address); an empty one is
+    logged as ``"line N"``."""
+
+    recipient: str
+    status: Status
+    reason: str
+    line: int | None
 
 
 @dataclass(frozen=True)

@@ -17,30 +17,30 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from ..core.addresses import address_problem, domain_of, idna_twin, normalize_address
+from ..core.addresses import address_key, address_problem, domain_of
 from ..core.errors import ContactsError, SendLogError, UsageError
 from ..core.outcomes import RESULT_STATUSES, SKIPPED_STATUSES, STATUS_BY_VALUE, DeliveryEvent, Status
 from .imports import parse_address_file
-from .locks import CampaignLock, campaign_lock_path
+from .locks import CampaignLock, campaign_file_path, campaign_lock_path
 from .migrations import migrate
 from .records import (
     DELIVERY_COLUMNS,
     FAILED_CSV_HEADER,
     SUPPRESSION_SOURCES,
     CampaignSummary,
-    Delivery,
     DomainCount,
     ImportResult,
     InvalidEntry,
     ReplyCount,
     Report,
     Run,
+    SkippedRow,
     Suppression,
     delivery_from_row,
     utc_now,
@@ -53,10 +53,11 @@ __all__ = ["SendLog"]
 # through one executemany. "sending" counts an attempt and keeps the last reply; an
 # outcome records the reply and keeps the attempts.
 _EVENT_SQL = """
-    INSERT INTO deliveries (campaign, recipient, domain, status, attempts, smtp_code, smtp_reply,
+    INSERT INTO deliveries (campaign, recipient, address, domain, status, attempts, smtp_code, smtp_reply,
                             message_id, line, first_at, updated_at)
-    VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (campaign, recipient) DO UPDATE SET
+        address = excluded.address,
         status = excluded.status,
         attempts = attempts + (excluded.status = 'sending'),
         smtp_code = CASE WHEN excluded.status = 'sending' THEN smtp_code ELSE excluded.smtp_code END,
@@ -66,6 +67,20 @@ _EVENT_SQL = """
         reason = CASE WHEN excluded.status = 'sending' THEN NULL ELSE reason END,
         updated_at = excluded.updated_at
 """
+_SKIPPED_SQL = """
+    INSERT INTO deliveries (campaign, recipient, address, domain, status, line, reason, first_at, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (campaign, recipient) DO UPDATE SET
+        address = excluded.address,
+        status = excluded.status,
+        line = coalesce(excluded.line, line),
+        reason = excluded.reason,
+        updated_at = excluded.updated_at
+    WHERE status NOT IN ('sent', 'failed', 'sending')
+"""
+# Addresses per bulk query: well under SQLite's limit of 32,766 parameters, and a batch
+# of contacts (mailer.send.run) fits in one or two queries.
+_BULK = 500
 _SUPPRESSION_SQL = (
     "INSERT INTO suppressions (address, reason, source, added_at) VALUES (?, ?, ?, ?) ON CONFLICT (address) DO NOTHING"
 )
@@ -266,49 +281,40 @@ class SendLog:
 
     # --- deliveries ---
 
-    def status_of(self, campaign: str, recipient: str) -> Status | None:
-        """The logged status of ``recipient`` in ``campaign``, or None if never logged."""
-        row = self._fetch_one(
-            "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
-            (campaign, normalize_address(recipient)),
-        )
-        return None if row is None else STATUS_BY_VALUE[row[0]]
+    # --- resume and suppression, in bulk ---
 
-    def get_delivery(self, campaign: str, recipient: str) -> Delivery | None:
-        """The whole logged row of ``recipient`` in ``campaign``, or None."""
-        key = normalize_address(recipient)
-        with self._guard as conn:
-            row = conn.execute(
-                f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE campaign = ? AND recipient = ?", (campaign, key)
-            ).fetchone()
-        return None if row is None else delivery_from_row(row)
+    def statuses(self, campaign: str, addresses: Sequence[str]) -> list[Status | None]:
+        """The logged status of each address in ``campaign`` (None: never logged), in order.
 
-    def mark_sending(self, campaign: str, recipient: str, *, message_id: str, line: int | None = None) -> None:
-        """Record that a message is about to be handed to the server (one more attempt).
-
-        Call it just before the SMTP transaction: if the process dies before
-        :meth:`record_result`, the row stays ``sending`` (outcome unknown).
+        One query per :data:`_BULK` addresses: about 1 µs an address when few are
+        logged and 5 µs when all are, against 15-30 µs for a point query each.
         """
-        self.record_events(campaign, [(recipient, Status.SENDING, None, None, message_id, line)])
+        keys = [address_key(address) for address in addresses]
+        found: dict[str, Status] = {}
+        for start in range(0, len(keys), _BULK):
+            chunk = keys[start : start + _BULK]
+            sql = (
+                "SELECT recipient, status FROM deliveries WHERE campaign = ? "
+                f"AND recipient IN ({', '.join('?' * len(chunk))})"
+            )
+            with self._guard as conn:
+                rows = conn.execute(sql, (campaign, *chunk)).fetchall()
+            for recipient, status in rows:
+                found[recipient] = STATUS_BY_VALUE[status]
+        return [found.get(key) for key in keys]
 
-    def record_result(
-        self,
-        campaign: str,
-        recipient: str,
-        *,
-        status: str,
-        smtp_code: int | None,
-        smtp_reply: str | None,
-        message_id: str | None = None,
-    ) -> None:
-        """Record the outcome of an SMTP transaction: ``sent``, ``failed`` or ``deferred``.
-
-        ``smtp_code`` may be None when there was no reply (dropped connection, timeout);
-        then ``smtp_reply`` should say what happened.
-        """
-        if status not in RESULT_STATUSES:
-            raise ValueError(f"record_result() takes sent, failed or deferred, not {status!r}")
-        self.record_events(campaign, [(recipient, status, smtp_code, smtp_reply, message_id, None)])
+    def suppressed(self, addresses: Sequence[str]) -> list[bool]:
+        """Whether each address is on the suppression list, in order (compared by
+        :func:`~mailer.core.addresses.address_key`: without case, either IDNA form)."""
+        keys = [address_key(address) for address in addresses]
+        asked = sorted(set(keys))
+        found: set[str] = set()
+        for start in range(0, len(asked), _BULK):
+            chunk = asked[start : start + _BULK]
+            sql = f"SELECT address FROM suppressions WHERE address IN ({', '.join('?' * len(chunk))})"
+            with self._guard as conn:
+                found.update(address for (address,) in conn.execute(sql, chunk))
+        return [key in found for key in keys]
 
     def record_events(
         self,
@@ -321,8 +327,9 @@ class SendLog:
         """Apply delivery events in order, in ONE transaction (one commit for them all).
 
         Each event is ``(recipient, status, smtp_code, smtp_reply, message_id, line)``:
-        status ``sending`` is :meth:`mark_sending` (one more attempt; the last reply is
-        kept), ``sent`` / ``failed`` / ``deferred`` is :meth:`record_result`. The
+        status ``sending`` records that the message is about to be handed to the server
+        (one more attempt; the last reply is kept), ``sent`` / ``failed`` / ``deferred``
+        the outcome of a transaction (its reply; ``smtp_code`` None when there was none). The
         delivery process groups the events of several workers this way: a commit each
         would cost more than the SMTP transaction itself.
 
@@ -335,9 +342,23 @@ class SendLog:
         for recipient, status, smtp_code, smtp_reply, message_id, line in events:
             if status != Status.SENDING and status not in RESULT_STATUSES:
                 raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
-            key = normalize_address(recipient)
-            rows.append((campaign, key, domain_of(key), str(status), smtp_code, smtp_reply, message_id, line, now, now))
-        suppressions = [(normalize_address(address), reason, "bounce", now) for address, reason in bounces]
+            key = address_key(recipient)
+            rows.append(
+                (
+                    campaign,
+                    key,
+                    recipient.strip(),
+                    domain_of(key),
+                    str(status),
+                    smtp_code,
+                    smtp_reply,
+                    message_id,
+                    line,
+                    now,
+                    now,
+                )
+            )
+        suppressions = [(address_key(address), reason, "bounce", now) for address, reason in bounces]
         if not rows and journal is None:
             return
         with self._guard as conn:
@@ -365,34 +386,37 @@ class SendLog:
         return applied
 
     def set_journal_applied(self, run_id: int, offset: int) -> None:
+        """Record that run ``run_id``'s journal is applied up to ``offset``."""
         with self._guard as conn:
             conn.execute("UPDATE runs SET journal_applied = ? WHERE id = ?", (offset, run_id))
 
-    def record_skipped(self, campaign: str, recipient: str, *, status: str, reason: str, line: int | None) -> None:
-        """Record a contact that is not mailed: ``invalid`` (bad row) or ``suppressed``.
+    def record_skipped(self, campaign: str, rows: Iterable[SkippedRow]) -> None:
+        """Record contacts that are not mailed (``invalid``, ``suppressed``), in one transaction.
 
-        ``recipient`` may be any string (the raw value of a bad address); an empty one
-        is logged as ``"line N"``.
+        A row never overwrites what happened to a real message: a ``sent``, ``failed`` or
+        ``sending`` row stays as it is.
         """
-        if status not in SKIPPED_STATUSES:
-            raise ValueError(f"record_skipped() takes invalid or suppressed, not {status!r}")
-        key = normalize_address(recipient)
-        if not key:
-            key = f"line {line}" if line is not None else "(empty)"
         now = self._now()
-        with self._guard as conn:
-            conn.execute(
-                """
-                INSERT INTO deliveries (campaign, recipient, domain, status, line, reason, first_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (campaign, recipient) DO UPDATE SET
-                    status = excluded.status,
-                    line = coalesce(excluded.line, line),
-                    reason = excluded.reason,
-                    updated_at = excluded.updated_at
-                """,
-                (campaign, key, domain_of(key), str(status), line, reason, now, now),
+        values = []
+        for recipient, status, reason, line in rows:
+            if status not in SKIPPED_STATUSES:
+                raise ValueError(f"record_skipped() takes invalid or suppressed, not {status!r}")
+            key = address_key(recipient)
+            if not key:
+                key = f"line {line}" if line is not None else "(empty)"
+            values.append(
+                (campaign, key, recipient.strip() or None, domain_of(key), str(status), line, reason, now, now)
             )
+        if not values:
+            return
+        with self._guard as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_SKIPPED_SQL, values)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def counts(self, campaign: str) -> dict[str, int]:
         """The number of recipients of ``campaign`` in each status (every status, zeros included)."""
@@ -484,7 +508,7 @@ class SendLog:
         with self._guard as conn:
             rows = conn.execute(
                 """
-                SELECT recipient, status, smtp_code, smtp_reply FROM deliveries
+                SELECT coalesce(address, recipient), status, smtp_code, smtp_reply FROM deliveries
                 WHERE campaign = ? AND status IN ('failed', 'deferred')
                 ORDER BY line IS NULL, line, recipient
                 """,
@@ -545,22 +569,17 @@ class SendLog:
             for row in rows
         ]
 
-    # --- the campaign lock ---
+    # --- the campaign lock and the journal ---
+
+    def journal_path(self, campaign: str) -> Path:
+        """The delivery journal of ``campaign``, beside the send log."""
+        return campaign_file_path(self.path, campaign, "journal")
 
     def acquire_lock(self, campaign: str) -> CampaignLock:
         """Lock ``campaign`` against a second run on this send log, or raise :class:`LockedError`."""
         return CampaignLock.acquire(campaign_lock_path(self.path, campaign), campaign, clock=self._clock)
 
     # --- suppressions ---
-
-    def is_suppressed(self, address: str) -> bool:
-        """Whether ``address`` is on the suppression list (the local part's case is ignored,
-        and so is the form of an internationalized domain)."""
-        key = normalize_address(address)
-        twin = idna_twin(key)
-        if twin is None:
-            return self._fetch_one("SELECT 1 FROM suppressions WHERE address = ?", (key,)) is not None
-        return self._fetch_one("SELECT 1 FROM suppressions WHERE address IN (?, ?)", (key, twin)) is not None
 
     def add_suppressions(
         self, addresses: Iterable[str], *, reason: str | None = None, source: str = "manual"
@@ -580,7 +599,7 @@ class SendLog:
                     f"{address!r} is not a valid email address ({problem}).",
                     hint="Nothing was added; fix or drop that address and run again.",
                 )
-            entries.append((normalize_address(address), reason))
+            entries.append((address_key(address), reason))
         return self._insert_suppressions(entries, source=source)
 
     def _insert_suppressions(self, entries: list[tuple[str, str | None]], *, source: str) -> tuple[int, int]:
@@ -604,16 +623,13 @@ class SendLog:
         """Take addresses off the suppression list; returns how many were on it."""
         if isinstance(addresses, str):
             addresses = [addresses]
-        keys: list[tuple[str, str]] = []
-        for address in addresses:
-            key = normalize_address(address)
-            keys.append((key, idna_twin(key) or key))
+        keys = {address_key(address) for address in addresses}
         removed = 0
         with self._guard as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for pair in keys:
-                    removed += conn.execute("DELETE FROM suppressions WHERE address IN (?, ?)", pair).rowcount > 0
+                for key in keys:
+                    removed += conn.execute("DELETE FROM suppressions WHERE address = ?", (key,)).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -640,33 +656,6 @@ class SendLog:
             if len(rows) < batch_size:
                 return
             last = rows[-1][0]
-
-    def iter_recipients(self, campaign: str, *, batch_size: int = 5000) -> Iterator[str]:
-        """Every recipient logged for ``campaign`` (any status), in batches of short queries."""
-        last = ""
-        while True:
-            with self._guard as conn:
-                rows = conn.execute(
-                    "SELECT recipient FROM deliveries WHERE campaign = ? AND recipient > ? ORDER BY recipient LIMIT ?",
-                    (campaign, last, batch_size),
-                ).fetchall()
-            for (recipient,) in rows:
-                yield recipient
-            if len(rows) < batch_size:
-                return
-            last = rows[-1][0]
-
-    def iter_suppressed_keys(self) -> Iterator[str]:
-        """Every suppressed address in lower case, in both IDNA forms where it has two.
-
-        For a fast in-memory prefilter; :meth:`is_suppressed` stays the authority.
-        """
-        for row in self.list_suppressions(batch_size=5000):
-            address = row.address.lower()
-            yield address
-            twin = idna_twin(address)
-            if twin:
-                yield twin
 
     def import_suppressions(
         self, file_path: Path, *, reason: str | None = None, source: str = "import"
@@ -696,6 +685,6 @@ class SendLog:
             if address_problem(value):
                 invalid.append(InvalidEntry(line, value))
             else:
-                entries.append((normalize_address(value), row_reason))
+                entries.append((address_key(value), row_reason))
         added, already = self._insert_suppressions(entries, source=source)
         return ImportResult(added=added, already_present=already, invalid=invalid)
