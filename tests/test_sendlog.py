@@ -717,6 +717,43 @@ def test_a_lock_held_by_another_process_names_it_and_dies_with_it(db_path: Path,
             assert holder["started_at"] == "2026-03-01T09:00:00+00:00"
 
 
+def test_no_path_to_the_same_send_log_gets_a_second_run_in(tmp_path: Path, clock: FakeClock) -> None:
+    real = tmp_path / "data" / "mailer.sqlite3"
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    SendLog.open(real).close()
+    link = tmp_path / "link.sqlite3"
+    link.symlink_to(real)
+    (tmp_path / "linked-dir").symlink_to(tmp_path / "data")
+    other_paths = [
+        real,
+        tmp_path / "data" / "sub" / ".." / "mailer.sqlite3",
+        tmp_path / "linked-dir" / "mailer.sqlite3",
+    ]
+    proc = start_child(
+        """
+        import sys, time
+        from pathlib import Path
+        from mailer.store.sqlite import SendLog
+        log = SendLog.open(Path(sys.argv[1]))
+        lock = log.acquire_lock("news")
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+        str(link),
+    )
+    with SendLog.open(link) as linked:
+        journal = linked.journal_path("news")
+    try:
+        for path in other_paths:
+            with SendLog.open(path, clock=clock) as log, pytest.raises(LockedError):
+                log.acquire_lock("news")
+            assert log.journal_path("news") == journal  # recovery finds it by any path
+    finally:
+        kill_child(proc)
+    with SendLog.open(other_paths[1], clock=clock) as log, log.acquire_lock("news"):
+        pass
+
+
 def test_a_lock_file_without_details_still_gives_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "x.lock"
     held = CampaignLock.acquire(path, "news")

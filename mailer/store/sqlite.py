@@ -224,7 +224,11 @@ class SendLog:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, clock=clock)
+        # The campaign lock and the journal are files named after the send log: name them
+        # after the file itself, not the path it was reached by, so that a symlink or a
+        # "dir/../log" cannot give a second run its own lock and mail everyone twice.
+        # (Hard links are no way to share a log: SQLite names its -wal file by path too.)
+        return cls(Path(os.path.realpath(path)), conn, clock=clock)
 
     def close(self) -> None:
         """Close the database (idempotent)."""
