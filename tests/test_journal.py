@@ -209,17 +209,20 @@ def test_a_line_cut_off_by_the_kill_is_ignored(db_path):
     assert rows(db_path) == {"user1@example.com": ("sent", 1)}
 
 
-def test_a_journal_cut_back_before_the_log_said_so_applies_nothing(db_path):
-    # Killed between the cut-back and its commit: the log says more is applied than the
-    # file holds, which means all of it was.
+def test_a_run_killed_between_moving_the_offset_back_and_the_cut_back_applies_it_all_again(db_path):
+    # The writer moves the log's offset back to the header first, then cuts the file:
+    # killed in between, the file still holds everything, and it is applied again
+    # (statuses unchanged; only the attempts count the replayed "sending" events).
     run_id = new_run(db_path)
+    events = [sending(1), sent(1)]
     with SendLog.open(db_path) as log:
-        log.record_events(CAMPAIGN, [sending(1), sent(1)], journal=(run_id, 5000))
-    write_journal(db_path, run_id, b"")
+        log.record_events(CAMPAIGN, events, journal=(run_id, 5000))
+    path = write_journal(db_path, run_id, b"".join(line(e) for e in events))
     with SendLog.open(db_path) as log:
-        assert recover(log, CAMPAIGN) == 0
-    assert rows(db_path) == {"user1@example.com": ("sent", 1)}
-    assert not journal_path(db_path, CAMPAIGN).exists()
+        log.set_journal_applied(run_id, path.read_bytes().index(b"\n") + 1)
+        assert recover(log, CAMPAIGN) == 2
+    assert rows(db_path) == {"user1@example.com": ("sent", 2)}
+    assert not path.exists()
 
 
 def test_recovered_hard_bounces_are_suppressed(db_path):
@@ -240,7 +243,7 @@ def test_a_damaged_journal_is_an_error_that_keeps_the_file(db_path):
         recover(log, CAMPAIGN)
     message = str(caught.value)
     assert "journal of campaign 'news' is damaged" in message and str(path) in message
-    assert "Keep a copy" in message
+    assert "Keep the file" in message and "move it aside" not in message
     assert path.exists()
     assert rows(db_path) == {}  # nothing half-applied
 
@@ -272,3 +275,57 @@ def test_a_journal_that_cannot_be_created_is_a_clear_error(db_path, tmp_path):
     with SendLog.open(db_path) as log, pytest.raises(SendLogError) as caught:
         JournalWriter(log, CAMPAIGN, run_id)
     assert "cannot write the delivery journal" in str(caught.value)
+
+
+# --- a journal that cannot be trusted stops the run; one whose run the log lost is applied
+
+
+def killed_run_with_journal(db_path: Path) -> Path:
+    """A run killed after 10 applied and 5 unapplied sending/sent pairs: its journal."""
+    run_id = new_run(db_path)
+    kill(start_killed_writer(db_path, run_id, applied_pairs=10, more_pairs=5))
+    return journal_path(db_path, CAMPAIGN)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["emptied", "nul-filled", "header only", "header cut"],
+)
+def test_a_damaged_journal_stops_the_run_naming_what_is_at_stake(db_path, damage):
+    path = killed_run_with_journal(db_path)
+    data = path.read_bytes()
+    header = data[: data.index(b"\n") + 1]
+    path.write_bytes(
+        {"emptied": b"", "nul-filled": b"\0" * len(data), "header only": header, "header cut": header[:10]}[damage]
+    )
+    before = rows(db_path)
+
+    with SendLog.open(db_path) as log, pytest.raises(SendLogError) as caught:
+        recover(log, CAMPAIGN)
+
+    assert "cannot be trusted" in caught.value.message
+    assert "a second time" in caught.value.hint and "Nothing was sent" in caught.value.hint
+    assert path.exists() and rows(db_path) == before
+
+
+def test_a_journal_whose_run_the_send_log_lost_is_applied_whole(db_path):
+    new_run(db_path)
+    # Run 7 is not in the send log (its commits went with a deleted -wal file).
+    path = write_journal(
+        db_path, 7, b"".join(line(e) for n in range(3) for e in (sending(n), sent(n))) + line(sending(9))
+    )
+    with SendLog.open(db_path) as log:
+        assert recover(log, CAMPAIGN) == 7
+    assert rows(db_path) == {
+        **{f"user{n}@example.com": ("sent", 1) for n in range(3)},
+        "user9@example.com": ("sending", 1),
+    }
+    assert not path.exists()
+
+
+def test_a_journal_whose_run_the_log_lost_and_that_holds_nothing_is_not_trusted(db_path):
+    new_run(db_path)
+    path = write_journal(db_path, 7, b"")
+    with SendLog.open(db_path) as log, pytest.raises(SendLogError, match="no record of its run 7"):
+        recover(log, CAMPAIGN)
+    assert path.exists()

@@ -64,8 +64,12 @@ class JournalWriter:
         header = json.dumps({"mailer_journal": FORMAT_VERSION, "campaign": campaign, "run": run_id}).encode() + b"\n"
         try:
             # The caller holds the campaign lock and has recovered any earlier journal.
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            # Written beside it and renamed, so a journal always has its header: an empty
+            # or headless one was damaged (recover() refuses it).
+            fresh = self.path.with_name(self.path.name + ".new")
+            self._fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             os.write(self._fd, header)
+            os.rename(fresh, self.path)
         except OSError as exc:
             raise SendLogError(
                 f"cannot write the delivery journal ({exc.strerror}).",
@@ -143,10 +147,12 @@ class JournalWriter:
             events, offset = self._take()
             if events:
                 self._apply(events, offset)
-            os.ftruncate(self._fd, self._header_size)
-            # Killed here: the database says more was applied than the file holds,
-            # which recover() reads as "all of it", and all of it was.
+            # The log's offset first: killed before the cut, the log says "from the start"
+            # of a file that still holds everything, which recover() applies again (only
+            # attempt counts change). The other order would leave the log's offset past
+            # the end of the file, which is what a damaged journal looks like.
             self.log.set_journal_applied(self.run_id, self._header_size)
+            os.ftruncate(self._fd, self._header_size)
             self._written = self._header_size
 
     def close(self) -> None:
@@ -220,32 +226,69 @@ def recover(log: SendStore, campaign: str, lock: CampaignLock | None = None) -> 
         data = path.read_bytes()
     except FileNotFoundError:
         return 0
-    newline = data.find(b"\n")
-    if newline < 0:
-        path.unlink()  # the header itself was cut off: nothing can follow it
-        return 0
     try:
-        header = json.loads(data[:newline])
-        run_id = int(header["run"])
-        if header.get("mailer_journal") != FORMAT_VERSION or header.get("campaign") != campaign:
-            raise ValueError("not this campaign's journal")
-        applied = log.journal_applied(run_id)
-        start = newline + 1 if applied is None else applied
-        events, offset = [], start
-        if start < len(data):
-            for event, offset in _read_events(data, start):  # noqa: B007 - the last offset is used below
-                events.append(event)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        run_id, events, offset = _events_to_apply(log, campaign, data)
+    except _Untrusted as why:
         raise SendLogError(
-            f"the delivery journal of campaign {campaign!r} is damaged ({exc}).",
+            f"the delivery journal of campaign {campaign!r} is damaged and cannot be trusted: {why}.",
             path=str(path),
-            hint="It holds the outcomes of a killed run that are not in the send log yet. "
-            "Keep a copy, then move it aside and run `mailer report` to see what the send log knows.",
+            hint="It is the record of a run that was killed: the outcomes of its last messages may be "
+            "in it and nowhere else, so a new run could mail those recipients a second time. Nothing "
+            f"was sent. Keep the file; `mailer report --campaign {campaign}` shows what the send log "
+            "knows. To go on anyway, accepting that some may get a second message, remove the file "
+            "and run again.",
         ) from None
     if events:
         log.record_events(campaign, events, journal=(run_id, offset), bounces=bounces_of(events))
     path.unlink()
     return len(events)
+
+
+class _Untrusted(Exception):
+    """Why a journal cannot be applied as it is (the message says what is wrong with it)."""
+
+
+def _events_to_apply(log: SendStore, campaign: str, data: bytes) -> tuple[int, list[DeliveryEvent], int]:
+    """``(run id, the events the send log lacks, the offset after them)``; :class:`_Untrusted` if unsure.
+
+    The writer creates a journal with its header in place (a rename) and moves the send
+    log's offset back before it cuts the file back, so the log's offset is never past
+    the end of an intact journal: an empty file, a header that does not read, a line
+    that is not an event or a file shorter than what the log applied means it was
+    damaged, and what it held cannot be known.
+    """
+    newline = data.find(b"\n")
+    if newline < 0:
+        raise _Untrusted("it is empty" if not data.strip(b"\0") else "its first line is cut off")
+    try:
+        header = json.loads(data[:newline])
+        run_id = int(header["run"])
+        if header.get("mailer_journal") != FORMAT_VERSION or header.get("campaign") != campaign:
+            raise ValueError("not this campaign's journal")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _Untrusted(f"its first line is not a journal header ({exc})") from None
+    try:
+        applied = log.journal_applied(run_id)
+        known = True
+    except ValueError:
+        # The send log has no record of this run: it lost its last commits (its -wal
+        # file deleted after a kill, say). The journal holds every event of the run
+        # since it was last cut back, so apply them all: events the log already had
+        # are applied again, which changes only the attempt counts.
+        applied, known = None, False
+    if applied is not None and applied > len(data):
+        raise _Untrusted(f"it holds {len(data)} bytes, but the send log had applied {applied} of them")
+    start = newline + 1 if applied is None else applied
+    events: list[DeliveryEvent] = []
+    offset = start
+    try:
+        for event, offset in _read_events(data, start):  # noqa: B007 - the last offset is used below
+            events.append(event)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise _Untrusted(f"a line is not a delivery event ({exc})") from None
+    if not known and not events:
+        raise _Untrusted(f"the send log has no record of its run {run_id}, and it holds no event to restore it from")
+    return run_id, events, offset
 
 
 def recover_all(log: SendStore) -> int:

@@ -102,8 +102,7 @@ def _explain(exc: sqlite3.Error, path: Path) -> SendLogError:
         return SendLogError(
             f"this file is not a SQLite database ({detail}), so it cannot be a send log.",
             path=where,
-            hint="Point [log] path in mailer.toml at another file, or move this one away; "
-            "mailer creates a new send log when there is none.",
+            hint=_START_AFRESH_HINT,
         )
     if code == _SQLITE_CORRUPT:
         return SendLogError(
@@ -134,6 +133,24 @@ def _explain(exc: sqlite3.Error, path: Path) -> SendLogError:
             f"I/O error on the send log ({detail}).", path=where, hint="Check the disk and the file system."
         )
     return SendLogError(f"send log error: {detail}.", path=where)
+
+
+_START_AFRESH_HINT = (
+    "If the earlier send log is somewhere else, point [log] path at it. To start afresh on purpose "
+    "(everyone in the contacts is mailed again), remove this file; mailer creates a new send log "
+    "where there is none."
+)
+
+
+def _is_empty(path: Path) -> bool:
+    """Whether the file at ``path`` is empty, with no write-ahead log that holds its content."""
+    try:
+        if path.stat().st_size:
+            return False
+        wal = path.with_name(path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
+    except OSError:
+        return False  # let SQLite say what is wrong with it
 
 
 class _Guarded:
@@ -207,6 +224,16 @@ class SendLog:
                 "this is a folder, not a send log file.",
                 path=str(path),
                 hint="Set [log] path in mailer.toml to a file name, for example mailer.sqlite3.",
+            )
+        if path.exists() and _is_empty(path):
+            # SQLite would take an empty file for a new database, and a send log that
+            # knows nobody mails everyone again. Only mailer's own first open creates one,
+            # and it writes the schema at once.
+            raise SendLogError(
+                "the send log is an empty file (0 bytes): it is not the log of the earlier runs, "
+                "so it does not know who was already mailed.",
+                path=str(path),
+                hint=_START_AFRESH_HINT,
             )
         try:
             conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
