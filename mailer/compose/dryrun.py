@@ -71,7 +71,7 @@ def write_dry_run(
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create the output folder ({exc.strerror}).", path=str(output_dir)) from None
-    messages = campaign.messages(summary)
+    messages: Iterator[tuple[Contact, BuiltMessage]] = campaign.messages(summary)
     if sign is not None:
         messages = _signed(messages, sign)
     for count, (contact, message) in enumerate(messages, 1):
