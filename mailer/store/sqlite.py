@@ -279,10 +279,10 @@ class SendLog:
             return version
 
     def _fetch_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
-        """One row of a point query, on the hot path of every contact.
+        """One row of a point query (same guarantees as ``_guard``, on a reused cursor).
 
-        Same guarantees as ``_guard``, written out and on a reused cursor: at 100k calls
-        per run the context-manager and cursor creation overhead is a third of the cost.
+        No longer on the path of every contact: resume and suppression are asked in bulk
+        (:meth:`statuses`, :meth:`suppressed`).
         """
         self._lock.acquire()
         try:
