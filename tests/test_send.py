@@ -735,8 +735,12 @@ def test_tls_verify_false_sends_and_warns(make_smtp_server, tmp_path):
 def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tuple[int, str, str, str]:
     """Run `mailer send` with stdin and stderr on a pseudo-terminal and stdout piped (as in
     `mailer send ... --json > summary.json` typed at a shell). Answers the prompt with
-    ``answer``. Returns (exit code, the prompt, stdout, everything the terminal showed)."""
+    ``answer``. Returns (exit code, the prompt, stdout, everything the terminal showed).
+    stdout goes to a file: a pipe could lead to a pager on the terminal, and then no
+    progress is drawn (tests/test_output.py)."""
     master, slave = pty.openpty()
+    stdout_path = project.root / "stdout.txt"
+    stdout_file = stdout_path.open("wb")
     process = subprocess.Popen(
         [
             *MAILER,
@@ -749,10 +753,11 @@ def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tup
         ],
         stdin=slave,
         stderr=slave,
-        stdout=subprocess.PIPE,
+        stdout=stdout_file,
         cwd=project.root,
     )
     os.close(slave)
+    stdout_file.close()
     shown = b""
 
     def read(until: bytes | None, timeout: float) -> None:
@@ -777,15 +782,14 @@ def run_on_a_terminal(project: Project, answer: bytes | None, *args: str) -> tup
             os.write(master, answer)
         else:
             prompt = ""
-        stdout = process.stdout.read()
+        read(None, 30)
         process.wait(timeout=20)
         read(None, 2)
     finally:
         if process.poll() is None:
             process.kill()
-        process.stdout.close()
         os.close(master)
-    return process.returncode, prompt, stdout.decode(), shown.decode(errors="replace")
+    return process.returncode, prompt, stdout_path.read_text(), shown.decode(errors="replace")
 
 
 def test_on_a_terminal_send_asks_once_and_no_sends_nothing(smtp_server, tmp_path):

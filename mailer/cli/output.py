@@ -7,6 +7,8 @@ or a plain line every ten seconds otherwise (so cron mail stays short).
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -41,15 +43,38 @@ def count_data_rows(path: str) -> int | None:
         return None
 
 
+def _is_pipe(stream: IO[Any] | None) -> bool:
+    """Whether ``stream`` is a pipe or socket (whose reader may be a pager on our terminal)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 class Reporter:
-    """Progress and messages on stderr; ``quiet`` leaves only errors and the summary line."""
+    """Progress and messages on stderr; ``quiet`` leaves only errors and the summary line.
+
+    Live progress (the bar, or the plain line every ten seconds) is shown unless stdout
+    is a pipe while stderr is a terminal: in ``mailer send ... --dry-run | less`` the
+    pager owns that terminal, and every redraw would land on its screen. Then only the
+    summary is printed, as one line, at the end.
+    """
 
     def __init__(
-        self, *, quiet: bool = False, stderr: IO[str] | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        quiet: bool = False,
+        stderr: IO[str] | None = None,
+        stdout: IO[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.console = Console(file=stderr or sys.stderr, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.is_terminal = self.console.is_terminal
+        # A terminal shared with whatever reads our stdout (less, more, fzf...).
+        self.shares_terminal = self.is_terminal and _is_pipe(sys.stdout if stdout is None else stdout)
+        self.shows_bar = self.is_terminal and not self.quiet and not self.shares_terminal
         self._clock = clock
         self._progress: Progress | None = None
         self._task = None
@@ -73,7 +98,7 @@ class Reporter:
         self._label = label
         self._started = self._clock()
         self._last_plain = self._started
-        if self.quiet:
+        if self.quiet or self.shares_terminal:
             return
         if self.is_terminal:
             self._progress = Progress(
@@ -93,7 +118,7 @@ class Reporter:
 
     def update_progress(self, done: int, counts: dict[str, int]) -> None:
         """Called often; cheap unless a refresh is due."""
-        if self.quiet:
+        if self.quiet or self.shares_terminal:
             return
         now = self._clock()
         elapsed = max(now - self._started, 1e-9)
@@ -103,7 +128,8 @@ class Reporter:
         elif now - self._last_plain >= PLAIN_PROGRESS_INTERVAL:
             self._last_plain = now
             text = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-            self.console.print(f"{self._label}: {done} done ({text}), {done / elapsed:,.0f}/s")
+            detail = f" ({text})" if text else ""
+            self.console.print(f"{self._label}: {done} done{detail}, {done / elapsed:,.0f}/s")
 
     def stop_progress(self) -> None:
         if self._progress is not None:
@@ -121,7 +147,7 @@ class Reporter:
                 self.console.print(f"[yellow]skipped[/] {escape(where)}: {escape(reason)}")
             if more:
                 self.console.print(f"… and {more} more problems (see `mailer report` or --json).")
-        if self.quiet or not self.is_terminal:
+        if not self.shows_bar:
             self.console.print(f"{title}: " + ", ".join(f"{k} {v}" for k, v in rows))
             return
         table = Table(title=title, show_header=False, title_justify="left")

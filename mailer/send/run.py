@@ -115,7 +115,7 @@ def run_send(
         recover(log, campaign.name, lock)
         resume = Resume(log, campaign.name, resend_unknown=resend_unknown)
         plan = None
-        wants_total = reporter.is_terminal and not reporter.quiet  # the bar's total and ETA
+        wants_total = reporter.shows_bar  # the bar's total and ETA
         if (confirm is not None or wants_total) and campaign.reader.rereadable is not None:
             plan = plan_send(campaign, resume)
         if confirm is not None and plan is not None:
