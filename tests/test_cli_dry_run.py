@@ -110,6 +110,34 @@ def test_output_folder_holds_one_eml_per_message(mail_project, run_cli):
         assert str(message["Subject"]) == f"Hello {name}"
 
 
+def test_output_into_a_folder_that_holds_files_is_refused_unless_force(mail_project, run_cli):
+    # Two reviews in one folder (20 files from one run, 5 from the next) cannot be told apart.
+    review = mail_project.path("review")
+    first = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--output", review)
+    assert first.exit_code == 1, first.stderr  # one row of CONTACTS is invalid
+    before = {path.name: path.read_bytes() for path in review.iterdir()}
+    assert len(before) == 3
+    mail_project.write("review/notes.txt", "my notes")
+
+    again = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--output", review, "--limit", "1")
+
+    assert_fails(again, 2, "review: the output folder is not empty (3 .eml files, 1 other entries)", "--force")
+    assert {path.name: path.read_bytes() for path in review.glob("*.eml")} == before  # untouched
+
+    forced = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--output", review, "--limit", "1", "--force")
+
+    assert forced.exit_code == 1, forced.stderr  # the invalid row still counts
+    assert sorted(path.name for path in review.iterdir()) == ["000001-ann@example.com.eml", "notes.txt"]
+    assert (review / "notes.txt").read_text() == "my notes"  # --force removes only .eml files
+
+
+def test_output_into_an_empty_existing_folder_is_fine(mail_project, run_cli):
+    mail_project.path("empty").mkdir()
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--output", "empty", "--limit", "2")
+    assert result.exit_code == 1, result.stderr  # the invalid row of CONTACTS
+    assert len(list(mail_project.path("empty").glob("*.eml"))) == 2
+
+
 def test_quiet_leaves_only_errors_and_the_summary_line(mail_project, run_cli):
     result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--quiet", "--format", "jsonl")
     assert len(result.stdout.splitlines()) == 3
@@ -134,6 +162,7 @@ def test_the_dry_run_touches_no_network_and_writes_no_send_log(project, run_cli,
     [
         (["--format", "maildir"], "--format"),
         (["--output", "x"], "--output is for dry runs only"),
+        (["--dry-run", "--force"], "--force goes with --output DIR"),
         (["--limit", "-3"], "--limit"),
         (["--campaign", "bad name!"], "campaign name"),
     ],

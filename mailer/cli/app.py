@@ -167,8 +167,12 @@ def send(
     ] = False,
     format: Annotated[str, typer.Option("--format", help="Dry-run output: mbox or jsonl.")] = "mbox",
     output: Annotated[
-        Path | None, typer.Option("--output", help="Dry run: write one .eml file per message into DIR.")
+        Path | None,
+        typer.Option("--output", help="Dry run: write one .eml file per message into DIR (new or empty)."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --output: delete the .eml files already in DIR first.")
+    ] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=0, help="Handle at most N messages in this run.")] = None,
     where: Annotated[
         str | None,
@@ -223,6 +227,8 @@ def send(
         config = config.replace_send(**overrides)
     if output is not None and not dry_run:
         raise UsageError("--output is for dry runs only.", hint="Add --dry-run, or drop --output.")
+    if force and output is None:
+        raise UsageError("--force goes with --output DIR (it empties that folder's .eml files).")
     if dry_run and json_output and output is None:
         raise UsageError(
             "--json cannot share stdout with the dry-run messages.",
@@ -243,7 +249,7 @@ def send(
         # A dry run signs as the real send does, so a bad key fails it the same way (exit 2).
         signer = _load_signer(campaign)
         if dry_run:
-            summary = _dry_run(campaign, reporter, format=format, output=output, signer=signer)
+            summary = _dry_run(campaign, reporter, format=format, output=output, force=force, signer=signer)
         else:
             summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
     finally:
@@ -293,7 +299,9 @@ def _ask(reporter: Reporter, question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _dry_run(campaign: Campaign, reporter: Reporter, *, format: str, output: Path | None, signer: Any) -> Summary:
+def _dry_run(
+    campaign: Campaign, reporter: Reporter, *, format: str, output: Path | None, force: bool, signer: Any
+) -> Summary:
     from ..send.signing import Signing
 
     summary = Summary(campaign_name=campaign.name, dry_run=True, contacts=campaign.contacts_name)
@@ -322,6 +330,7 @@ def _dry_run(campaign: Campaign, reporter: Reporter, *, format: str, output: Pat
             out=out,
             output_dir=output,
             format=format,
+            force=force,
             on_message=tick,
             sign=signing.signed if signing is not None else None,
         )

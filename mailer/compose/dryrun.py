@@ -21,7 +21,7 @@ from .campaign import Campaign, Summary
 from .contacts import Contact
 from .message import BuiltMessage
 
-__all__ = ["DRY_RUN_FORMATS", "write_dry_run"]
+__all__ = ["DRY_RUN_FORMATS", "prepare_output_dir", "write_dry_run"]
 
 
 DRY_RUN_FORMATS = ("mbox", "jsonl")
@@ -50,6 +50,36 @@ def _signed(messages: Iterator[tuple[Contact, BuiltMessage]], sign: Sign) -> Ite
             close()
 
 
+def prepare_output_dir(folder: Path, *, force: bool = False) -> None:
+    """Create ``folder``, or check that it is empty; ``force`` removes its ``.eml`` files first.
+
+    Without ``force``, a folder that holds anything is a :class:`UsageError` (nothing is
+    written). With it, only the ``.eml`` files go (what a review consists of); other
+    entries are left alone.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder ({exc.strerror}).", path=str(folder)) from None
+    if not entries:
+        return
+    emls = [entry for entry in entries if entry.suffix == ".eml" and entry.is_file()]
+    others = len(entries) - len(emls)
+    if not force:
+        raise UsageError(
+            f"the output folder is not empty ({len(emls)} .eml files, {others} other entries): the new "
+            "messages would be mixed with what is there.",
+            path=str(folder),
+            hint="Give a new or empty folder, or add --force to delete its .eml files first.",
+        )
+    for entry in emls:
+        try:
+            entry.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot remove {entry.name} ({exc.strerror}).", path=str(folder)) from None
+
+
 def write_dry_run(
     campaign: Campaign,
     summary: Summary,
@@ -57,20 +87,20 @@ def write_dry_run(
     out: IO[bytes] | None = None,
     output_dir: Path | None = None,
     format: str = "mbox",
+    force: bool = False,
     on_message: Callable[[], None] | None = None,
     sign: Sign | None = None,
 ) -> Summary:
     """Render (and with ``sign``, DKIM-sign) every selected message and write it out.
 
-    Nothing touches the network.
+    Nothing touches the network. ``output_dir`` must be empty or new, so that one
+    review's files are never mixed with another's; ``force`` first removes the
+    ``.eml`` files it holds.
     """
     if format not in DRY_RUN_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(DRY_RUN_FORMATS)}, not {format!r}.")
     if output_dir is not None:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the output folder ({exc.strerror}).", path=str(output_dir)) from None
+        prepare_output_dir(output_dir, force=force)
     messages: Iterator[tuple[Contact, BuiltMessage]] = campaign.messages(summary)
     if sign is not None:
         messages = _signed(messages, sign)
