@@ -7,6 +7,7 @@ same decoded contents, same attachment names and bytes).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email
 import email.policy
@@ -164,7 +165,12 @@ def test_every_line_stays_under_998_octets_with_a_5000_character_value(value):
     )
     parsed = assert_well_formed(built.data)
     assert parsed["Subject"] == value.strip()
-    assert address_pairs(built.data, "To") == [(value.strip(), "jane@example.com")]
+    if all(len(word.encode()) <= 45 for word in value.split()):
+        # Words that fit an encoded-word: the email package's own parser reads the name.
+        assert parsed["To"].addresses[0].display_name == value.strip()
+    else:
+        # A longer word is cut between characters: readers that follow RFC 2047 §6.2 read it.
+        assert address_pairs(built.data, "To") == [(value.strip(), "jane@example.com")]
     assert built.recipients == ["jane@example.com"]
     assert text_of(parsed.get_body(("plain",))) == value + "\n"
 
@@ -380,9 +386,12 @@ def structure(message: EmailMessage) -> list[tuple]:
 
 
 def headers_of(data: bytes) -> dict:
+    # The display names are compared with what was written, read by the email package's
+    # own parser, in test_display_names_subjects_and_attachment_names_read_back_unchanged:
+    # the email package's output does not read back unchanged there (see address_pairs).
     return {
-        "from": address_pairs(data, "From"),
-        "to": address_pairs(data, "To"),
+        "from": [address for _, address in address_pairs(data, "From")],
+        "to": [address for _, address in address_pairs(data, "To")],
         "subject": str(parse_message(data)["Subject"]),
     }
 
@@ -431,3 +440,83 @@ def test_the_fast_builder_equals_the_email_package(sender_name, to_name, to_addr
     assert built.recipients == [to_address]
     assert built.sender == "news@acme.example"
     assert built.attachments == [name for name, _ in attachments]
+
+
+# --- property: what Python's own parser reads back -----------------------------------------
+# A word: no white space inside; 1 to 45 bytes of UTF-8, so that it fits one encoded-word.
+words = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp")), min_size=1, max_size=15
+).filter(lambda word: len(word.encode("utf-8")) <= 45)
+# Names as people write them: words with one space between them.
+names = st.lists(words, min_size=1, max_size=12).map(" ".join)
+
+
+def read_back(data: bytes) -> EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sender_name=names, to_name=names, subject=names | header_text, file_name=file_names)
+def test_display_names_subjects_and_attachment_names_read_back_unchanged(sender_name, to_name, subject, file_name):
+    # `Sánchez` split into two encoded-words came back as "Sánche z" from this parser.
+    assume(not quoted(sender_name) and not quoted(to_name))
+    contact = make_contact("jane@example.com")
+    variables = dict(contact.variables, sender_name=sender_name, to_name=to_name, subject=subject, text="Hi\n")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / file_name
+        path.write_bytes(b"x")
+        rendered_input = dataclasses.replace(header_template().render(variables), attachments=[path])
+        built = MessageBuilder(clock=lambda: 1_700_000_000.0).build(rendered_input, contact=contact)
+    assert_well_formed(built.data)
+    message = read_back(built.data)
+    assert message["From"].addresses[0].display_name == sender_name.strip()
+    assert message["To"].addresses[0].display_name == to_name.strip()
+    assert str(message["Subject"]) == subject.strip()
+    assert [part.get_filename() for part in message.iter_attachments()] == [file_name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "María Fernanda Sánchez de la Fuente Rodríguez Sánchez",
+        "Sánchez " * 12,
+        "Александр Сергеевич Пушкин",
+        "Ελευθέριος Κυριάκος Βενιζέλος-Παπαδόπουλος",
+        "山田 太郎 山田 太郎 山田 太郎 山田 太郎 山田 太郎 山田 太郎",
+    ],
+)
+def test_a_long_non_ascii_display_name_is_split_between_words_only(name):
+    name = name.strip()
+    built = fixed_builder().build(rendered(To=f"{name} <jane@example.com>"), contact=make_contact())
+    assert_well_formed(built.data)
+    assert read_back(built.data)["To"].addresses[0].display_name == name
+    header = email.message_from_bytes(built.data, policy=email.policy.compat32)["To"]
+    encoded = re.findall(r"=\?utf-8\?b\?([^?]*)\?=", header)
+    assert len(encoded) > 1 and all(len(word) + 12 <= 75 for word in encoded)
+    pieces = [base64.b64decode(word).decode("utf-8") for word in encoded]  # whole characters in each
+    assert " ".join(pieces) == name  # every break is at a space between two words
+
+
+def test_a_word_longer_than_one_encoded_word_is_split_between_characters():
+    word = "山田太郎" * 10  # 120 bytes of UTF-8, no space to break at
+    built = fixed_builder().build(rendered(subject=word, To=f"{word} <jane@example.com>"), contact=make_contact())
+    assert_well_formed(built.data)
+    assert str(read_back(built.data)["Subject"]) == word
+    header = email.message_from_bytes(built.data, policy=email.policy.compat32)["To"]
+    encoded = re.findall(r"=\?utf-8\?b\?([^?]*)\?=", header)
+    assert len(encoded) == 3 and all(len(chunk) + 12 <= 75 for chunk in encoded)
+    # RFC 2047 §6.2: white space between adjacent encoded-words is not part of the name.
+    assert "".join(base64.b64decode(chunk).decode("utf-8") for chunk in encoded) == word
+    assert address_pairs(built.data, "To") == [(word, "jane@example.com")]
+
+
+@pytest.mark.parametrize("subject", ["Sánchez " * 12, "Ваш заказ № 12345 отправлен сегодня утром, ждите курьера"])
+def test_a_long_non_ascii_subject_breaks_its_encoded_words_after_a_space(subject):
+    subject = subject.strip()
+    built = fixed_builder().build(rendered(subject=subject), contact=make_contact())
+    assert_well_formed(built.data)
+    assert str(read_back(built.data)["Subject"]) == subject
+    header = email.message_from_bytes(built.data, policy=email.policy.compat32)["Subject"]
+    pieces = [base64.b64decode(w).decode("utf-8") for w in re.findall(r"=\?utf-8\?b\?([^?]*)\?=", header)]
+    assert len(pieces) > 1 and "".join(pieces) == subject
+    assert all(piece.endswith(" ") for piece in pieces[:-1])  # no word is cut

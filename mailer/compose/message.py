@@ -77,25 +77,72 @@ class BuiltMessage:
         )
 
 
-def encode_words(text: str) -> list[str]:
-    """RFC 2047 base64 encoded-words for ``text``, each at most 75 characters.
+_ENCODED_WORD_BYTES = 45  # 60 base64 characters: 75 with "=?utf-8?b?" and "?=" (RFC 2047 §2)
+# Where a name or a subject may be cut into encoded-words: a single space between words.
+_WORD_BREAK = re.compile(r"(?<=\S) (?=\S)")
 
-    Each word holds whole characters only (RFC 2047 §5), 45 bytes of UTF-8 at most.
-    """
-    data = text.encode("utf-8", "surrogatepass")
-    if len(data) <= 45:
-        return ["=?utf-8?b?" + base64.b64encode(data).decode("ascii") + "?="]
-    words: list[str] = []
+
+def _encoded_word(data: bytes) -> str:
+    return "=?utf-8?b?" + base64.b64encode(data).decode("ascii") + "?="
+
+
+def _split_characters(data: str) -> list[bytes]:
+    """A word too long for one encoded-word, cut between characters (RFC 2047 §5)."""
+    chunks: list[bytes] = []
     chunk = bytearray()
-    for char in text:
+    for char in data:
         encoded = char.encode("utf-8", "surrogatepass")
-        if len(chunk) + len(encoded) > 45:
-            words.append("=?utf-8?b?" + base64.b64encode(bytes(chunk)).decode("ascii") + "?=")
+        if len(chunk) + len(encoded) > _ENCODED_WORD_BYTES:
+            chunks.append(bytes(chunk))
             chunk.clear()
         chunk += encoded
-    if chunk or not words:
-        words.append("=?utf-8?b?" + base64.b64encode(bytes(chunk)).decode("ascii") + "?=")
-    return words
+    chunks.append(bytes(chunk))
+    return chunks
+
+
+def encode_words(text: str, *, phrase: bool = True) -> list[str]:
+    """RFC 2047 base64 encoded-words for ``text``, each at most 75 characters, to be
+    joined with spaces (or folds).
+
+    Encoded-words are cut only at a space between two words, where one fits: a reader
+    that keeps the white space between two encoded-words (Python's address parser, and
+    some mail clients) would otherwise show a gap inside the word ("Sánche z"). In a
+    display name (``phrase``) that space is the one between the encoded-words, which
+    such readers keep; in an unstructured header (Subject) it ends the first word,
+    because there every reader drops the white space between encoded-words (RFC 2047
+    §6.2). Only a word of more than 45 bytes of UTF-8 is cut inside, between whole
+    characters (§5); the spaces on either side of such a word are encoded with it, so
+    that a reader that follows §6.2 reads the name exactly.
+    """
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= _ENCODED_WORD_BYTES:
+        return [_encoded_word(data)]
+    words = _WORD_BREAK.split(text)
+    last = len(words) - 1
+    encoded_words: list[str] = []
+    chunk = b""
+    space_encoded = not phrase  # does ``chunk`` end with the space before the next word?
+    for index, word in enumerate(words):
+        encoded = word.encode("utf-8", "surrogatepass")
+        if len(encoded) > _ENCODED_WORD_BYTES:
+            if chunk:
+                encoded_words.append(_encoded_word(chunk))
+            before = " " if index and phrase and not space_encoded else ""
+            *whole, chunk = _split_characters(before + word + (" " if index < last else ""))
+            encoded_words.extend(_encoded_word(piece) for piece in whole)
+            space_encoded = True
+            continue
+        if not phrase and index < last:
+            encoded += b" "
+        joined = chunk + encoded if space_encoded or not chunk else chunk + b" " + encoded
+        if len(joined) <= _ENCODED_WORD_BYTES:
+            chunk = joined
+        else:
+            encoded_words.append(_encoded_word(chunk))
+            chunk = encoded
+        space_encoded = not phrase
+    encoded_words.append(_encoded_word(chunk))
+    return encoded_words
 
 
 def _fold(name: str, pieces: list[str]) -> str:
@@ -130,7 +177,7 @@ def encode_unstructured(name: str, value: str) -> str:
                 line += " " + word
         lines.append(line)
         return "\r\n".join(lines)
-    return _fold(name, encode_words(value))
+    return _fold(name, encode_words(value, phrase=False))
 
 
 def _qp(text: str) -> bytes:
