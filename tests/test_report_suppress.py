@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import csv
+import email
+import email.policy
 import io
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
-from send_support import Project, received_addresses
+import tomli_w
+from send_support import MAILER, Project, received_addresses
 
 
 def clear_faults(server) -> None:
@@ -250,3 +258,113 @@ def test_a_suppression_stops_the_address_in_any_case_unicode_included(smtp_serve
     # Taken off in another case, it is off.
     removed = project.cli("suppress", "remove", "ANN@x.ORG")
     assert removed.exit_code == 0 and "removed 1" in removed.stderr, removed
+
+
+# ---------------------------------------------------------------- the retry recipe
+
+
+def readme_retry_recipe() -> str:
+    """README's retry recipe, exactly as README prints it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    lines = [line for line in readme.splitlines() if line.startswith("mailer report --campaign welcome --failed")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def starter_project(tmp_path: Path, server) -> Path:
+    """`mailer init news`, pointed at the loopback relay (no login, no retries)."""
+    root = tmp_path / "news"
+    done = subprocess.run([*MAILER, "init", str(root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = tomllib.loads((root / "mailer.toml").read_text(encoding="utf-8"))
+    config["smtp"] = {"host": "127.0.0.1", "port": server.port, "security": "none", "timeout": 10}
+    config["send"].update(retries=0, retry_backoff=0.1)
+    (root / "mailer.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+    return root
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``command`` in a shell, with this environment's `mailer` first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k != "MAILER_CONFIG"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+
+
+def test_readme_retry_recipe_resends_the_deferred_rows_with_all_their_columns(smtp_server, tmp_path):
+    root = starter_project(tmp_path, smtp_server)
+    smtp_server.set_fault("ana@example.org", "rcpt", "451 4.3.0 mailbox busy")
+    smtp_server.set_fault("ravi@example.net", "rcpt", "451 4.3.0 mailbox busy")
+    first = shell("mailer send contacts.csv welcome.md.j2 --yes", root)
+    assert first.returncode == 75, first.stderr
+    assert received_addresses(smtp_server) == ["jane@example.com"]
+    clear_faults(smtp_server)
+
+    retry = shell(readme_retry_recipe(), root)
+
+    assert retry.returncode == 0, retry.stderr
+    rows = list(csv.reader(io.StringIO((root / "retry.csv").read_text(encoding="utf-8"))))
+    assert rows[0] == ["email", "First Name", "Last Name", "plan", "status", "smtp_code", "smtp_reply"]
+    assert rows[1:] == [
+        ["ana@example.org", "Ana", "García", "team", "deferred", "451", "4.3.0 mailbox busy"],
+        ["ravi@example.net", "Ravi", "Patel", "free", "deferred", "451", "4.3.0 mailbox busy"],
+    ]
+    assert sorted(received_addresses(smtp_server)) == ["ana@example.org", "jane@example.com", "ravi@example.net"]
+    ana = email.message_from_bytes(smtp_server.received_by("ana@example.org")[0].data, policy=email.policy.default)
+    assert str(ana["Subject"]) == "Welcome, Ana!" and str(ana["To"]) == "Ana García <ana@example.org>"
+    assert "Invite your team" in ana.get_body(preferencelist=("plain",)).get_content()
+
+
+def test_the_retry_file_comes_from_any_folder_and_keeps_a_column_named_status(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    (tmp_path / "contacts.csv").write_text(
+        "E-Mail;status;name\nann@example.com;gold;Ann\nbo@example.org;silver;Bo\n", encoding="utf-8"
+    )
+    project.contacts_path = tmp_path / "contacts.csv"
+    smtp_server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
+    assert project.send("--yes").exit_code == 75
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    outcome = shell(f"mailer report --campaign news --failed retry.csv -c {project.config_path}", elsewhere)
+
+    assert outcome.returncode == 0, outcome.stderr
+    rows = list(csv.reader(io.StringIO((elsewhere / "retry.csv").read_text(encoding="utf-8"))))
+    assert rows == [
+        ["E-Mail", "status", "name", "mailer_status", "smtp_code", "smtp_reply"],
+        ["bo@example.org", "silver", "Bo", "deferred", "451", "4.3.0 mailbox busy"],
+    ]
+
+
+def test_a_contact_file_that_changed_since_the_send_is_named_and_nothing_is_written(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["ann@example.com", "bo@example.org"])
+    smtp_server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
+    assert project.send("--yes").exit_code == 75
+    project.write_contacts(["ann@example.com", "cy@example.org"])  # bo's row was edited away
+    retry_csv = tmp_path / "retry.csv"
+
+    outcome = project.cli("report", "--campaign", "news", "--failed", str(retry_csv))
+
+    assert outcome.exit_code == 2, outcome
+    assert f"{project.contacts_path}: 1 of the 1 failed and deferred recipients" in outcome.stderr
+    assert "bo@example.org" in outcome.stderr and "changed since the send" in outcome.stderr
+    assert not retry_csv.exists()
+
+    project.contacts_path.unlink()
+    gone = project.cli("report", "--campaign", "news", "--failed", str(retry_csv))
+    assert gone.exit_code == 2 and "the contact file of this campaign's send is gone" in gone.stderr, gone
+    assert not retry_csv.exists()
+
+
+def test_contacts_sent_from_stdin_cannot_be_retried_with_their_columns(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    smtp_server.set_fault("bo@example.org", "rcpt", "451 4.3.0 mailbox busy")
+    sent = project.cli("send", "-", str(project.template_path), "--yes", input="email,name\nbo@example.org,Bo\n")
+    assert sent.exit_code == 75, sent
+
+    outcome = project.cli("report", "--campaign", "news", "--failed", str(tmp_path / "retry.csv"))
+
+    assert outcome.exit_code == 2, outcome
+    assert "were read from standard input" in outcome.stderr

@@ -453,9 +453,15 @@ def report(
         if failed is not None:
             if campaign_name is None:
                 raise UsageError("--failed needs --campaign NAME.")
+            import io
+
+            from ..send.retry import write_retry_csv
+
+            buffer = io.StringIO()  # the file is written only once every row was found
+            written = write_retry_csv(log, campaign_name, buffer)
             try:
                 with failed.open("w", newline="", encoding="utf-8") as file:
-                    written = log.write_failed_csv(campaign_name, file)
+                    file.write(buffer.getvalue())
             except OSError as exc:
                 raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
             Reporter().info(f"wrote {written} failed and deferred rows to {failed}")

@@ -31,6 +31,7 @@ from .child import DeliveryProcess
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover
 from .resume import BATCH, Resume
+from .retry import absolute_contacts_name
 from .signing import Signing
 
 __all__ = ["SendPlan", "plan_send", "run_send"]
@@ -135,7 +136,12 @@ def run_send(
             if not confirm(question):
                 raise UsageError("not confirmed; nothing was sent.")
         summary.started = time.time()  # the run's time, not the time spent at the prompt
-        run_id = log.start_run(campaign.name, template=str(campaign.template.path), contacts=campaign.contacts_name)
+        # The contacts' absolute path: `report --failed` reads the rows again from it.
+        run_id = log.start_run(
+            campaign.name,
+            template=str(campaign.template.path),
+            contacts=absolute_contacts_name(campaign.reader.source),
+        )
         counts = summary.counts
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
