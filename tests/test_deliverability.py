@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dkim
@@ -206,3 +208,94 @@ def test_an_unsubscribe_url_using_an_unknown_column_exits_2_before_sending(smtp_
     assert "user_id" in outcome.stderr and "email, name" in outcome.stderr  # what it can use instead
     assert smtp_server.connections == 0
     assert not project.log_path.exists()  # no row was logged as invalid for a config mistake
+
+
+# ---------------------------------------------------------------- List-Id and SpamAssassin
+
+REPO = Path(__file__).parent.parent
+MAILER_COMMAND = [sys.executable, "-c", "from mailer.cli import main; main()"]
+needs_spamassassin = pytest.mark.skipif(
+    shutil.which("spamassassin") is None, reason="SpamAssassin is not installed (apt-get install spamassassin)"
+)
+
+
+def dry_run_files(args: list[str], cwd: Path, output: Path) -> list[Path]:
+    env = {k: v for k, v in os.environ.items() if k != "MAILER_CONFIG"}
+    done = subprocess.run(
+        [*MAILER_COMMAND, "send", *args, "--dry-run", "--output", str(output), "-q"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return sorted(output.glob("*.eml"))
+
+
+def bundled_samples(tmp_path: Path) -> dict[str, Path]:
+    """The first message of `mailer init`'s starter campaign and of every bundled template."""
+    starter = tmp_path / "starter"
+    subprocess.run([*MAILER_COMMAND, "init", str(starter)], check=True, capture_output=True)
+    samples = {"mailer init": dry_run_files(["contacts.csv", "welcome.md.j2"], starter, tmp_path / "out-starter")[0]}
+    for template in sorted((REPO / "templates").glob("*.j2")):
+        args = [str(REPO / "samples" / "contacts.csv"), str(template), "-c", str(REPO / "samples" / "mailer.toml")]
+        samples[f"templates/{template.name}"] = dry_run_files(args, tmp_path, tmp_path / f"out-{template.name}")[0]
+    return samples
+
+
+def test_marketing_mail_has_a_list_id_from_the_campaign_and_the_from_domain(tmp_path):
+    messages = {name: email.message_from_bytes(path.read_bytes()) for name, path in bundled_samples(tmp_path).items()}
+    assert messages["mailer init"]["List-Id"] == "<welcome.example.com>"
+    assert messages["templates/welcome.md.j2"]["List-Id"] == "<welcome.acme.example>"
+    assert messages["templates/invoice.html.j2"]["List-Id"] == "<invoice.acme.example>"
+
+
+def test_list_id_is_configurable_absent_from_transactional_mail_and_signed(tmp_path):
+    project = Project(tmp_path, None)
+    project.write_contacts(["ann@example.com"])
+    key = genrsa(tmp_path / "dkim.pem", 2048)
+    project.configure(
+        message={**UNSUBSCRIBE, "list_id": "Acme News <news.acme.example>"},
+        dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)},
+    )
+    out = tmp_path / "out"
+    outcome = project.cli(
+        "send", str(project.contacts_path), str(project.template_path), "--dry-run", "--output", str(out)
+    )
+    assert outcome.exit_code == 0, outcome
+    message = email.message_from_bytes(next(out.glob("*.eml")).read_bytes())
+    assert message["List-Id"] == "Acme News <news.acme.example>"
+    signed = re.sub(r"\s+", "", message["DKIM-Signature"])
+    assert "list-id" in re.search(r"h=([^;]*)", signed).group(1).lower().split(":")
+
+    project.configure(message={**UNSUBSCRIBE, "kind": "transactional"})
+    out = tmp_path / "out2"
+    outcome = project.cli(
+        "send", str(project.contacts_path), str(project.template_path), "--dry-run", "--output", str(out)
+    )
+    assert outcome.exit_code == 0, outcome
+    assert "List-Id" not in email.message_from_bytes(next(out.glob("*.eml")).read_bytes())
+
+    project.configure(message={**UNSUBSCRIBE, "list_id": "not a list id"})
+    bad = project.cli("send", str(project.contacts_path), str(project.template_path), "--dry-run")
+    assert bad.exit_code == 2 and "'message.list_id' 'not a list id' is not a List-Id (RFC 2919)" in bad.stderr, bad
+
+
+@needs_spamassassin
+def test_the_starter_campaign_and_every_bundled_sample_score_at_most_zero_in_spamassassin(tmp_path):
+    # `spamassassin -t -L`: local rules only (no network), no DKIM key configured.
+    samples = bundled_samples(tmp_path)
+    runs = {
+        name: subprocess.Popen(
+            ["spamassassin", "-t", "-L"], stdin=path.open("rb"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        for name, path in samples.items()
+    }
+    scores = {}
+    for name, process in runs.items():
+        report = process.communicate(timeout=300)[0].decode("utf-8", "replace")
+        status = re.search(r"^X-Spam-Status: .*?score=(-?[0-9.]+)(.*?)(?=^\S)", report, re.MULTILINE | re.DOTALL)
+        assert status is not None, report[:2000]
+        scores[name] = (float(status.group(1)), " ".join(status.group(2).split()))
+    assert all(score <= 0 for score, _ in scores.values()), scores
+    assert not any("LIST_PARTIAL_SHORT_MSG" in tests for _, tests in scores.values()), scores

@@ -197,7 +197,8 @@ def _disposition(filename: str) -> str:
 class MessageBuilder:
     """Builds messages for one run. Not thread-safe; use one per producing thread.
 
-    ``default_from`` and ``default_reply_to`` come from ``[message]`` in the config;
+    ``default_from``, ``default_reply_to`` and ``list_id`` come from ``[message]`` in the
+    config (``list_label``: the campaign's, for the default List-Id);
     ``extra_headers`` are added to every message (List-Unsubscribe and the like are
     passed per message to :meth:`build`).
     """
@@ -207,11 +208,16 @@ class MessageBuilder:
         *,
         default_from: str | None = None,
         default_reply_to: str | None = None,
+        list_id: str | None = None,
+        list_label: str | None = None,
         clock: Callable[[], float] = time.time,
         token: Callable[[int], str] = secrets.token_hex,
     ) -> None:
         self.default_from = default_from
         self.default_reply_to = default_reply_to
+        # List-Id (RFC 2919): ``list_id`` as given, else ``<list_label.sender domain>``.
+        self.list_id = list_id
+        self.list_label = list_label
         self._clock = clock
         run_token = token(8)
         self._mixed_boundary = f"=_m_{run_token}"
@@ -391,6 +397,11 @@ class MessageBuilder:
         self._counter += 1
         domain = sender.rpartition("@")[2] if sender else "localhost"
         message_id = f"<{self._id_prefix}.{self._counter}@{domain}>"
+        if "list-id" not in present:
+            if self.list_id:
+                lines.append(f"List-Id: {self.list_id}")
+            elif self.list_label:
+                lines.append(f"List-Id: <{self.list_label}.{domain}>")
         lines.append(f"Date: {self._date_header()}")
         lines.append(f"Message-ID: {message_id}")
         lines.append("MIME-Version: 1.0")

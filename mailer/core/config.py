@@ -104,6 +104,7 @@ class MessageConfig:
     list_unsubscribe_mailto: str | None = None
     kind: str = "marketing"  # "marketing" | "transactional"
     feedback_id: str | None = None
+    list_id: str | None = None  # RFC 2919; default for marketing: <campaign.from-domain>
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "list_unsubscribe_mailto": ((str,), "list_unsubscribe_mailto"),
         "kind": ((str,), "kind"),
         "feedback_id": ((str,), "feedback_id"),
+        "list_id": ((str,), "list_id"),
     },
     "dkim": {
         "domain": ((str,), "domain"),

@@ -57,7 +57,8 @@ __all__ = ["OVERSIGNED_HEADERS", "SIGNED_HEADERS", "DKIMSigner"]
 #: Header fields signed when present, in this order. From is mandatory (RFC 6376
 #: §5.4); the others are the ones a reader sees or acts on (RFC 6376 §5.4.1), plus
 #: RFC 8058 §3.3, which requires the DKIM signature to cover both List-Unsubscribe
-#: and List-Unsubscribe-Post for one-click unsubscribe to be honoured. dkimpy's
+#: and List-Unsubscribe-Post for one-click unsubscribe to be honoured, and List-Id
+#: (RFC 2919), which receivers group and filter by. dkimpy's
 #: default list lacks List-Unsubscribe-Post and Feedback-ID, hence an explicit list.
 SIGNED_HEADERS: tuple[str, ...] = (
     "from",
@@ -71,6 +72,7 @@ SIGNED_HEADERS: tuple[str, ...] = (
     "content-type",
     "list-unsubscribe",
     "list-unsubscribe-post",
+    "list-id",
     "feedback-id",
 )
 
