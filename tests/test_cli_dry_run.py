@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_fixtures import all_defects, assert_fails, assert_no_traceback, parse_mbox, parse_message
+from cli_fixtures import CONFIG_TEXT, all_defects, assert_fails, assert_no_traceback, parse_mbox, parse_message
 
 from mailer.core.config import load_config
 
@@ -315,6 +315,22 @@ def test_preview_writes_the_html_part(preview_project, run_cli):
     html = preview_project.path("bob.html").read_text(encoding="utf-8")
     assert "<h1" in html and "Hi Bob</h1>" in html and "<strong>team</strong>" in html
     assert "wrote the HTML part" in result.stderr
+    assert "write it out with --html" not in result.stdout and "(written to bob.html)" in result.stdout
+
+
+def test_preview_piped_shows_long_header_values_whole(preview_project, run_cli):
+    url = (
+        "https://acme.example/unsubscribe/a-very-long-path-that-does-not-fit-a-terminal-line?u={{ email | urlencode }}"
+    )
+    preview_project.config(
+        CONFIG_TEXT + f'list_unsubscribe = "{url}"\nlist_unsubscribe_mailto = "unsubscribe@acme.example"\n'
+    )
+    result = run_cli("preview", "contacts.csv", "mail.md.j2")
+    assert result.exit_code == 0, result.output
+    full = url.replace("{{ email | urlencode }}", "ann%40example.com")
+    assert f"List-Unsubscribe: <mailto:unsubscribe@acme.example?subject=unsubscribe>, <{full}>" in result.stdout
+    assert "…" not in result.stdout
+    assert "(write it out with --html FILE)" in result.stdout
 
 
 def test_preview_html_of_a_text_template(project, run_cli):

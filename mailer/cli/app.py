@@ -411,12 +411,13 @@ def preview(
         message = find_message(campaign, row=row or (None if to else 1), to=to)
     finally:
         campaign.close()
-    show_message(message)
     if html is not None:
         from .preview import write_html_part
 
         if not write_html_part(message, html):
             raise UsageError("this message has no HTML part (the template is plain text).")
+    show_message(message, html_written_to=html)
+    if html is not None:
         Reporter().info(f"wrote the HTML part to {html}")
 
 

@@ -38,27 +38,42 @@ def find_message(campaign: Campaign, *, row: int | None, to: str | None) -> Buil
     raise UsageError(f"{campaign.contacts_name} has no {what}.")
 
 
-def show_message(message: BuiltMessage, *, console: Console | None = None) -> None:
-    """Print headers, the text part and the attachment list with rich."""
+def show_message(message: BuiltMessage, *, console: Console | None = None, html_written_to: Path | None = None) -> None:
+    """Print headers, the text part and the attachment list.
+
+    On a terminal: panels, with long values (List-Unsubscribe URLs) wrapped, never
+    cut. Piped or redirected: plain ``Name: value`` lines, so that every value can be
+    copied or grepped whole. ``html_written_to``: where ``--html`` wrote the HTML part.
+    """
     console = console or Console(highlight=False)
     parsed = email.message_from_bytes(message.data, policy=email.policy.default)
-    table = Table(show_header=False, box=None, padding=(0, 1))
-    table.add_column(style="bold cyan")
-    table.add_column()
-    for name, value in parsed.items():
-        table.add_row(f"{name}:", escape(str(value)))
-    console.print(Panel(table, title="headers", title_align="left"))
     text = parsed.get_body(preferencelist=("plain",))
-    if text is not None:
-        console.print(Panel(escape(text.get_content()), title="text part", title_align="left"))
     html = parsed.get_body(preferencelist=("html",))
+    if console.is_terminal:
+        table = Table(show_header=False, box=None, padding=(0, 1))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column(overflow="fold")
+        for name, value in parsed.items():
+            table.add_row(f"{name}:", escape(str(value)))
+        console.print(Panel(table, title="headers", title_align="left"))
+        if text is not None:
+            console.print(Panel(escape(text.get_content()), title="text part", title_align="left"))
+    else:
+        for name, value in parsed.items():
+            console.print(f"{name}: {escape(str(value))}", soft_wrap=True)
+        if text is not None:
+            console.print()
+            console.print(escape(text.get_content().rstrip("\n")), soft_wrap=True)
+            console.print()
     if html is not None:
-        console.print(f"[dim]HTML part: {len(html.get_content()):,} characters (write it out with --html FILE)[/]")
+        where = f"written to {html_written_to}" if html_written_to is not None else "write it out with --html FILE"
+        console.print(f"[dim]HTML part: {len(html.get_content()):,} characters ({escape(where)})[/]")
     attachments = [(part.get_filename(), len(part.get_content())) for part in parsed.iter_attachments()]
     for name, size in attachments:
         console.print(f"attachment: {escape(name or '?')} ({size:,} bytes)")
     console.print(
-        f"[dim]{len(message.data):,} bytes; envelope {escape(message.sender)} -> {escape(', '.join(message.recipients))}[/]"
+        f"[dim]{len(message.data):,} bytes; envelope {escape(message.sender)} -> {escape(', '.join(message.recipients))}[/]",
+        soft_wrap=True,
     )
 
 
