@@ -368,3 +368,30 @@ def test_contacts_sent_from_stdin_cannot_be_retried_with_their_columns(smtp_serv
 
     assert outcome.exit_code == 2, outcome
     assert "were read from standard input" in outcome.stderr
+
+
+def test_report_of_a_campaign_that_is_not_in_the_log_says_so_and_lists_those_that_are(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    mixed_run(project, smtp_server)
+
+    for args in (
+        ["--campaign", "nosuch"],
+        ["--campaign", "nosuch", "--json"],
+        ["--campaign", "nosuch", "--failed", "x"],
+    ):
+        outcome = project.cli("report", *args)
+        assert outcome.exit_code == 2, outcome
+        assert "there is no campaign 'nosuch' in the send log" in outcome.stderr, outcome
+        assert "The campaigns there are: news." in outcome.stderr
+        assert "0 recipients" not in outcome.stdout and outcome.stdout == ""
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_tables_show_an_internationalized_domain_as_the_user_wrote_it(smtp_server, tmp_path):
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["ann@bücher.example", "bo@example.org"])
+    assert project.send("--yes").exit_code == 0
+
+    text = project.cli("report", "--campaign", "news").stdout
+
+    assert "bücher.example" in text and "xn--bcher-kva" not in text

@@ -451,6 +451,14 @@ def report(
     config = load_config(config_path)
     with open_store(config.log, create=False) as log:
         recover_all(log)  # what a killed run left in its journal (a live run's is left alone)
+        if campaign_name is not None:
+            known = [entry.name for entry in log.campaigns()]
+            if campaign_name not in known:
+                listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+                raise UsageError(
+                    f"there is no campaign {campaign_name!r} in the send log {config.log.path}.",
+                    hint=f"The campaigns there are: {listed}." if known else "It holds no campaign yet.",
+                )
         if failed is not None:
             if campaign_name is None:
                 raise UsageError("--failed needs --campaign NAME.")

@@ -183,6 +183,16 @@ def print_checks(checks: list[Any], *, console: Console | None = None) -> None:
     console.print(table)
 
 
+def _display_domain(domain: str) -> str:
+    """A domain as its users write it: ``xn--bcher-kva.example`` -> ``bücher.example``."""
+    if "xn--" not in domain:
+        return domain
+    try:
+        return domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        return domain
+
+
 def print_report(report: Any, *, console: Console | None = None) -> None:
     """`mailer report` as tables on stdout."""
     console = console or Console(highlight=False, soft_wrap=True)
@@ -199,7 +209,11 @@ def print_report(report: Any, *, console: Console | None = None) -> None:
         domains.add_column("total", justify="right")
         domains.add_column("by status")
         for row in report.by_domain[:25]:
-            domains.add_row(row.domain, str(row.total), ", ".join(f"{k} {v}" for k, v in row.by_status.items()))
+            domains.add_row(
+                escape(_display_domain(row.domain)),
+                str(row.total),
+                ", ".join(f"{k} {v}" for k, v in row.by_status.items()),
+            )
         console.print(domains)
     if report.by_smtp_code:
         codes = Table(title="by SMTP reply", title_justify="left")
