@@ -211,6 +211,26 @@ def test_the_bundled_samples_dry_run_cleanly(run_cli, template, tmp_path, monkey
     assert (log.stat().st_mtime_ns if log.exists() else None) == log_before  # a dry run writes no send log
 
 
+def test_the_bundled_welcome_keeps_its_list_one_list_with_and_without_the_team_item(run_cli, tmp_path, monkeypatch):
+    # The {% if %} around the third item split the list in two <ol> (a gap in every browser).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "contacts.csv").write_text(
+        "email,First Name,Last Name,plan\nann@example.com,Ann,A,team\nbob@example.com,Bob,B,pro\n", encoding="utf-8"
+    )
+    args = ["contacts.csv", REPO / "templates/welcome.md.j2", "-c", REPO / "samples/mailer.toml", "--dry-run"]
+    result = run_cli("send", *args)
+    assert result.exit_code == 0, result.stderr
+    team, pro = (parse_mbox(result.stdout_bytes, tmp_path)[i] for i in (0, 1))
+    for message, items in ((team, 3), (pro, 2)):
+        html = message.get_body(preferencelist=("html",)).get_content()
+        assert html.count("<ol") == 1 and html.count("</ol>") == 1, html
+        assert html.count("<li") == items and html.count("</li>") == items, html
+        text = message.get_body(preferencelist=("plain",)).get_content()
+        assert "a month.\n" in text.replace("\r\n", "\n") and "\n\nQuestions?" in text.replace("\r\n", "\n")
+    assert "Your team mates" in team.get_body(preferencelist=("html",)).get_content()
+    assert "Your team mates" not in pro.get_body(preferencelist=("html",)).get_content()
+
+
 # --- init --------------------------------------------------------------------------------------
 
 
