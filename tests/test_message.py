@@ -455,8 +455,12 @@ def read_back(data: bytes) -> EmailMessage:
     return email.message_from_bytes(data, policy=email.policy.default)
 
 
+# Message.get_filename() strips white space around a name, whatever the encoding.
+unpadded_file_names = file_names.filter(lambda name: name == name.strip())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sender_name=names, to_name=names, subject=names | header_text, file_name=file_names)
+@given(sender_name=names, to_name=names, subject=names | header_text, file_name=unpadded_file_names)
 def test_display_names_subjects_and_attachment_names_read_back_unchanged(sender_name, to_name, subject, file_name):
     # `Sánchez` split into two encoded-words came back as "Sánche z" from this parser.
     assume(not quoted(sender_name) and not quoted(to_name))
