@@ -69,8 +69,8 @@ def show_message(message: BuiltMessage, *, console: Console | None = None, html_
         where = f"written to {html_written_to}" if html_written_to is not None else "write it out with --html FILE"
         console.print(f"[dim]HTML part: {len(html.get_content()):,} characters ({escape(where)})[/]")
     attachments = [(part.get_filename(), len(part.get_content())) for part in parsed.iter_attachments()]
-    for name, size in attachments:
-        console.print(f"attachment: {escape(name or '?')} ({size:,} bytes)")
+    for filename, size in attachments:
+        console.print(f"attachment: {escape(filename or '?')} ({size:,} bytes)")
     console.print(
         f"[dim]{len(message.data):,} bytes; envelope {escape(message.sender)} -> {escape(', '.join(message.recipients))}[/]",
         soft_wrap=True,

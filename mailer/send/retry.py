@@ -131,11 +131,11 @@ def write_retry_csv(log: SendStore, campaign: str, file: TextIO) -> int:
             rows = _rows(path)
             names = [name.strip() for name in next(rows, [])]
             header.extend(name for name in names if name not in header)
-            for row in rows:
-                for cell in row:
+            for cells in rows:
+                for cell in cells:
                     key = _key(cell) if cell else None
                     if key is not None and key in wanted and key not in found:
-                        found[key] = dict(zip(names, row))
+                        found[key] = dict(zip(names, cells))
                         break
             if len(found) == len(wanted):
                 break
