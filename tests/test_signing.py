@@ -5,10 +5,12 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
 import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import dkim
@@ -16,7 +18,7 @@ import pytest
 from send_support import MAILER, Project, addresses, received_addresses, wait_for
 
 from mailer.core.config import DKIMConfig
-from mailer.core.errors import DKIMError
+from mailer.core.errors import DKIMError, ProcessEndedError
 from mailer.core.outcomes import Outgoing
 from mailer.dkim.signer import DKIMSigner
 from mailer.send import signing as signing_module
@@ -266,3 +268,91 @@ def test_a_dry_run_with_a_bad_key_exits_2_like_a_real_send(tmp_path, broken):
     assert str(bad) in rehearsal.stderr and "DKIM" in rehearsal.stderr
     assert rehearsal.stderr == real.stderr  # the same clear message
     assert "From MAILER-DAEMON" not in rehearsal.stdout and "Traceback" not in rehearsal.stderr
+
+
+def test_a_dead_signing_process_is_a_clear_error_not_a_broken_pipe(signer):
+    """A worker killed while it held no batch: the next batch handed to it meets a
+    broken pipe, which must not pass for the delivery process's pipe breaking (that
+    one the feeder takes as "the delivery process ended on its own", and waits)."""
+    pool = SigningPool(signer, 2)
+    try:
+        victim = pool._processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(ProcessEndedError) as caught:
+            list(pool.signed(iter([item(n) for n in range(BATCH * 8)])))
+        assert time.monotonic() - started < 5
+    finally:
+        pool.close()
+    assert f"pid {victim.pid}" in str(caught.value) and "killed by signal 9" in str(caught.value)
+    assert pool.dropped > 0  # what it held is counted, not lost
+
+
+def _signing_processes(pid: int) -> list[int]:
+    """The children of ``pid`` with one thread: the signers (the delivery process runs several)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        children += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    single = []
+    for child in children:
+        status = Path(f"/proc/{child}/status").read_text()
+        if "\nThreads:\t1\n" in status:
+            single.append(child)
+    return single
+
+
+def test_a_killed_signing_process_ends_the_send_promptly_with_75_and_releases_the_lock(smtp_server, tmp_path, key):
+    if signing_module.signing_workers() == 0:
+        pytest.skip("one core: no signing processes")
+    project = Project(tmp_path, smtp_server)
+    project.configure(dkim={"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key)}, send={"connections": 1})
+    # More than the delivery process queues (1,000), so that the renderer is blocked on
+    # a full pipe with its signers idle when one of them is killed.
+    emails = addresses(1400)
+    project.write_contacts(emails)
+    handler = smtp_server._controller.handler
+    accept = type(handler).handle_DATA
+    delay = [0.05]
+
+    async def slow_data(smtp, session, envelope):
+        import asyncio
+
+        await asyncio.sleep(delay[0])
+        return await accept(handler, smtp, session, envelope)
+
+    handler.handle_DATA = slow_data
+    process = project.spawn_send("--json")
+    try:
+        wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=30)
+        signers = wait_for(lambda: _signing_processes(process.pid), timeout=10)
+        # The renderer is blocked writing to the delivery process's full pipe, with the
+        # signers' last results waiting for it: the killed one has no batch in flight.
+        wait_for(lambda: Path(f"/proc/{process.pid}/wchan").read_text() == "anon_pipe_write", timeout=30)
+        time.sleep(0.5)
+        os.kill(signers[0], signal.SIGKILL)
+        delay[0] = 0.0
+        killed = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 75, stderr
+    assert elapsed < 20, elapsed
+    assert f"a DKIM signing process (pid {signers[0]}) ended unexpectedly (killed by signal 9)" in stderr
+    summary = json.loads(stdout)
+    counts = summary["counts"]
+    received = received_addresses(smtp_server)
+    assert counts["sent"] == len(received) and len(set(received)) == len(received)
+    assert f"The run stopped after {counts['sent']} messages had been sent" in stderr
+    assert counts["not_attempted"] > 0, counts
+    assert counts["sent"] + counts.get("deferred", 0) + counts["not_attempted"] == counts["rows"], counts
+    assert summary["error"] and summary["exit_code"] == 75
+    assert not list(tmp_path.glob("*.journal"))  # the journal was applied
+    assert set(project.statuses().values()) <= {"sent", "deferred"}
+
+    rerun = project.send()  # the lock was released: the next run resumes
+    assert rerun.exit_code == 0, rerun
+    assert sorted(received_addresses(smtp_server)) == sorted(emails)

@@ -254,6 +254,14 @@ def send(
             summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
     finally:
         campaign.close()
+    if summary.stopped_by is not None:
+        if _state["debug"] and summary.debug_traceback:
+            sys.stderr.write("in the delivery process:\n" + summary.debug_traceback)
+        sent = summary.counts["sent"]
+        reporter.error(
+            f"{summary.stopped_by} The run stopped after {sent} message{'' if sent == 1 else 's'} "
+            "had been sent; every outcome is in the send log (`mailer report`), and a re-run resumes."
+        )
     _print_summary(summary, reporter, json_output=json_output)
     raise typer.Exit(code=int(summary.exit_code))
 
@@ -358,7 +366,7 @@ _SUMMARY_LABELS = (
     ("blank", "blank rows"),
     ("filtered", "not selected by --where"),
     ("over_limit", "left for later by --limit"),
-    ("not_attempted", "not attempted (interrupted)"),
+    ("not_attempted", "not attempted (the run stopped first)"),
 )
 
 

@@ -101,6 +101,11 @@ class Summary:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     interrupted: bool = False
+    # The error that ended a real send early, after it started (a process died, the
+    # disk filled): the run still has counts, and its exit code says what they mean.
+    stopped_by: str | None = None
+    stopped_exit_code: ExitCode | None = None
+    debug_traceback: str | None = None
 
     def add_problem(self, problem: Problem) -> None:
         self.counts[problem.kind] += 1
@@ -119,6 +124,14 @@ class Summary:
         # An unknown outcome (a run killed mid-transaction) will not change by waiting,
         # so it is reported with the failures (1), not as "try again later" (75).
         bad = ("failed", "invalid", "fields", "error", "unknown")
+        if self.stopped_by is not None:
+            attempted = ("sent", "failed", "deferred", "unknown")
+            if self.stopped_exit_code == ExitCode.USAGE and not any(self.counts[key] for key in attempted):
+                return ExitCode.USAGE  # a relay refusing the login at once: nothing was sent
+            # Something may have gone out: never "nothing was sent" (2). A re-run resumes,
+            # so "try again later", unless some failed for good.
+            for_good = ("failed", "invalid", "fields", "error")
+            return ExitCode.PARTIAL if any(self.counts[key] for key in for_good) else ExitCode.TEMPFAIL
         if any(self.counts[key] for key in bad):
             return ExitCode.PARTIAL
         if self.counts["deferred"]:
@@ -136,6 +149,7 @@ class Summary:
             "problems_not_listed": max(0, sum(self.counts[k] for k in PROBLEM_KINDS) - len(self.problems)),
             "elapsed_seconds": round(self.elapsed, 3),
             "interrupted": self.interrupted,
+            "error": self.stopped_by,
             "exit_code": int(self.exit_code),
         }
 

@@ -21,6 +21,7 @@ __all__ = [
     "LockedError",
     "MailerError",
     "PermanentDeliveryError",
+    "ProcessEndedError",
     "RowError",
     "SendLogError",
     "TemplateError",
@@ -150,6 +151,15 @@ class PermanentDeliveryError(DeliveryError):
 
 class ConnectionSetupError(MailerError):
     """The relay cannot be used at all (connect, TLS, AUTH refused): nothing can be sent."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
+class ProcessEndedError(MailerError):
+    """A process of the run (the delivery process, a DKIM signer) died: the run stops.
+
+    Waiting and re-running helps (the send log resumes), so it is "try again later".
+    """
 
     exit_code = ExitCode.TEMPFAIL
 

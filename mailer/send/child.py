@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..bounces.rules import is_bounce
-from ..core.errors import ExitCode, MailerError, SendLogError
+from ..core.errors import ExitCode, MailerError, ProcessEndedError
 from ..core.outcomes import Outgoing, Result, Status
 from ..delivery.pool import deliver
 from ..store import open_store
@@ -22,7 +22,10 @@ __all__ = ["DeliveryProcess"]
 class _Counters:
     """Counts shared between the delivery process (writer) and this one (reader)."""
 
-    NAMES = ("sent", "failed", "deferred", "bounced_suppressed")
+    # ``in_flight``: messages in a transaction now (``sending`` on record, no outcome yet);
+    # ``retrying``: deferred ones waiting for another attempt. If the process dies, they
+    # say how many outcomes are unknown and how many are deferred.
+    NAMES = ("sent", "failed", "deferred", "bounced_suppressed", "in_flight", "retrying")
 
     def __init__(self, context: Any) -> None:
         self.values = context.Array("q", len(self.NAMES), lock=False)
@@ -32,6 +35,9 @@ class _Counters:
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self.values[self.NAMES.index(name)] += amount
+
+    def set(self, name: str, value: int) -> None:
+        self.values[self.NAMES.index(name)] = value
 
     def as_dict(self) -> dict[str, int]:
         return {name: self.values[index] for index, name in enumerate(self.NAMES)}
@@ -91,21 +97,48 @@ class DeliveryProcess:
             os.kill(self.process.pid, signal.SIGKILL)
 
     def feed(self, outgoing: Iterator[Outgoing], *, stopped: Callable[[], bool]) -> dict[str, int]:
-        """Send every message to the child; returns how many were produced but never sent over."""
+        """Send every message to the child; returns how many were produced but never sent over.
+
+        When ``outgoing`` raises (a signing process died, the send log is full), the
+        child is told to stop and given the end marker, so that :meth:`wait` gets its
+        report, then the error goes on to the caller; :attr:`unsent` has the count.
+        """
         batch: Batch[tuple[Any, ...]] = Batch(count=self.BATCH, size=self.BATCH_BYTES)
+        self.fed = 0
         try:
             for item in outgoing:
                 wire = (item.key, item.sender, item.recipients, item.data, item.message_id, item.smtputf8)
-                if batch.add(wire, len(item.data)):
-                    self.items.send(batch.take())
+                if batch.add(wire, len(item.data)) and not self._send(batch):
+                    break
                 if stopped():
                     break
             if len(batch) and not stopped():
-                self.items.send(batch.take())
+                self._send(batch)
+        except BaseException:
+            self.stop()
+            self._send_end()
+            raise
+        finally:
+            self.unsent = len(batch)
+        self._send_end()
+        return {"unsent": len(batch)}
+
+    def _send(self, batch: Batch[tuple[Any, ...]]) -> bool:
+        """Send the batch over; False when the child has ended (wait() says why)."""
+        count = len(batch)
+        try:
+            self.items.send(batch.items)
+        except (BrokenPipeError, ConnectionResetError):
+            return False  # the child ended early (a fatal relay error): wait() reports why
+        batch.take()
+        self.fed += count
+        return True
+
+    def _send_end(self) -> None:
+        try:
             self.items.send(None)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the child ended early (a fatal relay error): wait() reports why
-        return {"unsent": len(batch)}
+            pass
 
     def wait(self) -> dict[str, Any]:
         """The child's final report; raises the child's fatal error in this process."""
@@ -113,8 +146,10 @@ class DeliveryProcess:
             message = self.events.recv()
         except EOFError:
             self.process.join()
-            raise SendLogError(
-                f"the delivery process ended unexpectedly (exit code {self.process.exitcode}).",
+            code = self.process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise ProcessEndedError(
+                f"the delivery process (pid {self.process.pid}) ended unexpectedly ({how}).",
                 hint="The send log holds every outcome it recorded; see `mailer report`, then re-run to resume.",
             ) from None
         kind, payload = message
@@ -150,19 +185,40 @@ class _ChildRecorder:
     def __init__(self, journal: JournalWriter, shared: _Counters) -> None:
         self.journal = journal
         self.shared = shared
+        self._lock = threading.Lock()
+        self._in_flight: set[object] = set()
+        self._retrying: set[object] = set()
 
     def on_sending(self, item: Outgoing, attempt: int) -> None:
-        recipient, line = item.key
+        recipient: str
+        line: int | None
+        recipient, line = item.key  # type: ignore[misc]  # the key is ours: (recipient, line)
         self.journal.append((recipient, Status.SENDING.value, None, None, item.message_id, line))
+        with self._lock:
+            self._in_flight.add(recipient)
+            self._retrying.discard(recipient)
+            self._count()
 
     def on_result(self, item: Outgoing, result: Result) -> None:
-        recipient, _ = item.key
+        recipient: str
+        recipient, _ = item.key  # type: ignore[misc]  # the key is ours: (recipient, line)
         self.journal.append((recipient, str(result.status), result.smtp_code, result.smtp_reply, item.message_id, None))
+        with self._lock:
+            self._in_flight.discard(recipient)
+            if result.final:
+                self._retrying.discard(recipient)
+            else:
+                self._retrying.add(recipient)
+            self._count()
         if result.final:
             if is_bounce(result.status, result.smtp_code, result.smtp_reply):
                 # The journal's writer suppresses it with the same rule (mailer.journal).
                 self.shared.add("bounced_suppressed")
             self.shared.add(result.status)
+
+    def _count(self) -> None:
+        self.shared.set("in_flight", len(self._in_flight))
+        self.shared.set("retrying", len(self._retrying))
 
 
 def _delivery_child(

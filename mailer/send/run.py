@@ -154,15 +154,22 @@ def run_send(
         reporter.start_progress(f"sending {campaign.name}", plan.recipients if plan is not None else None)
         interrupted = install_signal_handlers(delivery, reporter)
         progress = _ProgressThread(delivery, reporter)
+        result: dict[str, Any] | None = None
+        stopped_by: MailerError | None = None
         try:
             outgoing = _outgoing(campaign, log, summary, resume=resume)
             stream = signing.signed(outgoing) if signing else outgoing
             try:
-                produced = delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
+                delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
+            except MailerError as exc:  # a signing process died, the send log is full, ...
+                stopped_by = exc
             finally:
                 stream.close()  # a stop leaves it unfinished: count what it still held
                 outgoing.close()  # and record the skipped rows it still held, store open
-            result = delivery.wait()
+            try:
+                result = delivery.wait()
+            except MailerError as exc:  # the delivery process died or hit a fatal error
+                stopped_by = stopped_by or exc
         finally:
             progress.stop()
             restore_signal_handlers(interrupted)
@@ -175,8 +182,9 @@ def run_send(
                 recover(log, campaign.name, lock)
             except MailerError as exc:  # the next send or report tries again
                 reporter.warning(f"the delivery journal could not be applied yet: {exc}")
-            for key, value in delivery.counts().items():
-                counts[key] += value
+            shared = delivery.counts()
+            for key in ("sent", "failed", "deferred", "bounced_suppressed"):
+                counts[key] += shared[key]
             reporter.update_progress(
                 counts["sent"] + counts["failed"] + counts["deferred"],
                 {k: counts[k] for k in ("sent", "failed", "deferred")},
@@ -184,11 +192,46 @@ def run_send(
             reporter.stop_progress()
             summary.finished = time.time()
             summary.interrupted = interrupted["signal"] is not None
-            log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
+            if stopped_by is not None:
+                _account_for_stop(summary, stopped_by, delivery, shared, result)
+            try:
+                log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
+            except MailerError as exc:
+                if stopped_by is None:
+                    raise
+                reporter.warning(f"the end of the run could not be recorded: {exc}")
         dropped = signing.dropped if signing else 0
-        counts["not_attempted"] += result["untouched"] + produced["unsent"] + dropped + resume.waiting
-        counts["deferred"] += result["waiting_retry"]
+        if result is not None:
+            counts["not_attempted"] += result["untouched"] + delivery.unsent + dropped + resume.waiting
+            counts["deferred"] += result["waiting_retry"]
+        else:
+            counts["not_attempted"] += dropped + resume.waiting
     return summary
+
+
+def _account_for_stop(
+    summary: Summary,
+    error: MailerError,
+    delivery: DeliveryProcess,
+    shared: dict[str, int],
+    result: dict[str, Any] | None,
+) -> None:
+    """A run ended by an error after it started: count what is left, say what was sent.
+
+    Without the delivery process's own report (it died), its counts say what became of
+    the messages it was given: a final outcome, a transaction cut off (``sending``:
+    unknown), a retry pending (deferred), or nothing yet (not attempted).
+    """
+    counts = summary.counts
+    if result is None:
+        final = shared["sent"] + shared["failed"] + shared["deferred"]
+        counts["unknown"] += shared["in_flight"]
+        counts["deferred"] += shared["retrying"]
+        counts["not_attempted"] += max(0, delivery.fed - final - shared["in_flight"] - shared["retrying"])
+        counts["not_attempted"] += delivery.unsent
+    summary.stopped_by = str(error)
+    summary.stopped_exit_code = error.exit_code
+    summary.debug_traceback = getattr(error, "debug_traceback", None)
 
 
 class _ProgressThread:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from ..core.errors import DKIMError
+from ..core.errors import DKIMError, ProcessEndedError
 from ..core.outcomes import Outgoing
 from .forking import FORK, Batch, become_child
 
@@ -107,8 +107,8 @@ class SigningPool:
                     worker = turn % len(self._connections)
                     turn += 1
                     taken = batch.take()
-                    self._connections[worker].send([message.data for message in taken])
                     in_flight.append((worker, taken))
+                    self._hand_over(worker, [message.data for message in taken])
                 elif exhausted and in_flight:
                     ready.extend(self._collect(in_flight))
                 while ready:
@@ -117,12 +117,28 @@ class SigningPool:
             # Stopped early (Ctrl-C): what was taken in and not given back.
             self.dropped += len(batch) + len(ready) + sum(len(taken) for _, taken in in_flight)
 
+    def _hand_over(self, worker: int, batch: list[bytes]) -> None:
+        try:
+            self._connections[worker].send(batch)
+        except OSError:
+            # A worker that died (kill -9, the OOM killer) before its last results were
+            # read: the pipe is broken. Never let that pass for the delivery process's
+            # pipe breaking, which the caller reads as "it ended on its own".
+            raise self._ended(worker) from None
+
+    def _ended(self, worker: int) -> ProcessEndedError:
+        process = self._processes[worker]
+        process.join(timeout=1)
+        code = process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return ProcessEndedError(f"a DKIM signing process (pid {process.pid}) ended unexpectedly ({how}).")
+
     def _collect(self, in_flight: deque) -> list[Outgoing]:
         """The oldest batch in flight, signed."""
         worker, items = in_flight[0]
         kind, payload = self._results[worker].get()
         if kind == "ended":
-            raise DKIMError("a DKIM signing process ended unexpectedly; nothing it held was sent.")
+            raise self._ended(worker)
         if kind == "error":
             raise DKIMError(payload)
         in_flight.popleft()
