@@ -191,6 +191,9 @@ def test_an_interrupted_long_list_accounts_for_every_row(smtp_server, tmp_path):
     process = project.spawn_send("--yes", "--json")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=20)
+        # The renderer blocked on the full pipe: the queue and the pipe are full (on a
+        # loaded machine the first message can go out well before that).
+        wait_for(lambda: Path(f"/proc/{process.pid}/wchan").read_text() == "anon_pipe_write", timeout=30)
         process.send_signal(signal.SIGINT)
         stdout, stderr = finish(process)
     finally:
@@ -324,7 +327,7 @@ def test_a_killed_delivery_process_is_reported_and_its_journal_applied_by_the_sa
     assert smtp_server.messages == []
     # The lock is free: the next run sends the five never attempted (and leaves the unknown one).
     speed_up(smtp_server)
-    rerun = project.send()
+    rerun = project.send("--yes")
     assert rerun.exit_code == 1, rerun
     assert len(received_addresses(smtp_server)) == 5
 
@@ -435,7 +438,7 @@ def test_a_disk_that_fills_mid_run_ends_with_75_and_says_how_many_were_sent(smtp
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     done = subprocess.run(
-        project._command(("send", str(project.contacts_path), str(project.template_path), "--json")),
+        project._command(("send", str(project.contacts_path), str(project.template_path), "--yes", "--json")),
         cwd=tmp_path,
         env=project._environment(None),
         stdin=subprocess.DEVNULL,

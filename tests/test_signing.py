@@ -322,7 +322,7 @@ def test_a_killed_signing_process_ends_the_send_promptly_with_75_and_releases_th
         return await accept(handler, smtp, session, envelope)
 
     handler.handle_DATA = slow_data
-    process = project.spawn_send("--json")
+    process = project.spawn_send("--yes", "--json")
     try:
         wait_for(lambda: "sent" in project.peek_statuses().values(), timeout=30)
         signers = wait_for(lambda: _signing_processes(process.pid), timeout=10)
@@ -353,6 +353,6 @@ def test_a_killed_signing_process_ends_the_send_promptly_with_75_and_releases_th
     assert not list(tmp_path.glob("*.journal"))  # the journal was applied
     assert set(project.statuses().values()) <= {"sent", "deferred"}
 
-    rerun = project.send()  # the lock was released: the next run resumes
+    rerun = project.send("--yes")  # the lock was released: the next run resumes
     assert rerun.exit_code == 0, rerun
     assert sorted(received_addresses(smtp_server)) == sorted(emails)
