@@ -24,11 +24,13 @@ from mailer.delivery.pool import deliver
 from mailer.smtp.policy import (
     TLS_VERIFY_DISABLED_WARNING,
     check_relay_settings,
+    is_loopback_address,
     is_loopback_host,
     tls_verification_warning,
 )
 from mailer.smtp.probe import probe_relay
 from mailer.smtp.replies import classify_exception, classify_reply, closes_connection
+from mailer.smtp.session import Setup
 
 PASSWORD = "s3cret-Pa55word!"
 
@@ -595,6 +597,57 @@ def test_check_relay_settings(host, security, password, refused):
 def test_is_loopback_host():
     assert is_loopback_host("127.0.0.1") and is_loopback_host("localhost") and is_loopback_host("::1")
     assert not is_loopback_host("10.0.0.1") and not is_loopback_host("mail.localhost.example")
+
+
+@pytest.mark.parametrize(
+    "address,local",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),  # an IPv4 loopback peer on a dual-stack socket
+        ("192.0.2.1", False),
+        ("10.0.0.1", False),
+        ("::ffff:192.0.2.1", False),
+        ("2001:db8::1", False),
+        ("fe80::1%eth0", False),
+        ("0.0.0.0", False),
+        ("localhost", False),  # a name is never proof: only an address
+        ("", False),
+    ],
+)
+def test_is_loopback_address_decides_by_the_peer_address(address, local):
+    assert is_loopback_address(address) is local
+
+
+def test_no_auth_in_clear_text_when_the_peer_is_not_this_machine(make_smtp_server):
+    """The name passed (it could be "localhost." that DNS sent elsewhere): the address
+    the socket is connected to decides, before AUTH, on a real connection."""
+    server = make_smtp_server(password=PASSWORD, auth_require_tls=False)
+    smtp = SMTPConfig(
+        host="127.0.0.1", port=server.port, security="none", username=TEST_USERNAME, password_env="PW", timeout=5
+    )
+    check_relay_settings(smtp, PASSWORD)  # the name is fine
+    seen: list[str] = []
+
+    def remote(address: str) -> bool:
+        seen.append(address)
+        return False  # as if the name had resolved to another machine
+
+    setup = Setup(smtp, PASSWORD, None)
+    setup.peer_is_local = remote  # type: ignore[method-assign]
+    with pytest.raises(ConnectionSetupError) as caught:
+        setup.open()
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert "unencrypted" in str(caught.value) and "connected to 127.0.0.1" in str(caught.value)
+    assert seen == ["127.0.0.1"]  # asked about the socket's peer
+    assert server.auth_attempts == []  # AUTH never reached the server
+    assert PASSWORD not in str(caught.value)
+
+    # The same relay with the real check: it is this machine, the login goes through.
+    client = Setup(smtp, PASSWORD, None).open()
+    client.quit()
+    assert server.auth_attempts == [(TEST_USERNAME, True)]
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ __all__ = [
     "TLS_VERIFY_DISABLED_WARNING",
     "RelayProblem",
     "check_relay_settings",
+    "is_loopback_address",
     "is_loopback_host",
     "make_ssl_context",
     "relay_settings_problem",
@@ -46,6 +47,22 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether ``address`` (a socket's peer address, as ``getpeername()[0]`` gives it) is
+    this machine: 127.0.0.0/8, ::1, or 127.x mapped into IPv6 (``::ffff:127.0.0.1``).
+
+    This, not the configured name, decides whether a password may go in clear text: a
+    name such as ``localhost.`` goes to DNS, and any answer can point it elsewhere.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def setup_error(message: str, hint: str | None = None) -> ConnectionSetupError:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..core.config import SMTPConfig
 from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
-from .policy import make_ssl_context, setup_error
+from .policy import is_loopback_address, make_ssl_context, setup_error
 from .replies import classify_exception, reply_text
 
 __all__ = ["Setup", "StepNote"]
@@ -60,7 +60,14 @@ def _secret_forms(username: str | None, password: str | None) -> tuple[str, ...]
 
 
 class Setup:
-    """Everything needed to open a connection, computed once per run."""
+    """Everything needed to open a connection, computed once per run.
+
+    ``peer_is_local`` decides, from the address the socket is connected to, whether a
+    password may go over an unencrypted connection (tests replace it to play a relay
+    that is not on this machine).
+    """
+
+    peer_is_local: Callable[[str], bool] = staticmethod(is_loopback_address)
 
     def __init__(self, smtp: SMTPConfig, password: str | None, ssl_context: ssl.SSLContext | None) -> None:
         self.smtp = smtp
@@ -203,12 +210,39 @@ class Setup:
             raise TemporaryDeliveryError(f"{self.where} refused HELO: {code} {text}", smtp_code=code)
         note("helo", True, "the relay speaks plain SMTP (no extensions)")
 
+    def _refuse_clear_text_to_remote(self, client: smtplib.SMTP, note: StepNote) -> None:
+        """No AUTH over a connection without TLS unless its peer is this machine.
+
+        The configured name passed :func:`check_relay_settings` (``localhost``, say), but
+        a name is resolved: only the address actually connected to is proof.
+        """
+        sock = client.sock
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            peer = str(sock.getpeername()[0])
+        except OSError:
+            peer = "an unknown address"
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and self.peer_is_local(peer):
+            return
+        message = (
+            f"refusing to send the password to {self.where} over an unencrypted connection: "
+            f"it is connected to {peer}, which is not this machine."
+        )
+        note("auth", False, message)
+        raise setup_error(
+            message,
+            'Use security = "starttls" (port 587) or "tls" (port 465); "none" with a login is allowed only '
+            "for a relay on this machine (127.0.0.1, ::1). Check what the name in [smtp] host resolves to.",
+        )
+
     def _login(self, client: smtplib.SMTP, note: StepNote) -> None:
         smtp = self.smtp
         username, password = smtp.username, self.password
         if not username or password is None:
             # check_relay_settings() refuses a username without a password before any connection.
             raise setup_error(f"[smtp] username is set to {username!r} but no password is available.")
+        self._refuse_clear_text_to_remote(client, note)
         try:
             client.login(username, password)
         except smtplib.SMTPAuthenticationError as exc:
