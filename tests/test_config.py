@@ -84,6 +84,8 @@ def test_an_explicit_config_that_does_not_exist_is_an_error(project, run_cli, mo
         ("[send]\nconnections = true\n", "send.connections", "must be an integer"),
         ('[smtp]\ntimeout = "30"\n', "smtp.timeout", "must be a number"),
         ("[smtp]\nport = 99999\n", "smtp.port", "between 1 and 65535"),
+        ("[smtp]\ndata_timeout = 0\n", "smtp.data_timeout", "more than zero seconds"),
+        ("[smtp]\ndata_timeout = nan\n", "smtp.data_timeout", "at most 86400"),
         ('[smtp]\nsecurity = "ssl"\n', "smtp.security", '"starttls", "tls" or "none"'),
         ('[send]\nrate = "fast"\n', "send.rate", "N/s, N/min"),
         ("[send]\nconnections = 0\n", "send.connections", "at least 1"),

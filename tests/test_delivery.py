@@ -340,6 +340,40 @@ def test_permanent_failures_are_recorded_once_and_never_retried(smtp_server, sta
     assert stats.retries == 0
 
 
+def test_a_final_reply_that_never_comes_is_an_unknown_outcome_and_never_retried(smtp_server):
+    """The relay took the whole message and its 250 is late past the final-reply time:
+    it may have queued it (RFC 1047), so a retry would risk a second copy."""
+    items = make_items(3)
+    smtp_server.set_fault("user1@example.com", "data", reply="250 2.0.0 OK: queued late", stall=2.0, times=1)
+    smtp = smtp_for(smtp_server, timeout=5.0, data_timeout=0.4)
+
+    stats, listener = run(smtp_server, items, smtp=smtp, send=send_options(retries=3))
+
+    finals = assert_consistent(listener, [0, 1, 2])
+    assert finals[1].status == Status.SENDING and finals[1].final and finals[1].attempts == 1
+    assert "no reply within 0.4 s after the end of the message" in finals[1].smtp_reply
+    assert [e for e in listener.for_key(1) if e[0] == "sending"] == listener.for_key(1)[:1]  # one attempt only
+    assert finals[0].status == finals[2].status == Status.SENT
+    assert (stats.sent, stats.unknown, stats.deferred) == (2, 1, 0)
+    time.sleep(2.0)  # whatever the relay did with it, no second copy was sent
+    assert len(smtp_server.received_by("user1@example.com")) <= 1
+    assert_no_duplicates(smtp_server)
+
+
+def test_the_final_reply_gets_the_data_timeout_not_the_command_timeout(smtp_server):
+    items = make_items(2)
+    smtp_server.set_fault("user0@example.com", "data", reply="250 2.0.0 OK: scanned", stall=1.0, times=1)
+    smtp = smtp_for(smtp_server, timeout=0.4, data_timeout=5.0)
+
+    stats, listener = run(smtp_server, items, smtp=smtp, send=send_options(retries=3))
+
+    finals = assert_consistent(listener, [0, 1])
+    assert finals[0].status == Status.SENT and finals[0].attempts == 1  # waited, did not give up
+    assert stats.retries == 0
+    assert len(smtp_server.received_by("user0@example.com")) == 1
+    assert_no_duplicates(smtp_server)
+
+
 def test_421_defers_and_reconnects(smtp_server):
     smtp_server.set_fault("user1@example.com", "rcpt", "421 4.7.0 too many messages, closing", times=1)
     stats, listener = run(smtp_server, make_items(3), send=send_options(connections=1))

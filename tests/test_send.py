@@ -311,7 +311,7 @@ def test_stall_past_the_timeout_defers(smtp_server, tmp_path):
     project.configure(smtp={"timeout": 0.5}, send={"retries": 1})
     emails = addresses(3)
     project.write_contacts(emails)
-    fault = smtp_server.set_fault(emails[1], "data", stall=2.0)
+    fault = smtp_server.set_fault(emails[1], "rcpt", stall=2.0)  # past the command timeout
 
     outcome = project.send("--yes", "--json")
 
@@ -836,3 +836,37 @@ def test_without_a_terminal_a_plain_progress_line_comes_every_interval(smtp_serv
     assert all(re.fullmatch(r"sending news: \d+ done \(sent \d+\), \d+/s", line) for line in lines), lines
     done = [int(line.split()[2]) for line in lines]
     assert done == sorted(done) and len(set(done)) == len(done) and done[-1] <= 12
+
+
+def test_a_lost_final_reply_leaves_the_recipient_unknown_reported_and_resent_only_on_request(smtp_server, tmp_path):
+    """The relay swallows the reply to the end of one message: waited for the (short,
+    configured) final-reply time, then `sending`: counted, reported, never resent by
+    itself, resent with --resend-unknown."""
+    project = Project(tmp_path, smtp_server)
+    project.configure(smtp={"data_timeout": 0.5}, send={"retries": 3})
+    emails = addresses(4)
+    project.write_contacts(emails)
+    lost = emails[1]
+    smtp_server.set_fault(lost, "data", reply="250 2.0.0 OK: queued", stall=3.0, times=1)
+
+    outcome = project.send("--yes", "--json")
+
+    assert outcome.exit_code == 1, outcome  # an unknown outcome does not settle by waiting
+    counts = json.loads(outcome.stdout)["counts"]
+    assert counts["sent"] == 3 and counts["unknown"] == 1, counts
+    assert "outcome unknown (status sending; see mailer report) 1" in outcome.stderr
+    assert project.statuses()[lost] == "sending"
+    assert [row["recipient"] for row in project.report("--campaign", "news")["unknown_outcome"]] == [lost]
+    time.sleep(3.0)  # the slow relay is done with it, whatever it did
+    copies = len(smtp_server.received_by(lost))
+    assert copies <= 1
+
+    again = project.send("--yes", "--json")
+    assert again.exit_code == 1, again
+    assert json.loads(again.stdout)["counts"]["unknown"] == 1
+    assert len(smtp_server.received_by(lost)) == copies  # not resent by itself
+
+    resend = project.send("--yes", "--resend-unknown")
+    assert resend.exit_code == 0, resend
+    assert len(smtp_server.received_by(lost)) == copies + 1
+    assert project.statuses()[lost] == "sent"

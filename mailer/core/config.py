@@ -67,6 +67,8 @@ class SMTPConfig:
     username: str | None = None
     password_env: str | None = None
     timeout: float = 30.0
+    # The wait for the reply to the end of a message (RFC 5321 4.5.3.2.6: 10 minutes).
+    data_timeout: float = 600.0
     tls_verify: bool = True
     helo: str | None = None  # EHLO name; default: the local host's FQDN
 
@@ -152,6 +154,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "username": ((str,), "username"),
         "password_env": ((str,), "password_env"),
         "timeout": ((int, float), "timeout"),
+        "data_timeout": ((int, float), "data_timeout"),
         "tls_verify": ((bool,), "tls_verify"),
         "helo": ((str,), "helo"),
     },
@@ -281,6 +284,8 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         raise fail("smtp.port", f"must be between 1 and 65535, not {smtp.port}.")
     if smtp.timeout <= 0:
         raise fail("smtp.timeout", "must be more than zero seconds.")
+    if not 0 < smtp.data_timeout <= 86400:  # also refuses nan and inf
+        raise fail("smtp.data_timeout", "must be more than zero seconds and at most 86400 (RFC 5321 says 600).")
     if smtp.password_env is not None and (
         not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", smtp.password_env) or _looks_like_password(smtp.password_env)
     ):

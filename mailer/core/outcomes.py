@@ -43,7 +43,8 @@ class Result:
     """The outcome of one attempt (``final=False``) or of the whole delivery.
 
     ``status`` is :attr:`Status.SENT`, :attr:`Status.FAILED` (permanent) or
-    :attr:`Status.DEFERRED` (temporary).
+    :attr:`Status.DEFERRED` (temporary), or :attr:`Status.SENDING` (final: the message
+    went out and its final reply never came, so its outcome is unknown).
     ``final=False`` means a temporary failure that will be retried in this run after a
     backoff. ``smtp_reply`` is the relay's reply text, or a description of the error.
     """

@@ -25,7 +25,7 @@ from ..core.errors import PermanentDeliveryError, TemporaryDeliveryError
 from ..core.outcomes import Outgoing, Result, Status
 from ..smtp.policy import check_relay_settings
 from ..smtp.session import Setup
-from ..smtp.transaction import OK, PERM, STALE, TEMP, Connection, Envelope
+from ..smtp.transaction import OK, PERM, STALE, TEMP, UNKNOWN, Connection, Envelope
 from .throttle import RateLimiter, backoff_delay
 
 __all__ = ["DeliveryListener", "DeliveryStats", "deliver"]
@@ -57,8 +57,8 @@ class DeliveryListener(Protocol):
 
 @dataclass
 class DeliveryStats:
-    """What a :func:`deliver` run did. ``sent + failed + deferred`` items got a final
-    result; ``waiting_retry`` items were deferred and were to be retried when the run
+    """What a :func:`deliver` run did. ``sent + failed + deferred + unknown`` items got
+    a final result (``unknown``: status ``sending``, the final reply never came); ``waiting_retry`` items were deferred and were to be retried when the run
     stopped; ``untouched`` items were taken from the iterator but never attempted (the
     run stopped first): they never got ``on_sending`` nor ``on_result``."""
 
@@ -66,6 +66,7 @@ class DeliveryStats:
     sent: int = 0
     failed: int = 0
     deferred: int = 0
+    unknown: int = 0  # the final reply never came: left as "sending", never retried
     waiting_retry: int = 0
     untouched: int = 0
     attempts: int = 0
@@ -138,6 +139,7 @@ class _Engine:
         ssl_context: ssl.SSLContext | None,
     ) -> None:
         self.setup = Setup(smtp, password, ssl_context)
+        self.data_timeout = smtp.data_timeout
         self.max_per_connection = send.max_per_connection
         self.retries = send.retries
         self.retry_backoff = send.retry_backoff
@@ -254,6 +256,8 @@ class _Engine:
             stats.failed += 1
         elif disposition is Status.DEFERRED:
             stats.deferred += 1
+        elif disposition is Status.SENDING:
+            stats.unknown += 1
         elif job.attempts:
             stats.waiting_retry += 1  # a retry the run stopped before starting
         else:
@@ -353,7 +357,7 @@ class _Worker:
                 connection = self.connection = None
             if connection is None:
                 try:
-                    connection = self.connection = Connection(engine.setup.open())
+                    connection = self.connection = Connection(engine.setup.open(), data_timeout=engine.data_timeout)
                 except TemporaryDeliveryError as exc:
                     self.attempts += 1
                     return engine.temporary(job, attempt, exc.smtp_code, exc.message)
@@ -388,6 +392,8 @@ class _Worker:
                 return engine.finish(job, Result(Status.SENT, True, attempt, code, text))
             if outcome == PERM:
                 return engine.finish(job, Result(Status.FAILED, True, attempt, code, text))
+            if outcome == UNKNOWN:
+                return engine.finish(job, Result(Status.SENDING, True, attempt, None, text))
             return engine.temporary(job, attempt, code, text)
 
 

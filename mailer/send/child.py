@@ -25,7 +25,7 @@ class _Counters:
     # ``in_flight``: messages in a transaction now (``sending`` on record, no outcome yet);
     # ``retrying``: deferred ones waiting for another attempt. If the process dies, they
     # say how many outcomes are unknown and how many are deferred.
-    NAMES = ("sent", "failed", "deferred", "bounced_suppressed", "in_flight", "retrying")
+    NAMES = ("sent", "failed", "deferred", "unknown", "bounced_suppressed", "in_flight", "retrying")
 
     def __init__(self, context: Any) -> None:
         self.values = context.Array("q", len(self.NAMES), lock=False)
@@ -202,6 +202,14 @@ class _ChildRecorder:
     def on_result(self, item: Outgoing, result: Result) -> None:
         recipient: str
         recipient, _ = item.key  # type: ignore[misc]  # the key is ours: (recipient, line)
+        if result.status is Status.SENDING:
+            # The final reply never came: the log keeps "sending" (outcome unknown), which
+            # only --resend-unknown sends again.
+            with self._lock:
+                self._in_flight.discard(recipient)
+                self._count()
+            self.shared.add("unknown")
+            return
         self.journal.append((recipient, str(result.status), result.smtp_code, result.smtp_reply, item.message_id, None))
         with self._lock:
             self._in_flight.discard(recipient)

@@ -183,7 +183,7 @@ def run_send(
             except MailerError as exc:  # the next send or report tries again
                 reporter.warning(f"the delivery journal could not be applied yet: {exc}")
             shared = delivery.counts()
-            for key in ("sent", "failed", "deferred", "bounced_suppressed"):
+            for key in ("sent", "failed", "deferred", "unknown", "bounced_suppressed"):
                 counts[key] += shared[key]
             reporter.update_progress(
                 counts["sent"] + counts["failed"] + counts["deferred"],
@@ -224,7 +224,7 @@ def _account_for_stop(
     """
     counts = summary.counts
     if result is None:
-        final = shared["sent"] + shared["failed"] + shared["deferred"]
+        final = shared["sent"] + shared["failed"] + shared["deferred"] + shared["unknown"]
         counts["unknown"] += shared["in_flight"]
         counts["deferred"] += shared["retrying"]
         counts["not_attempted"] += max(0, delivery.fed - final - shared["in_flight"] - shared["retrying"])

@@ -16,7 +16,7 @@ from ..core.errors import PermanentDeliveryError
 from ..core.outcomes import Outgoing
 from .replies import classify_exception, closes_connection, reply_text
 
-__all__ = ["Connection", "Envelope"]
+__all__ = ["OK", "PERM", "STALE", "TEMP", "UNKNOWN", "Connection", "Envelope"]
 
 
 # How long to wait for the reply to QUIT when closing: a stalled relay must not hold up
@@ -30,8 +30,9 @@ _QUIT_TIMEOUT = 5.0
 # The longest reply line we accept (as smtplib: RFC 5321 says 512, relays exceed it).
 _MAX_LINE = 8192
 
-# Outcomes of a transaction.
-OK, TEMP, PERM, STALE = range(4)
+# Outcomes of a transaction. UNKNOWN: the whole message went out and its final reply
+# did not come in time; the relay may have queued it (RFC 1047), so it is not retried.
+OK, TEMP, PERM, STALE, UNKNOWN = range(5)
 
 # A reply: its code (-1 for one that does not parse) and its text.
 _Reply = tuple[int, bytes]
@@ -86,6 +87,8 @@ class Connection:
     __slots__ = (
         "broken",
         "client",
+        "command_timeout",
+        "data_timeout",
         "eightbitmime",
         "pipelining",
         "readline",
@@ -95,8 +98,12 @@ class Connection:
         "transactions",
     )
 
-    def __init__(self, client: smtplib.SMTP) -> None:
+    def __init__(self, client: smtplib.SMTP, *, data_timeout: float | None = None) -> None:
+        """``data_timeout``: how long to wait for the reply to the end of the message
+        (RFC 5321 4.5.3.2.6 says 10 minutes), if not the session's command timeout."""
         self.client = client
+        self.command_timeout = client.timeout
+        self.data_timeout = data_timeout if data_timeout != client.timeout else None
         if client.sock is None:
             raise smtplib.SMTPServerDisconnected("the SMTP client is not connected")
         # The session's socket, as set up (TLS included) before the first transaction.
@@ -177,7 +184,14 @@ class Connection:
             stage = 1
             self.sock.sendall(envelope.body)
             stage = 2
-            code, text = self.reply()
+            if self.data_timeout is None:
+                code, text = self.reply()
+            else:
+                # The relay may be scanning or queueing the message: RFC 5321 gives it far
+                # longer for this reply than for any other.
+                self.sock.settimeout(self.data_timeout)
+                code, text = self.reply()
+                self.sock.settimeout(self.command_timeout)
         except (OSError, smtplib.SMTPException) as exc:
             self.broken = True
             client.close()
@@ -192,10 +206,21 @@ class Connection:
                 # sendall() failed, so the final "." (the last bytes) never left: the
                 # relay cannot have accepted a message it did not see end.
                 return TEMP, None, error.message + " while sending the message"
-            # The content went out but the final reply never came: the relay may have
-            # queued the message. Retrying risks a duplicate, not retrying risks a loss;
-            # we retry, because a relay that drops a session mid-DATA has almost always
-            # not queued it, and the reply text records the doubt for the report.
+            if error.message.startswith("timed out"):
+                # The whole message went out and no reply came in the final-reply time:
+                # the relay may well have queued it (RFC 1047). A retry would risk a
+                # second copy, so the outcome is unknown, left for the user to decide.
+                waited = self.data_timeout if self.data_timeout is not None else self.command_timeout
+                return (
+                    UNKNOWN,
+                    None,
+                    f"no reply within {waited:g} s after the end of the message: the relay may have "
+                    "accepted it (outcome unknown; not retried)",
+                )
+            # The connection dropped before the final reply: the relay may have queued
+            # the message. Retrying risks a duplicate, not retrying risks a loss; we
+            # retry, because a relay that drops a session mid-DATA has almost always not
+            # queued it, and the reply text records the doubt for the report.
             return TEMP, None, error.message + " after the message was sent (the relay may have accepted it)"
         if not 200 <= code < 300:
             return self._failure(code, text)
