@@ -189,7 +189,8 @@ class TestSMTPServer:
     Options: ``starttls`` (offer STARTTLS with the test certificate), ``implicit_tls``
     (TLS from the first byte), ``password`` (require AUTH as :data:`TEST_USERNAME` with
     this password), ``auth_require_tls`` (offer AUTH only over TLS), ``smtputf8``,
-    ``pipelining``, ``idle_timeout`` (seconds before an idle connection is closed).
+    ``pipelining``, ``idle_timeout`` (seconds before an idle connection is closed),
+    ``auth_exclude`` (AUTH mechanisms not offered).
     """
 
     __test__ = False  # not a test class, whatever pytest thinks of the name
@@ -205,6 +206,7 @@ class TestSMTPServer:
         smtputf8: bool = True,
         pipelining: bool = True,
         idle_timeout: float = 300.0,
+        auth_exclude: tuple[str, ...] = (),
     ) -> None:
         self.lock = threading.Lock()
         self.messages: list[Transaction] = []
@@ -231,6 +233,8 @@ class TestSMTPServer:
                 kwargs["tls_context"] = context
         if password is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=auth_require_tls)
+            if auth_exclude:  # e.g. ("PLAIN",): the client must use LOGIN
+                kwargs["auth_exclude_mechanism"] = list(auth_exclude)
         self.host = "127.0.0.1"
         self._controller = _Controller(_RecordingHandler(self), hostname=self.host, port=0, **kwargs)
         self._controller.start()

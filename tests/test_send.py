@@ -352,27 +352,45 @@ def test_max_per_connection_quits_and_reconnects(smtp_server, tmp_path):
     assert set(assert_consistent(project, smtp_server, emails).values()) == {"sent"}
 
 
-def test_a_relay_that_is_down_defers_everyone_with_75(smtp_server, tmp_path):
+def test_a_relay_that_is_down_stops_the_run_promptly_with_75_and_says_why(smtp_server, tmp_path):
     project = Project(tmp_path, smtp_server)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = closed.getsockname()[1]
     try:
-        project.configure(smtp={"port": closed.getsockname()[1]})
-        emails = addresses(3)
+        project.configure(smtp={"port": port}, send={"connections": 2, "retries": 2, "retry_backoff": 0.05})
+        emails = addresses(40)
         project.write_contacts(emails)
+        started = time.monotonic()
         outcome = project.send("--yes", "--json")
+        elapsed = time.monotonic() - started
     finally:
         closed.close()
 
     assert outcome.exit_code == 75, outcome
-    assert json.loads(outcome.stdout)["counts"]["deferred"] == 3
-    assert project.statuses() == {email: "deferred" for email in emails}
-    assert "cannot connect" in project.delivery(emails[0]).smtp_reply
+    assert elapsed < 10, elapsed
+    cause = f"cannot connect to 127.0.0.1:{port}: connection refused"
+    # On screen: host, port and the cause, and that the rest was not handed out.
+    assert f"the relay could not be reached: {cause} (3 attempts)" in outcome.stderr
+    assert "no more messages were handed out" in outcome.stderr
+    counts = json.loads(outcome.stdout)["counts"]
+    # Only the messages that probed the relay were attempted (one per connection at
+    # most); the others were never tried, nor recorded, rather than deferred one by one.
+    assert 1 <= counts["deferred"] <= 2, counts
+    assert counts["deferred"] + counts["not_attempted"] == 40, counts
+    statuses = project.statuses()
+    assert len(statuses) == counts["deferred"] and set(statuses.values()) == {"deferred"}
+    assert project.delivery(next(iter(statuses))).smtp_reply == cause
+    # The report counts the reason, although there was no SMTP reply.
+    report = project.report("--campaign", "news")
+    assert {"code": None, "count": counts["deferred"], "example_reply": cause} in report["by_smtp_code"]
+    human = project.cli("report", "--campaign", "news")
+    assert cause in human.stdout
 
     project.configure(smtp={"port": smtp_server.port})  # the relay is back
     again = project.send("--yes")
     assert again.exit_code == 0, again
-    assert sorted(received_addresses(smtp_server)) == emails
+    assert sorted(received_addresses(smtp_server)) == sorted(emails)
 
 
 def test_contacts_from_standard_input(smtp_server, tmp_path):
@@ -636,6 +654,38 @@ def test_password_is_used_for_auth_and_appears_in_no_output_or_log(make_smtp_ser
     assert_nowhere(
         SECRET, outcome.stdout, outcome.stderr, report.stdout, report.stderr, human.stdout, project.log_bytes()
     )
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_debug_shows_the_smtp_conversation_with_auth_and_the_password_redacted(make_smtp_server, tmp_path, mechanism):
+    # With LOGIN only, the password goes alone, in base64, on a line of its own.
+    excluded = ("PLAIN",) if mechanism == "LOGIN" else ("LOGIN",)
+    server = make_smtp_server(password=SECRET, auth_require_tls=False, auth_exclude=excluded)
+    project = Project(tmp_path, server)
+    project.configure(smtp={"username": TEST_USERNAME, "password_env": "MAILER_TEST_PASSWORD"})
+    emails = addresses(2)
+    project.write_contacts(emails)
+    env = {"MAILER_TEST_PASSWORD": SECRET}
+
+    outcome = project.run("send", str(project.contacts_path), str(project.template_path), "--yes", "--debug", env=env)
+
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(server)) == emails
+    lines = outcome.stderr.splitlines()
+    # Both sides of the conversation, on stderr, numbered by connection.
+    assert any(re.fullmatch(r"smtp\[\d+\] S: 220 .*", line) for line in lines), outcome
+    assert any(re.fullmatch(r"smtp\[\d+\] C: EHLO .+", line, flags=re.IGNORECASE) for line in lines)
+    assert any(re.fullmatch(rf"smtp\[\d+\] C: AUTH {mechanism}( \*{{8}})?", line) for line in lines), outcome
+    assert any(re.fullmatch(r"smtp\[\d+\] S: 235 .*", line) for line in lines)
+    for address in emails:
+        assert any(line.endswith(f"C: RCPT TO:<{address}>") for line in lines)
+    assert any(re.fullmatch(r"smtp\[\d+\] C: \(the message: \d+ bytes.*", line) for line in lines)
+    assert any(re.fullmatch(r"smtp\[\d+\] S: 250 .*queued.*", line) for line in lines)
+    assert outcome.stdout == ""
+    assert_nowhere(SECRET, outcome.stdout, outcome.stderr)
+    # Without --debug, none of it.
+    quiet = project.run("send", str(project.contacts_path), str(project.template_path), "--yes", env=env)
+    assert quiet.exit_code == 0 and "smtp[" not in quiet.stderr
 
 
 def test_rejected_login_exits_2_and_leaks_no_password_even_with_debug(make_smtp_server, dns_server, tmp_path):

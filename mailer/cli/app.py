@@ -279,7 +279,14 @@ def _send(campaign: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: 
     from ..send.run import run_send
 
     confirm = None if yes else _confirmation(reporter)
-    return run_send(campaign, reporter=reporter, confirm=confirm, resend_unknown=resend_unknown, signer=signer)
+    return run_send(
+        campaign,
+        reporter=reporter,
+        confirm=confirm,
+        resend_unknown=resend_unknown,
+        signer=signer,
+        debug=_state["debug"],
+    )
 
 
 def _confirmation(reporter: Reporter) -> Callable[[str], bool]:

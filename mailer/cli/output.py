@@ -216,12 +216,13 @@ def print_report(report: Any, *, console: Console | None = None) -> None:
             )
         console.print(domains)
     if report.by_smtp_code:
-        codes = Table(title="by SMTP reply", title_justify="left")
+        codes = Table(title="by SMTP reply (or reason, without one)", title_justify="left")
         codes.add_column("code")
         codes.add_column("count", justify="right")
-        codes.add_column("example reply")
+        codes.add_column("example reply / reason")
         for row in report.by_smtp_code:
-            codes.add_row(str(row.code), str(row.count), escape(row.example_reply or ""))
+            code = "-" if row.code is None else str(row.code)
+            codes.add_row(code, str(row.count), escape(row.example_reply or ""))
         console.print(codes)
     if report.unknown_outcome:
         console.print(

@@ -68,6 +68,7 @@ class DeliveryStats:
     deferred: int = 0
     unknown: int = 0  # the final reply never came: left as "sending", never retried
     waiting_retry: int = 0
+    unreachable: str | None = None  # why the run stopped: no connection could be opened
     untouched: int = 0
     attempts: int = 0
     retries: int = 0
@@ -137,8 +138,9 @@ class _Engine:
         rng: Callable[[], float],
         queue_size: int,
         ssl_context: ssl.SSLContext | None,
+        trace: Callable[[str], None] | None,
     ) -> None:
-        self.setup = Setup(smtp, password, ssl_context)
+        self.setup = Setup(smtp, password, ssl_context, trace=trace)
         self.data_timeout = smtp.data_timeout
         self.max_per_connection = send.max_per_connection
         self.retries = send.retries
@@ -164,6 +166,11 @@ class _Engine:
         self.low_water = self.limit // 2
         self.feeding_done = False
         self.fatal: BaseException | None = None
+        # The relay's reachability: connections open now, connection attempts failed in
+        # a row (any worker), and why the run gave up on it.
+        self.open_connections = 0
+        self.connect_failures = 0
+        self.unreachable: str | None = None
         self.stats = DeliveryStats()
         self.listener_lock = threading.Lock()
         # A listener that declares ``thread_safe = True`` is called concurrently: it can
@@ -229,7 +236,9 @@ class _Engine:
                     ready_at = heap[0][0]
                     if ready_at <= now:
                         return heapq.heappop(heap)[2]
-                if self.fresh:
+                # While no connection can be opened, the retries pending probe the relay:
+                # new messages wait rather than each failing to connect in turn.
+                if self.fresh and not (heap and self.connect_failures and not self.open_connections):
                     return self.fresh.popleft()
                 if self.feeding_done and not self.outstanding:
                     self.work_ready.notify_all()
@@ -308,6 +317,28 @@ class _Engine:
             return _RetryAt(float(ready_at))
         return self.finish(job, Result(Status.DEFERRED, True, attempt, code, text))
 
+    def connected(self, opened: bool) -> None:
+        with self.lock:
+            self.open_connections += 1 if opened else -1
+            if opened:
+                self.connect_failures = 0
+
+    def connect_failed(self, job: _Job, attempt: int, error: TemporaryDeliveryError) -> _Disposition:
+        """A connection could not be opened for ``job``: retry it later, or give up on it,
+        and on the relay too once every attempt in a row failed to connect and no
+        connection is open: the rest of the list is left for a later run, untouched."""
+        with self.lock:
+            self.connect_failures += 1
+        disposition = self.temporary(job, attempt, error.smtp_code, error.message)
+        if disposition is Status.DEFERRED:
+            with self.lock:
+                unreachable = self.connect_failures > self.retries and not self.open_connections
+                if unreachable and self.unreachable is None:
+                    self.unreachable = f"{error.message} ({attempt} attempt{'s' if attempt > 1 else ''})"
+            if unreachable:
+                self.halt_all()
+        return disposition
+
 
 class _Worker:
     """One thread with one persistent connection."""
@@ -335,9 +366,13 @@ class _Worker:
         except BaseException as exc:
             engine.fail(exc, job if finished is None else None)
         finally:
-            if self.connection is not None:
-                self.connection.close(polite=True)
-                self.connection = None
+            self.drop_connection()
+
+    def drop_connection(self) -> None:
+        if self.connection is not None:
+            self.connection.close(polite=True)
+            self.connection = None
+            self.engine.connected(False)
 
     def handle(self, job: _Job) -> _Disposition:
         engine = self.engine
@@ -353,14 +388,15 @@ class _Worker:
         while True:
             connection = self.connection
             if connection is not None and (connection.broken or connection.transactions >= engine.max_per_connection):
-                connection.close(polite=True)
-                connection = self.connection = None
+                self.drop_connection()
+                connection = None
             if connection is None:
                 try:
                     connection = self.connection = Connection(engine.setup.open(), data_timeout=engine.data_timeout)
                 except TemporaryDeliveryError as exc:
                     self.attempts += 1
-                    return engine.temporary(job, attempt, exc.smtp_code, exc.message)
+                    return engine.connect_failed(job, attempt, exc)
+                engine.connected(True)
                 self.connections += 1
             if envelope.utf8 and not connection.smtputf8:
                 needy = next((a for a in (item.sender, *item.recipients) if not a.isascii()), item.recipients[0])
@@ -410,6 +446,7 @@ def deliver(
     rng: Callable[[], float] = random.random,
     queue_size: int = 1000,
     ssl_context: ssl.SSLContext | None = None,
+    trace: Callable[[str], None] | None = None,
 ) -> DeliveryStats:
     """Deliver every item of ``items`` through a pool of ``send.connections`` connections.
 
@@ -433,7 +470,8 @@ def deliver(
     ``clock`` drives the rate limiter and retry times; ``sleep`` waits for a rate slot
     (default: a wait that ends early on stop); ``rng`` is the backoff jitter;
     ``ssl_context`` replaces the context built from ``smtp.tls_verify`` (tests use it
-    to trust a throwaway CA).
+    to trust a throwaway CA); ``trace`` receives the SMTP conversation line by line,
+    AUTH redacted (``--debug``).
     """
     check_relay_settings(smtp, password)
     engine = _Engine(
@@ -447,6 +485,7 @@ def deliver(
         rng=rng,
         queue_size=queue_size,
         ssl_context=ssl_context,
+        trace=trace,
     )
     started = clock()
     workers = [_Worker(engine) for _ in range(send.connections)]
@@ -471,6 +510,7 @@ def deliver(
     stats = engine.stats
     stats.untouched += len(engine.fresh)
     stats.waiting_retry += len(engine.retry_heap)
+    stats.unreachable = engine.unreachable
     for worker in workers:
         stats.attempts += worker.attempts
         stats.connections_opened += worker.connections

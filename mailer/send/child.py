@@ -59,7 +59,16 @@ class DeliveryProcess:
     BATCH = 64  # messages at most per batch
     BATCH_BYTES = 1024 * 1024  # and about this many bytes
 
-    def __init__(self, config: Any, *, password: str | None, ssl_context: Any, campaign: str, run_id: int) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        password: str | None,
+        ssl_context: Any,
+        campaign: str,
+        run_id: int,
+        debug: bool = False,
+    ) -> None:
         self.shared = _Counters(FORK)
         items_reader, self.items = FORK.Pipe(duplex=False)
         self.events, events_writer = FORK.Pipe(duplex=False)
@@ -75,6 +84,7 @@ class DeliveryProcess:
                 ssl_context,
                 campaign,
                 run_id,
+                debug,
             ),
             name="mailer-delivery",
             daemon=True,
@@ -229,6 +239,11 @@ class _ChildRecorder:
         self.shared.set("retrying", len(self._retrying))
 
 
+def _write_stderr(line: str) -> None:
+    """One trace line in one write(), so that the lines of several connections never mix."""
+    os.write(2, line.encode("utf-8", "replace"))
+
+
 def _delivery_child(
     items: Any,
     items_writer: Any,
@@ -239,6 +254,7 @@ def _delivery_child(
     ssl_context: Any,
     campaign: str,
     run_id: int,
+    debug: bool = False,
 ) -> None:
     """Body of the delivery process (runs after fork; reports through ``events``)."""
     # The fork copied the parent's end of the items pipe: without closing it here, a
@@ -283,6 +299,7 @@ def _delivery_child(
                     listener=_ChildRecorder(journal, shared),
                     stop=stop,
                     ssl_context=ssl_context,
+                    trace=_write_stderr if debug else None,
                 )
             finally:
                 journal.close()
@@ -297,7 +314,8 @@ def _delivery_child(
                 ended.set()
                 break
             untouched += len(batch)
-        events.send(("done", {"untouched": untouched, "waiting_retry": stats.waiting_retry}))
+        report = {"untouched": untouched, "waiting_retry": stats.waiting_retry, "unreachable": stats.unreachable}
+        events.send(("done", report))
     except BaseException as exc:  # every failure goes to the parent, which reports it
         import traceback
 

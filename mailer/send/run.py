@@ -21,7 +21,7 @@ from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
 from ..compose.contacts import Contact, ContactReader
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key
-from ..core.errors import MailerError, UsageError
+from ..core.errors import MailerError, TemporaryDeliveryError, UsageError
 from ..core.outcomes import Outgoing, Skip, Status
 from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store import open_store
@@ -94,8 +94,11 @@ def run_send(
     resend_unknown: bool = False,
     signer: Any = None,
     ssl_context: Any = None,
+    debug: bool = False,
 ) -> Summary:
-    """Send the campaign for real. ``confirm`` (or None: do not ask) sees the plan first."""
+    """Send the campaign for real. ``confirm`` (or None: do not ask) sees the plan first.
+
+    ``debug``: the SMTP conversation goes to stderr (AUTH and the password redacted)."""
     config = campaign.config
     smtp = config.smtp
     password = smtp.password()
@@ -146,7 +149,7 @@ def run_send(
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
         delivery = DeliveryProcess(
-            config, password=password, ssl_context=ssl_context, campaign=campaign.name, run_id=run_id
+            config, password=password, ssl_context=ssl_context, campaign=campaign.name, run_id=run_id, debug=debug
         )
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
@@ -170,6 +173,11 @@ def run_send(
                 result = delivery.wait()
             except MailerError as exc:  # the delivery process died or hit a fatal error
                 stopped_by = stopped_by or exc
+            if result is not None and result.get("unreachable") and stopped_by is None:
+                stopped_by = TemporaryDeliveryError(
+                    f"the relay could not be reached: {result['unreachable']}; "
+                    "no more messages were handed out (those left are not attempted)."
+                )
         finally:
             progress.stop()
             restore_signal_handlers(interrupted)

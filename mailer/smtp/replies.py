@@ -30,8 +30,12 @@ def classify_exception(exc: BaseException, *, recipient: str | None = None) -> T
         return TemporaryDeliveryError("timed out waiting for the relay", recipient=recipient)
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return TemporaryDeliveryError("the relay closed the connection", recipient=recipient)
+    if isinstance(exc, socket.gaierror):
+        # The relay's name did not resolve (or the resolver did not answer).
+        return TemporaryDeliveryError(f"the host name does not resolve ({exc.strerror or exc})", recipient=recipient)
     detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return TemporaryDeliveryError(f"connection error: {detail}", recipient=recipient)
+    # "connection refused", as in "cannot connect to HOST:PORT: connection refused".
+    return TemporaryDeliveryError(detail[:1].lower() + detail[1:], recipient=recipient)
 
 
 def closes_connection(code: int) -> bool:

@@ -2,7 +2,8 @@
 
 The password is used only for AUTH. It never appears in an exception message or a
 probe step: texts that come back from the relay during login are scrubbed, and
-smtplib's debug output (which prints the AUTH exchange) is never enabled.
+smtplib's debug output (which prints the AUTH exchange) is never enabled; ``--debug``
+shows the conversation through :mod:`mailer.smtp.trace`, which redacts AUTH.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..core.config import SMTPConfig
 from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
 from .policy import is_loopback_address, make_ssl_context, setup_error
 from .replies import classify_exception, reply_text
+from .trace import Trace, TracedSMTP, TracedSMTPSSL
 
 __all__ = ["Setup", "StepNote"]
 
@@ -69,7 +71,17 @@ class Setup:
 
     peer_is_local: Callable[[str], bool] = staticmethod(is_loopback_address)
 
-    def __init__(self, smtp: SMTPConfig, password: str | None, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        smtp: SMTPConfig,
+        password: str | None,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        trace: Callable[[str], None] | None = None,
+    ) -> None:
+        """``trace``: where ``--debug`` writes the SMTP conversation (None: nowhere)."""
+        self.trace = trace
+        self._traced = 0  # connections traced so far, to number them
         self.smtp = smtp
         self.host = smtp.host
         self.port = smtp.effective_port
@@ -80,6 +92,20 @@ class Setup:
         self.context: ssl.SSLContext | None = None
         if smtp.security != "none":
             self.context = ssl_context if ssl_context is not None else make_ssl_context(smtp)
+
+    def _traced_client(self) -> smtplib.SMTP:
+        smtp = self.smtp
+        assert self.trace is not None
+        self._traced += 1  # the pool's threads may race here: a repeated number is harmless
+        trace = Trace(self.trace, number=self._traced, secrets=self.secrets)
+        trace.note(f"connecting to {self.where} (security {smtp.security})")
+        client: TracedSMTP | TracedSMTPSSL
+        if smtp.security == "tls":
+            client = TracedSMTPSSL(local_hostname=self.helo, timeout=smtp.timeout, context=self.context)
+        else:
+            client = TracedSMTP(local_hostname=self.helo, timeout=smtp.timeout)
+        client.mailer_trace = trace
+        return client
 
     def tls_error(self, exc: ssl.SSLError) -> ConnectionSetupError:
         if isinstance(exc, ssl.SSLCertVerificationError):
@@ -107,10 +133,13 @@ class Setup:
         smtp = self.smtp
         client: smtplib.SMTP
         try:
-            if smtp.security == "tls":
-                client = smtplib.SMTP_SSL(local_hostname=self.helo, timeout=smtp.timeout, context=self.context)
+            if self.trace is None:
+                if smtp.security == "tls":
+                    client = smtplib.SMTP_SSL(local_hostname=self.helo, timeout=smtp.timeout, context=self.context)
+                else:
+                    client = smtplib.SMTP(local_hostname=self.helo, timeout=smtp.timeout)
             else:
-                client = smtplib.SMTP(local_hostname=self.helo, timeout=smtp.timeout)
+                client = self._traced_client()
             # smtplib takes the TLS server name (for certificate checks) from the host
             # given to the constructor, which would also connect before we can catch
             # a TLS error apart from a refused connection; so set it here (smtplib's

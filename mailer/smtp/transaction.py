@@ -15,6 +15,7 @@ from collections.abc import Callable
 from ..core.errors import PermanentDeliveryError
 from ..core.outcomes import Outgoing
 from .replies import classify_exception, closes_connection, reply_text
+from .trace import TracedSocket
 
 __all__ = ["OK", "PERM", "STALE", "TEMP", "UNKNOWN", "Connection", "Envelope"]
 
@@ -111,6 +112,11 @@ class Connection:
         if client.file is None:
             client.file = self.sock.makefile("rb")
         self.readline: Callable[[int], bytes] = client.file.readline
+        trace = getattr(client, "mailer_trace", None)
+        if trace is not None:  # --debug: the same calls, through the trace
+            traced = TracedSocket(client.sock, trace)
+            self.sock = traced  # type: ignore[assignment]
+            self.readline = traced.traced_readline(self.readline)
         self.transactions = 0
         features = client.esmtp_features
         self.pipelining = "pipelining" in features

@@ -90,9 +90,11 @@ class DomainCount:
 
 @dataclass(frozen=True)
 class ReplyCount:
-    """How many recipients got one SMTP reply code last, with one example reply text."""
+    """How many recipients got one SMTP reply code last, with one example reply text; or,
+    with ``code`` None, how many ended with one reason that had no reply (``cannot
+    connect to HOST:PORT: connection refused``), that reason being the example."""
 
-    code: int
+    code: int | None
     count: int
     example_reply: str | None
 

@@ -482,6 +482,17 @@ class SendLog:
                 """,
                 params,
             ).fetchall()
+            # Failures without a reply (the relay could not be reached, timed out) still
+            # have a reason: group those by its text.
+            reason_rows = conn.execute(
+                f"""
+                SELECT NULL, count(*), smtp_reply FROM deliveries
+                {where + (" AND" if where else "WHERE")} smtp_code IS NULL AND smtp_reply IS NOT NULL
+                GROUP BY smtp_reply ORDER BY count(*) DESC, smtp_reply LIMIT 50
+                """,
+                params,
+            ).fetchall()
+            code_rows = sorted(code_rows + reason_rows, key=lambda row: -row[1])
             unknown_rows = conn.execute(
                 f"""
                 SELECT {DELIVERY_COLUMNS} FROM deliveries
