@@ -49,9 +49,10 @@ class SendPlan:
 
 def _reread(campaign: Campaign) -> ContactReader:
     """A second reader over the campaign's contacts (a file, or stdin's spooled copy)."""
-    return ContactReader(
-        campaign.reader.rereadable, email_column=campaign.email_column, display_name=campaign.reader.display_name
-    )
+    source = campaign.reader.rereadable
+    if source is None:  # stdin that was not spooled; a send always spools it
+        raise UsageError("the contacts from stdin cannot be read a second time.")
+    return ContactReader(source, email_column=campaign.email_column, display_name=campaign.reader.display_name)
 
 
 def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:

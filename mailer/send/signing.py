@@ -15,9 +15,10 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import replace
-from typing import Any
+from multiprocessing.context import ForkProcess
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..core.errors import DKIMError, ProcessEndedError
 from ..core.outcomes import Outgoing
@@ -30,7 +31,23 @@ BATCH_BYTES = 256 * 1024  # and about this many bytes (messages with attachments
 IN_FLIGHT_PER_WORKER = 2
 
 
-def _worker(signer: Any, conn: Any) -> None:
+class MessageSigner(Protocol):
+    """What signs one message (:class:`mailer.dkim.DKIMSigner` is one)."""
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    # A worker's answer for one batch, or its receiver's note that the worker is gone.
+    _Reply = tuple[Literal["ok"], list[bytes]] | tuple[Literal["error"], str] | tuple[Literal["ended"], None]
+    # The parent's end of a worker's pipe (batches of message data; None ends) and the worker's.
+    _ToWorker = Connection[list[bytes] | None, _Reply]
+    _FromParent = Connection[_Reply, list[bytes] | None]
+
+
+def _worker(signer: MessageSigner, conn: _FromParent) -> None:
     """Sign each batch received; ``None`` ends. Runs in a forked process."""
     become_child()
     while True:
@@ -46,7 +63,7 @@ def _worker(signer: Any, conn: Any) -> None:
             conn.send(("error", exc.message))
 
 
-def _receive(connection: Any, results: queue.SimpleQueue) -> None:
+def _receive(connection: _ToWorker, results: queue.SimpleQueue[_Reply]) -> None:
     """Move one worker's results into ``results`` as they arrive, until it ends."""
     while True:
         try:
@@ -64,9 +81,9 @@ class SigningPool:
     next batch, whatever the size of the messages.
     """
 
-    def __init__(self, signer: Any, workers: int) -> None:
-        self._connections = []
-        self._processes = []
+    def __init__(self, signer: MessageSigner, workers: int) -> None:
+        self._connections: list[_ToWorker] = []
+        self._processes: list[ForkProcess] = []
         for _ in range(workers):
             mine, theirs = FORK.Pipe()
             process = FORK.Process(target=_worker, args=(signer, theirs), name="mailer-dkim", daemon=True)
@@ -75,7 +92,7 @@ class SigningPool:
             self._connections.append(mine)
             self._processes.append(process)
         # Threads only now: the workers are forked from a process with a single thread.
-        self._results: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self._results: list[queue.SimpleQueue[_Reply]] = [queue.SimpleQueue() for _ in range(workers)]
         self._receivers = [
             threading.Thread(target=_receive, args=(connection, results), name="mailer-dkim-results", daemon=True)
             for connection, results in zip(self._connections, self._results)
@@ -84,7 +101,7 @@ class SigningPool:
             receiver.start()
         self.dropped = 0  # messages taken in but never given back (the consumer stopped)
 
-    def signed(self, items: Iterator[Outgoing]) -> Iterator[Outgoing]:
+    def signed(self, items: Iterator[Outgoing]) -> Generator[Outgoing, None, None]:
         """``items`` with their data DKIM-signed, in the same order."""
         in_flight: deque[tuple[int, list[Outgoing]]] = deque()
         ready: deque[Outgoing] = deque()
@@ -133,16 +150,16 @@ class SigningPool:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return ProcessEndedError(f"a DKIM signing process (pid {process.pid}) ended unexpectedly ({how}).")
 
-    def _collect(self, in_flight: deque) -> list[Outgoing]:
+    def _collect(self, in_flight: deque[tuple[int, list[Outgoing]]]) -> list[Outgoing]:
         """The oldest batch in flight, signed."""
         worker, items = in_flight[0]
-        kind, payload = self._results[worker].get()
-        if kind == "ended":
+        reply = self._results[worker].get()
+        if reply[0] == "ended":
             raise self._ended(worker)
-        if kind == "error":
-            raise DKIMError(payload)
+        if reply[0] == "error":
+            raise DKIMError(reply[1])
         in_flight.popleft()
-        return [replace(item, data=data) for item, data in zip(items, payload)]
+        return [replace(item, data=data) for item, data in zip(items, reply[1])]
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
@@ -179,7 +196,7 @@ class Signing:
     before any thread of the caller starts (the pool forks); close it when done.
     """
 
-    def __init__(self, signer: Any, *, workers: int | None = None) -> None:
+    def __init__(self, signer: MessageSigner, *, workers: int | None = None) -> None:
         self.signer = signer
         count = signing_workers() if workers is None else workers
         self._pool = SigningPool(signer, count) if count else None
@@ -194,7 +211,7 @@ class Signing:
         """Messages taken in but never given back (the consumer stopped early)."""
         return self._pool.dropped if self._pool is not None else 0
 
-    def signed(self, items: Iterator[Outgoing]) -> Iterator[Outgoing]:
+    def signed(self, items: Iterator[Outgoing]) -> Generator[Outgoing, None, None]:
         """``items`` with their data DKIM-signed, in the same order."""
         if self._pool is not None:
             return self._pool.signed(items)
