@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, cast
+from typing import IO
 
 from ..core.errors import UsageError
 from ..core.outcomes import Outgoing
@@ -33,8 +33,11 @@ def _mbox_from_line() -> bytes:
 
 _MBOX_ESCAPE = re.compile(rb"^(>*From )", re.MULTILINE)
 
+# A dry run's Outgoing carries its contact and built message as the key.
+_Pair = tuple[Contact, BuiltMessage]
+
 #: Signs a stream of messages in order, as a real send does (``Signing.signed``).
-Sign = Callable[[Iterator[Outgoing]], Iterator[Outgoing]]
+Sign = Callable[[Iterator[Outgoing[_Pair]]], Iterator[Outgoing[_Pair]]]
 
 
 def _signed(messages: Iterator[tuple[Contact, BuiltMessage]], sign: Sign) -> Iterator[tuple[Contact, BuiltMessage]]:
@@ -42,8 +45,8 @@ def _signed(messages: Iterator[tuple[Contact, BuiltMessage]], sign: Sign) -> Ite
     signed = sign(message.outgoing((contact, message)) for contact, message in messages)
     try:
         for item in signed:
-            pair = cast("tuple[Contact, BuiltMessage]", item.key)
-            yield pair[0], replace(pair[1], data=item.data)
+            contact, message = item.key
+            yield contact, replace(message, data=item.data)
     finally:
         close = getattr(signed, "close", None)
         if close is not None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Generic, TypeVar
 
 __all__ = [
     "RESULT_STATUSES",
     "SKIPPED_STATUSES",
     "STATUS_BY_VALUE",
     "DeliveryEvent",
+    "KeyT",
     "Outgoing",
     "Result",
     "Skip",
@@ -21,8 +23,12 @@ __all__ = [
 ]
 
 
+#: The type of :attr:`Outgoing.key`: whatever its producer needs to find the message again.
+KeyT = TypeVar("KeyT")
+
+
 @dataclass(slots=True)
-class Outgoing:
+class Outgoing(Generic[KeyT]):
     """One message to deliver.
 
     ``data`` is the whole message with CRLF line endings, not dot-stuffed (the engine
@@ -30,7 +36,7 @@ class Outgoing:
     SMTPUTF8 extension; an envelope address that is not ASCII implies it.
     """
 
-    key: object  # opaque to the engine; the caller uses it to find its log row
+    key: KeyT  # opaque to the engine; the caller uses it to find its log row
     sender: str  # envelope MAIL FROM
     recipients: list[str]  # envelope RCPT TO (usually one)
     data: bytes

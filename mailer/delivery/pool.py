@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..core.config import SendConfig, SMTPConfig, parse_rate
 from ..core.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -45,12 +45,14 @@ class DeliveryListener(Protocol):
     with a true ``thread_safe`` attribute is called concurrently instead. An exception
     raised here stops the whole run and comes out of :func:`deliver`."""
 
-    def on_sending(self, item: Outgoing, attempt: int) -> None:
+    # The engine never looks at an item's key: a listener may declare the key type its
+    # own items carry (the send's is (recipient, line)).
+    def on_sending(self, item: Outgoing[Any], attempt: int) -> None:
         """Just before the transaction starts (MAIL FROM): write "sending" durably here.
 
         If the process dies after this call, the outcome of the message is unknown."""
 
-    def on_result(self, item: Outgoing, result: Result) -> None:
+    def on_result(self, item: Outgoing[Any], result: Result) -> None:
         """After an attempt. ``result.final`` is False for a temporary failure that will
         be retried; exactly one final result follows for each item that got one."""
 
@@ -114,7 +116,7 @@ _Disposition = Status | _RetryAt | _Stopped
 class _Job:
     __slots__ = ("announced", "attempts", "envelope", "item")
 
-    def __init__(self, item: Outgoing) -> None:
+    def __init__(self, item: Outgoing[Any]) -> None:
         self.item = item
         self.attempts = 0  # attempts made so far
         self.envelope: Envelope | None = None
@@ -179,8 +181,8 @@ class _Engine:
 
     # -- called by the feeding (calling) thread
 
-    def feed(self, items: Iterable[Outgoing]) -> None:
-        iterator: Iterator[Outgoing] = iter(items)
+    def feed(self, items: Iterable[Outgoing[Any]]) -> None:
+        iterator: Iterator[Outgoing[Any]] = iter(items)
         stop, halt, lock, room, work_ready = self.stop, self.halt, self.lock, self.room, self.work_ready
         fresh, stats, limit = self.fresh, self.stats, self.limit
         while True:
@@ -434,7 +436,7 @@ class _Worker:
 
 
 def deliver(
-    items: Iterable[Outgoing],
+    items: Iterable[Outgoing[Any]],
     *,
     smtp: SMTPConfig,
     send: SendConfig,

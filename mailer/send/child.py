@@ -16,7 +16,10 @@ from ..store import open_store
 from .forking import FORK, Batch, become_child, start_child
 from .journal import JournalWriter
 
-__all__ = ["DeliveryProcess"]
+__all__ = ["DeliveryProcess", "SendKey"]
+
+#: The key of a send's :class:`Outgoing`: the recipient's address key and its line in the contact file.
+SendKey = tuple[str, int]
 
 
 class _Counters:
@@ -106,7 +109,7 @@ class DeliveryProcess:
         if self.process.pid and self.process.is_alive():
             os.kill(self.process.pid, signal.SIGKILL)
 
-    def feed(self, outgoing: Iterator[Outgoing], *, stopped: Callable[[], bool]) -> dict[str, int]:
+    def feed(self, outgoing: Iterator[Outgoing[SendKey]], *, stopped: Callable[[], bool]) -> dict[str, int]:
         """Send every message to the child; returns how many were produced but never sent over.
 
         When ``outgoing`` raises (a signing process died, the send log is full), the
@@ -168,7 +171,8 @@ class DeliveryProcess:
             error.exit_code = ExitCode(payload["exit_code"])
             error.debug_traceback = payload["traceback"]
             raise error
-        return payload
+        report: dict[str, Any] = payload
+        return report
 
     def close(self) -> None:
         try:
@@ -199,19 +203,16 @@ class _ChildRecorder:
         self._in_flight: set[object] = set()
         self._retrying: set[object] = set()
 
-    def on_sending(self, item: Outgoing, attempt: int) -> None:
-        recipient: str
-        line: int | None
-        recipient, line = item.key  # type: ignore[misc]  # the key is ours: (recipient, line)
+    def on_sending(self, item: Outgoing[SendKey], attempt: int) -> None:
+        recipient, line = item.key
         self.journal.append((recipient, Status.SENDING.value, None, None, item.message_id, line))
         with self._lock:
             self._in_flight.add(recipient)
             self._retrying.discard(recipient)
             self._count()
 
-    def on_result(self, item: Outgoing, result: Result) -> None:
-        recipient: str
-        recipient, _ = item.key  # type: ignore[misc]  # the key is ours: (recipient, line)
+    def on_result(self, item: Outgoing[SendKey], result: Result) -> None:
+        recipient, _ = item.key
         if result.status is Status.SENDING:
             # The final reply never came: the log keeps "sending" (outcome unknown), which
             # only --resend-unknown sends again.
@@ -269,7 +270,7 @@ def _delivery_child(
     ended = threading.Event()  # the parent's end marker (or end of file) was read
     left_in_batch = [0]  # items of the batch being unpacked that deliver() has not taken
 
-    def received() -> Iterator[Outgoing]:
+    def received() -> Iterator[Outgoing[SendKey]]:
         while True:
             try:
                 batch = items.recv()

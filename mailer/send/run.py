@@ -27,7 +27,7 @@ from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store import open_store
 from ..store.base import SendStore
 from ..store.records import SkippedRow
-from .child import DeliveryProcess
+from .child import DeliveryProcess, SendKey
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover
 from .resume import BATCH, Resume
@@ -266,7 +266,7 @@ class _ProgressThread:
 
 def _outgoing(
     campaign: Campaign, store: SendStore, summary: Summary, *, resume: Resume
-) -> Generator[Outgoing, None, None]:
+) -> Generator[Outgoing[SendKey], None, None]:
     campaign_name = campaign.name
     skipped: list[SkippedRow] = []  # recorded in batches, like everything else
 

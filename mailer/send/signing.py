@@ -21,7 +21,7 @@ from multiprocessing.context import ForkProcess
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..core.errors import DKIMError, ProcessEndedError
-from ..core.outcomes import Outgoing
+from ..core.outcomes import KeyT, Outgoing
 from .forking import FORK, Batch, become_child
 
 __all__ = ["BATCH", "BATCH_BYTES", "IN_FLIGHT_PER_WORKER", "Signing", "SigningPool", "signing_workers"]
@@ -101,13 +101,13 @@ class SigningPool:
             receiver.start()
         self.dropped = 0  # messages taken in but never given back (the consumer stopped)
 
-    def signed(self, items: Iterator[Outgoing]) -> Generator[Outgoing, None, None]:
+    def signed(self, items: Iterator[Outgoing[KeyT]]) -> Generator[Outgoing[KeyT], None, None]:
         """``items`` with their data DKIM-signed, in the same order."""
-        in_flight: deque[tuple[int, list[Outgoing]]] = deque()
-        ready: deque[Outgoing] = deque()
+        in_flight: deque[tuple[int, list[Outgoing[KeyT]]]] = deque()
+        ready: deque[Outgoing[KeyT]] = deque()
         limit = len(self._connections) * IN_FLIGHT_PER_WORKER
         turn = 0
-        batch: Batch[Outgoing] = Batch(count=BATCH, size=BATCH_BYTES)
+        batch: Batch[Outgoing[KeyT]] = Batch(count=BATCH, size=BATCH_BYTES)
         try:
             exhausted = False
             while not exhausted or len(batch) or in_flight:
@@ -150,7 +150,7 @@ class SigningPool:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return ProcessEndedError(f"a DKIM signing process (pid {process.pid}) ended unexpectedly ({how}).")
 
-    def _collect(self, in_flight: deque[tuple[int, list[Outgoing]]]) -> list[Outgoing]:
+    def _collect(self, in_flight: deque[tuple[int, list[Outgoing[KeyT]]]]) -> list[Outgoing[KeyT]]:
         """The oldest batch in flight, signed."""
         worker, items = in_flight[0]
         reply = self._results[worker].get()
@@ -211,7 +211,7 @@ class Signing:
         """Messages taken in but never given back (the consumer stopped early)."""
         return self._pool.dropped if self._pool is not None else 0
 
-    def signed(self, items: Iterator[Outgoing]) -> Generator[Outgoing, None, None]:
+    def signed(self, items: Iterator[Outgoing[KeyT]]) -> Generator[Outgoing[KeyT], None, None]:
         """``items`` with their data DKIM-signed, in the same order."""
         if self._pool is not None:
             return self._pool.signed(items)

@@ -11,6 +11,7 @@ import re
 import smtplib
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from ..core.errors import PermanentDeliveryError
 from ..core.outcomes import Outgoing
@@ -65,7 +66,7 @@ class Envelope:
 
     __slots__ = ("body", "eightbit", "recipients", "sender", "size", "utf8")
 
-    def __init__(self, item: Outgoing) -> None:
+    def __init__(self, item: Outgoing[Any]) -> None:
         if not item.recipients:
             raise PermanentDeliveryError("the message has no recipient")
         joined = item.sender + " " + " ".join(item.recipients)
