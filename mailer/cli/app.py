@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,9 @@ from ..compose.dryrun import write_dry_run
 from ..core.config import load_config, parse_rate
 from ..core.errors import ExitCode, MailerError, UsageError
 from .output import Reporter, count_data_rows
+
+if TYPE_CHECKING:
+    from ..store.base import SendStore
 
 __all__ = [
     "ConfigOption",
@@ -508,7 +511,7 @@ suppress_app = typer.Typer(
 app.add_typer(suppress_app, name="suppress")
 
 
-def _open_log(config_path: Path | None, *, create: bool = True):
+def _open_log(config_path: Path | None, *, create: bool = True) -> SendStore:
     from ..store import open_store
 
     return open_store(load_config(config_path).log, create=create)

@@ -16,7 +16,15 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 __all__ = ["PLAIN_PROGRESS_INTERVAL", "Reporter", "count_data_rows", "print_checks", "print_report"]
@@ -77,7 +85,7 @@ class Reporter:
         self.shows_bar = self.is_terminal and not self.quiet and not self.shares_terminal
         self._clock = clock
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None  # the bar's task, set with _progress
         self._last_plain = 0.0
         self._started = clock()
         self._label = ""
@@ -122,7 +130,7 @@ class Reporter:
             return
         now = self._clock()
         elapsed = max(now - self._started, 1e-9)
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             text = " ".join(f"{k} {v}" for k, v in counts.items() if v)
             self._progress.update(self._task, completed=done, counts=text, rate=f"{done / elapsed:,.0f}/s")
         elif now - self._last_plain >= PLAIN_PROGRESS_INTERVAL:
