@@ -290,7 +290,8 @@ def _address_count(source: str) -> int | None:
 
 def html_to_text(html: str) -> str:
     """A readable plain-text version of an HTML body (links shown as ``[text](url)``)."""
-    return get_text(html, _TEXT_CONFIG).strip() + "\n"
+    text: str = get_text(html, _TEXT_CONFIG)  # inscriptis is untyped
+    return text.strip() + "\n"
 
 
 def _template_kind(path: Path) -> str:
