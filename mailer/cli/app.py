@@ -123,9 +123,9 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         default=False,
         annotation=Annotated[bool, typer.Option("--debug", help=_DEBUG_HELP)],
     )
-    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*signature.parameters.values(), debug]
-    )
+    # inspect.signature() (and so Typer) reads __signature__, which typeshed does not
+    # declare on the wrapper functools.wraps returns; hence setattr.
+    setattr(wrapper, "__signature__", signature.replace(parameters=[*signature.parameters.values(), debug]))  # noqa: B010
     return wrapper
 
 

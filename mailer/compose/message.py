@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..core.addresses import AddressCheck, check_address
 from ..core.errors import RowError
-from ..core.outcomes import Outgoing
+from ..core.outcomes import KeyT, Outgoing
 from .contacts import Contact
 from .templates import Rendered
 
@@ -65,7 +65,7 @@ class BuiltMessage:
     attachments: list[str] = field(default_factory=list)
     smtputf8: bool = False
 
-    def outgoing(self, key: object) -> Outgoing:
+    def outgoing(self, key: KeyT) -> Outgoing[KeyT]:
         """This message as handed to delivery (or to the signing of a dry run)."""
         return Outgoing(
             key=key,
