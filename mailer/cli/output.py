@@ -53,8 +53,10 @@ def count_data_rows(path: str) -> int | None:
 
 def _is_pipe(stream: IO[Any] | None) -> bool:
     """Whether ``stream`` is a pipe or socket (whose reader may be a pager on our terminal)."""
+    if stream is None:  # no stdout at all (sys.stdout can be None)
+        return False
     try:
-        mode = os.fstat(stream.fileno()).st_mode  # type: ignore[union-attr]
+        mode = os.fstat(stream.fileno()).st_mode
     except (AttributeError, OSError, ValueError):
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
