@@ -217,7 +217,14 @@ def test_cli_rate_and_connections_override_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     "args, what",
-    [(["--rate", "fast"], "--rate"), (["--rate", "0/s"], "--rate"), (["--connections", "0"], "--connections")],
+    [
+        (["--rate", "fast"], "--rate"),
+        (["--rate", "0/s"], "--rate"),
+        (["--rate", "1" * 400 + "/s"], "--rate"),
+        (["--rate", "0.0000001/day"], "--rate"),
+        (["--connections", "0"], "--connections"),
+        (["--connections", "100000"], "--connections"),
+    ],
 )
 def test_bad_cli_overrides_are_refused(project, run_cli, args, what):
     project.csv(CONTACTS)
@@ -243,3 +250,54 @@ def test_cli_flags_win_over_the_file_in_a_real_send(project, run_cli, smtp_serve
     assert len(smtp_server.messages) == 4
     assert smtp_server.connections == 1  # --connections 1, not the file's 4
     assert elapsed < 30  # at the file's 1/min, four messages take three minutes
+
+
+# --- numbers and names are checked when the config loads -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, key, what",
+    [
+        ("[send]\nretry_backoff = inf\n", "send.retry_backoff", "from 0 to 3600 seconds"),
+        ("[send]\nretry_backoff = nan\n", "send.retry_backoff", "from 0 to 3600 seconds"),
+        ("[send]\nretry_backoff = 1e9\n", "send.retry_backoff", "from 0 to 3600 seconds"),
+        ("[smtp]\ntimeout = inf\n", "smtp.timeout", "more than 0 to 3600 seconds"),
+        ("[smtp]\ntimeout = nan\n", "smtp.timeout", "more than 0 to 3600 seconds"),
+        ("[smtp]\ntimeout = 0\n", "smtp.timeout", "more than 0 to 3600 seconds"),
+        ("[send]\nconnections = 100000\n", "send.connections", "from 1 to 1,000"),
+        ("[send]\nconnections = 9223372036854775807\n", "send.connections", "from 1 to 1,000"),
+        ("[send]\nmax_per_connection = 9223372036854775807\n", "send.max_per_connection", "from 1 to"),
+        ("[send]\nretries = 1000000\n", "send.retries", "from 0 to 100"),
+        (f'[send]\nrate = "{"9" * 400}/s"\n', "send.rate", "1/day to 100000/s"),
+        ('[send]\nrate = "0.0000001/day"\n', "send.rate", "1/day to 100000/s"),
+        ("[send]\nrender_timeout = 0\n", "send.render_timeout", "more than 0 to 3600 seconds"),
+        ("[send]\nrender_timeout = inf\n", "send.render_timeout", "more than 0 to 3600 seconds"),
+        ("[send]\nrender_max_bytes = 10\n", "send.render_max_bytes", "from 1000 to"),
+        ('[smtp]\nhost = ""\n', "smtp.host", "host name or an IP address"),
+        ('[smtp]\nhost = "127.0.0.1:25"\n', "smtp.host", "without a port"),
+        ('[smtp]\nhost = "smtp.acme.example:587"\n', "smtp.host", "without a port"),
+        ('[smtp]\nhost = "smtp acme"\n', "smtp.host", "host name or an IP address"),
+        ('[smtp]\nhelo = "mta1.acme.example\\r\\nMAIL FROM:<x@y>"\n', "smtp.helo", "domain name"),
+        ('[smtp]\nhelo = "mta1\\n"\n', "smtp.helo", "domain name"),
+        ("[dns]\nport = 0\n", "dns.port", "between 1 and 65535"),
+        ("[dns]\ntimeout = nan\n", "dns.timeout", "more than 0 to 300 seconds"),
+    ],
+)
+def test_config_numbers_and_names_out_of_range_are_refused_at_load(project, run_cli, toml, key, what):
+    test_bad_config_names_the_file_and_the_key(project, run_cli, toml, key, what)
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[smtp]\nhost = "localhost."\nhelo = "[192.0.2.1]"\n',
+        '[smtp]\nhost = "::1"\nhelo = "mta1.acme.example"\n',
+        '[smtp]\nhost = "smtp_relay.internal"\ntimeout = 0.5\n',
+        '[send]\nrate = "1/day"\nretry_backoff = 0\nconnections = 1000\nrender_timeout = 0.5\nrender_max_bytes = 1000\n',
+        '[send]\nrate = "100000/s"\n',
+    ],
+)
+def test_config_values_at_the_edges_are_accepted(tmp_path, toml):
+    path = tmp_path / "mailer.toml"
+    path.write_text(toml, encoding="utf-8")
+    load_config(path)

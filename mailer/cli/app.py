@@ -20,7 +20,7 @@ import typer
 from .. import __version__
 from ..compose.campaign import Campaign, Summary
 from ..compose.dryrun import write_dry_run
-from ..core.config import load_config, parse_rate
+from ..core.config import MAX_CONNECTIONS, load_config, parse_rate
 from ..core.errors import ExitCode, MailerError, UsageError
 from .output import Reporter, count_data_rows
 
@@ -190,7 +190,7 @@ def send(
     ] = None,
     rate: Annotated[str | None, typer.Option("--rate", help="Overall rate: N/s, N/min, N/h or N/day.")] = None,
     connections: Annotated[
-        int | None, typer.Option("--connections", min=1, help="SMTP connections in the pool.")
+        int | None, typer.Option("--connections", min=1, max=MAX_CONNECTIONS, help="SMTP connections in the pool.")
     ] = None,
     resend_unknown: Annotated[
         bool,

@@ -25,7 +25,7 @@ from ..core.errors import ConfigError, ExitCode, MailerError, RowError, Template
 from ..core.outcomes import Skip
 from .contacts import Contact, ContactReader, Rejected, compile_where
 from .message import BuiltMessage, MessageBuilder
-from .sandbox import Sandbox, find_unsafe_attribute
+from .sandbox import RenderBudget, Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
 from .templates import BUILTIN_VARIABLES, RenderAbort, ValueTemplate, load_template
 
@@ -183,12 +183,13 @@ class Campaign:
             )
         self.limit = limit
         self.email_column = email_column
-        self.template = load_template(template)
+        self.budget = RenderBudget(seconds=config.send.render_timeout, max_bytes=config.send.render_max_bytes)
+        self.template = load_template(template, budget=self.budget)
         self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin, spool_stdin=spool_stdin)
-        self.where = compile_where(where, columns=self.reader.variable_names)
+        self.where = compile_where(where, columns=self.reader.variable_names, budget=self.budget)
         available = set(self.reader.variable_names) | set(BUILTIN_VARIABLES)
         message = config.message
-        env = Sandbox(autoescape=False)
+        env = Sandbox(autoescape=False, max_size=self.budget.max_bytes)
         self._unsubscribe_url = None
         if message.list_unsubscribe:
             self._unsubscribe_url = self._compile_config_template(
@@ -222,6 +223,8 @@ class Campaign:
             parsed = env.parse(source)
         except TemplateSyntaxError as exc:
             raise ConfigError(f"'{key}' is not a valid template: {exc.message}.", key=key, path=where) from None
+        except (RecursionError, MemoryError, SyntaxError):
+            raise ConfigError(f"'{key}' is nested too deeply to compile.", key=key, path=where) from None
         unsafe = find_unsafe_attribute(parsed)
         if unsafe is not None:
             raise ConfigError(
@@ -240,7 +243,11 @@ class Campaign:
                 path=where,
                 hint=f"It can use email, campaign and the contact file's columns: {', '.join(self.reader.columns)}.",
             )
-        return ValueTemplate(env.from_string(parsed), key=key, path=where)
+        try:
+            compiled = env.from_string(parsed)
+        except (RecursionError, MemoryError, SyntaxError):
+            raise ConfigError(f"'{key}' is nested too deeply to compile.", key=key, path=where) from None
+        return ValueTemplate(compiled, key=key, path=where, budget=self.budget)
 
     def _list_id(self, configured: str | None, *, kind: str) -> tuple[str | None, str | None]:
         """(List-Id value, or the label of the default one) for this campaign's messages.

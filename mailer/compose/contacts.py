@@ -25,7 +25,7 @@ from jinja2 import TemplateSyntaxError, UndefinedError
 from ..core.addresses import check_address
 from ..core.csv_header import find_email_column, sniff_delimiter
 from ..core.errors import ContactsError, UsageError
-from .sandbox import Sandbox, SecurityError
+from .sandbox import RenderBudget, RenderLimitError, Sandbox, SecurityError, render_deadline
 
 __all__ = ["Contact", "ContactReader", "Rejected", "compile_where", "normalize_identifier"]
 
@@ -68,11 +68,14 @@ class _Header:
     email_index: int = 0
 
 
-def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[dict[str, Any]], bool] | None:
+def compile_where(
+    expression: str | None, *, columns: list[str], budget: RenderBudget | None = None
+) -> Callable[[dict[str, Any]], bool] | None:
     """Compile ``--where`` into a predicate evaluated in Jinja's sandbox (never ``eval``)."""
     if not expression:
         return None
-    env = Sandbox()
+    budget = budget or RenderBudget()
+    env = Sandbox(max_size=budget.max_bytes)
     try:
         compiled = env.compile_expression(expression, undefined_to_none=False)
     except TemplateSyntaxError as exc:
@@ -80,10 +83,20 @@ def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[di
             f"--where {expression!r} is not a valid expression: {exc.message}.",
             hint="Example: --where \"country == 'DE' and plan in ['pro', 'team']\".",
         ) from None
+    except (RecursionError, MemoryError, SyntaxError):
+        raise UsageError(
+            f"--where {_shown(expression)} is nested too deeply to compile.",
+            hint="Write it with fewer nested brackets.",
+        ) from None
+    seconds = budget.seconds
 
     def predicate(variables: dict[str, Any]) -> bool:
         try:
-            return bool(compiled(**variables))
+            with render_deadline(seconds):
+                return bool(compiled(**variables))
+        except (RenderLimitError, MemoryError, RecursionError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise UsageError(f"--where {_shown(expression)} stopped: {reason}.") from None
         except UndefinedError as exc:
             close = get_close_matches(str(exc).split("'")[1] if "'" in str(exc) else "", columns, n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
@@ -97,6 +110,10 @@ def compile_where(expression: str | None, *, columns: list[str]) -> Callable[[di
             raise UsageError(f"--where {expression!r} failed on a row: {exc}.") from None
 
     return predicate
+
+
+def _shown(expression: str) -> str:
+    return repr(expression if len(expression) <= 200 else expression[:200] + "...")
 
 
 def _spool(stream: IO[bytes]) -> IO[bytes]:

@@ -27,7 +27,15 @@ from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta, nodes
 from markdown_it import MarkdownIt
 
 from ..core.errors import RowError, TemplateError
-from .sandbox import Sandbox, SecurityError, find_unsafe_attribute, template_line
+from .sandbox import (
+    RenderBudget,
+    RenderLimitError,
+    Sandbox,
+    SecurityError,
+    find_unsafe_attribute,
+    render_bounded,
+    template_line,
+)
 
 __all__ = [
     "BUILTIN_VARIABLES",
@@ -148,6 +156,7 @@ class MessageTemplate:
     # The file line of the first line of each header and attachment source, in order.
     source_lines: list[int] = field(default_factory=list)
     body_line: int = 1
+    budget: RenderBudget = field(default_factory=RenderBudget)
 
     @property
     def header_names(self) -> list[str]:
@@ -200,7 +209,7 @@ class MessageTemplate:
         # Each part after the first starts on a line of its own (a comment holding a
         # newline, which renders as nothing), so that a line of the bundle names one part.
         source = (_SEPARATOR + _NEW_LINE_COMMENT).join(parts)
-        self._bundle = self._environment.from_string(source)
+        self._bundle = _compile_bundle(self._environment, source, self.path)
         self._part_starts: list[tuple[int, int | None]] = []  # (bundle line, file line)
         line = 1
         for part, first in zip(parts, lines):
@@ -218,7 +227,22 @@ class MessageTemplate:
         try:
             # root_render_func directly, not render(): Jinja's render rewrites the
             # traceback, and the real one tells the template line of a fault.
-            output = "".join(bundle.root_render_func(bundle.new_context(variables)))
+            output = render_bounded(bundle, variables, self.budget)
+        except RenderLimitError as exc:
+            raise RenderAbort(
+                f"rendering stopped: {exc}.",
+                path=str(self.path),
+                line=self._file_line(exc),
+                hint="Check the loops and sizes there; the limits are [send] render_timeout and render_max_bytes.",
+            ) from None
+        except MemoryError:
+            raise RenderAbort(
+                "rendering ran out of memory.", path=str(self.path), hint="Check the template's loops and sizes."
+            ) from None
+        except RecursionError:
+            raise RenderAbort(
+                "rendering nested too deeply (macros or includes calling themselves?).", path=str(self.path)
+            ) from None
         except SecurityError as exc:
             raise RenderAbort(
                 f"the template broke the sandbox: {exc}",
@@ -260,14 +284,18 @@ class MessageTemplate:
 class ValueTemplate:
     """A templated config value (``[message] list_unsubscribe``), rendered per contact."""
 
-    def __init__(self, template: Any, *, key: str, path: str) -> None:
+    def __init__(self, template: Any, *, key: str, path: str, budget: RenderBudget | None = None) -> None:
         self._template = template
         self.key = key
         self.path = path
+        self.budget = budget or RenderBudget()
 
     def render(self, variables: dict[str, Any]) -> str:
         try:
-            return str(self._template.render(variables))
+            return render_bounded(self._template, variables, self.budget)
+        except (RenderLimitError, MemoryError, RecursionError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RenderAbort(f"'{self.key}': rendering stopped: {reason}.", path=self.path) from None
         except SecurityError as exc:
             raise RenderAbort(f"'{self.key}' broke the sandbox: {exc}", path=self.path) from None
         except UndefinedError as exc:
@@ -309,10 +337,27 @@ def _template_kind(path: Path) -> str:
     )
 
 
-def _environments() -> tuple[Sandbox, Sandbox]:
+def _environments(max_size: int) -> tuple[Sandbox, Sandbox]:
     # trim_blocks/lstrip_blocks: a line holding only {% if %} leaves no blank line behind.
     options: dict[str, Any] = dict(keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    return Sandbox(autoescape=False, **options), Sandbox(autoescape=True, **options)
+    return Sandbox(autoescape=False, max_size=max_size, **options), Sandbox(
+        autoescape=True, max_size=max_size, **options
+    )
+
+
+def _compile_bundle(env: Environment, source: str, path: Path) -> Any:
+    try:
+        return env.from_string(source)
+    except (RecursionError, MemoryError, SyntaxError) as exc:  # Python's own limits on nesting
+        raise _too_nested(path, exc) from None
+
+
+def _too_nested(path: Path, exc: BaseException) -> TemplateError:
+    return TemplateError(
+        f"the template is nested too deeply to compile ({type(exc).__name__}).",
+        path=str(path),
+        hint="Split deeply nested tags or brackets into smaller steps ({% set %}, macros).",
+    )
 
 
 def check_template_source(ast: nodes.Template, *, path: str, line_offset: int = 0) -> None:
@@ -460,6 +505,8 @@ def _compile(env: Environment, part: _Part, path: Path, used: dict[str, int]) ->
     except TemplateSyntaxError as exc:
         message = (exc.message or "").rstrip(".")
         raise TemplateError(f"template syntax error: {message}.", path=str(path), line=exc.lineno) from None
+    except (RecursionError, MemoryError, SyntaxError) as exc:
+        raise _too_nested(path, exc) from None
     check_template_source(ast, path=str(path))
     for name in undeclared:
         line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == name), default=part.line)
@@ -500,8 +547,9 @@ def _attachment_path(template_folder: Path, value: str, folder: Path | None) -> 
     return path
 
 
-def load_template(path: Path) -> MessageTemplate:
-    """Read, parse and compile a template file."""
+def load_template(path: Path, *, budget: RenderBudget | None = None) -> MessageTemplate:
+    """Read, parse and compile a template file; each message's rendering keeps to ``budget``."""
+    budget = budget or RenderBudget()
     kind = _template_kind(path)
     try:
         source = path.read_text(encoding="utf-8-sig")
@@ -516,7 +564,7 @@ def load_template(path: Path) -> MessageTemplate:
         raise TemplateError(f"cannot read the template ({exc.strerror}).", path=str(path)) from None
     source = source.replace("\r\n", "\n")
     raw_headers, body = _split_template(path, source)
-    text_env, html_env = _environments()
+    text_env, html_env = _environments(budget.max_bytes)
     used: dict[str, int] = {}
     headers: list[tuple[str, str]] = []
     header_lines: list[int] = []
@@ -580,4 +628,5 @@ def load_template(path: Path) -> MessageTemplate:
         _environment=text_env,
         source_lines=header_lines + attachment_lines,
         body_line=body.line,
+        budget=budget,
     )

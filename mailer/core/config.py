@@ -9,6 +9,8 @@ the password.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -22,6 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_NAME",
+    "MAX_CONNECTIONS",
     "Config",
     "DKIMConfig",
     "DNSConfig",
@@ -36,8 +39,18 @@ __all__ = [
     "write_config",
 ]
 
+MAX_CONNECTIONS = 1000  # more SMTP connections than any relay accepts from one client
+
 
 DEFAULT_CONFIG_NAME = "mailer.toml"
+# The rates a run can keep: below one a day the throttle's clock arithmetic overflows,
+# above 100,000/s no relay takes mail.
+_RATE_MIN = 1 / 86400
+_RATE_MAX = 100_000.0
+# A host name or IP address literal (no port, no spaces); an EHLO name (RFC 5321 4.1.1.1:
+# a domain, or an address literal in brackets).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+_HELO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9.])?|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0, "day": 86400.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
 
@@ -56,7 +69,10 @@ def parse_rate(text: str) -> float:
     count = float(match.group(1))
     if count <= 0:
         raise ValueError(f"{text!r} must be more than zero messages")
-    return count / _RATE_UNITS[match.group(2)]
+    per_second = count / _RATE_UNITS[match.group(2)]
+    if not _RATE_MIN <= per_second <= _RATE_MAX:
+        raise ValueError(f"{text!r} is out of range; a rate may be from 1/day to 100000/s")
+    return per_second
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class SendConfig:
     max_per_connection: int = 100
     retries: int = 3
     retry_backoff: float = 2.0
+    render_timeout: float = 10.0  # seconds one message's rendering may take
+    render_max_bytes: int = 10_000_000  # characters one message's rendering may produce
 
     @property
     def rate_per_second(self) -> float:
@@ -164,6 +182,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "max_per_connection": ((int,), "max_per_connection"),
         "retries": ((int,), "retries"),
         "retry_backoff": ((int, float), "retry_backoff"),
+        "render_timeout": ((int, float), "render_timeout"),
+        "render_max_bytes": ((int,), "render_max_bytes"),
     },
     "message": {
         "from": ((str,), "from_"),
@@ -277,13 +297,25 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
     def fail(key: str, message: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"'{key}' {message}", path=where, key=key, hint=hint)
 
+    def check_range(key: str, value: float, low: float, high: float, unit: str = "", *, low_open: bool = False) -> None:
+        # NaN compares false both ways and inf is past any bound: both end here.
+        inside = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
+        if not inside:
+            above = f"more than {low:g}" if low_open else f"from {low:g}"
+            raise fail(key, f"must be {above} to {high:g}{unit}, not {value!r}.")
+
     smtp = SMTPConfig(**sections.get("smtp", {}))
     if smtp.security not in {"starttls", "tls", "none"}:
         raise fail("smtp.security", f'must be "starttls", "tls" or "none", not {smtp.security!r}.')
     if smtp.port is not None and not 0 < smtp.port < 65536:
         raise fail("smtp.port", f"must be between 1 and 65535, not {smtp.port}.")
-    if smtp.timeout <= 0:
-        raise fail("smtp.timeout", "must be more than zero seconds.")
+    check_range("smtp.timeout", smtp.timeout, 0, 3600, " seconds", low_open=True)
+    _check_host(smtp.host, fail)
+    if smtp.helo is not None and not _HELO_NAME.fullmatch(smtp.helo):
+        raise fail(
+            "smtp.helo",
+            f"must be a domain name or an address literal such as [192.0.2.1], not {smtp.helo!r}.",
+        )
     if not 0 < smtp.data_timeout <= 86400:  # also refuses nan and inf
         raise fail("smtp.data_timeout", "must be more than zero seconds and at most 86400 (RFC 5321 says 600).")
     if smtp.password_env is not None and (
@@ -299,13 +331,18 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         parse_rate(send.rate)
     except ValueError as exc:
         raise fail("send.rate", f"is invalid: {exc}.") from None
-    for key in ("connections", "max_per_connection"):
-        if getattr(send, key) < 1:
-            raise fail(f"send.{key}", "must be at least 1.")
+    for key, high in (("connections", MAX_CONNECTIONS), ("max_per_connection", 1_000_000)):
+        value = getattr(send, key)
+        if value < 1:
+            raise fail(f"send.{key}", f"must be at least 1 (and at most {high:,}), not {value}.")
+        if value > high:
+            raise fail(f"send.{key}", f"must be from 1 to {high:,}, not {value}.")
     if send.retries < 0:
-        raise fail("send.retries", "must be 0 or more.")
-    if send.retry_backoff < 0:
-        raise fail("send.retry_backoff", "must be 0 or more seconds.")
+        raise fail("send.retries", "must be 0 or more (at most 100).")
+    check_range("send.retries", send.retries, 0, 100)
+    check_range("send.retry_backoff", send.retry_backoff, 0, 3600, " seconds")
+    check_range("send.render_timeout", send.render_timeout, 0, 3600, " seconds", low_open=True)
+    check_range("send.render_max_bytes", send.render_max_bytes, 1000, 1_000_000_000)
 
     message = MessageConfig(**sections.get("message", {}))
     if message.kind not in {"marketing", "transactional"}:
@@ -330,8 +367,25 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
     if not all(isinstance(n, str) for n in nameservers):
         raise fail("dns.nameservers", "must be a list of IP address strings.")
     dns = DNSConfig(nameservers=tuple(nameservers), **dns_values)
+    if not 0 < dns.port < 65536:
+        raise fail("dns.port", f"must be between 1 and 65535, not {dns.port}.")
+    check_range("dns.timeout", dns.timeout, 0, 300, " seconds", low_open=True)
 
     return Config(path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns)
+
+
+def _check_host(host: str, fail: Any) -> None:
+    """A host name or an IP address, without a port or anything else."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return
+    except ValueError:
+        pass
+    if _HOST_NAME.fullmatch(host) and len(host) <= 253:
+        return
+    if host.count(":") == 1 and _HOST_NAME.fullmatch(host.partition(":")[0]):
+        raise fail("smtp.host", f"must be a host name without a port, not {host!r}.", hint="Put the port in port = ...")
+    raise fail("smtp.host", f"must be a host name or an IP address, not {host!r}.")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> None:
