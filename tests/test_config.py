@@ -301,3 +301,47 @@ def test_config_values_at_the_edges_are_accepted(tmp_path, toml):
     path = tmp_path / "mailer.toml"
     path.write_text(toml, encoding="utf-8")
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    "toml, key, what",
+    [
+        ('[message]\nreply_to = "a@acme.example\\nBcc: e@evil.example"\n', "message.reply_to", "line break"),
+        ('[message]\nfrom = "a@acme.example\\r\\nBcc: e@evil.example"\n', "message.from", "line break"),
+        ('[message]\nfeedback_id = "a\\nb"\n', "message.feedback_id", "line break"),
+        ('[log]\npath = "mailer\\u0000.sqlite3"\n', "log.path", "NUL"),
+        ('[send]\nrate = "0"\n', "send.rate", "unlimited"),
+        ('[send]\nrate = "none"\n', "send.rate", "unlimited"),
+    ],
+)
+def test_values_that_would_mean_something_else_are_refused(project, run_cli, toml, key, what):
+    test_bad_config_names_the_file_and_the_key(project, run_cli, toml, key, what)
+
+
+@pytest.mark.parametrize("args", [["--rate", "0"], ["--rate", "none"]])
+def test_a_zero_rate_flag_is_refused(project, run_cli, args):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", *args)
+    assert_fails(result, 2, "--rate", "unlimited")
+
+
+@pytest.mark.parametrize("args", [["--format", "xml"], ["--format", "jsonl"], ["--output", "out"]])
+def test_dry_run_options_are_refused_on_a_real_send(project, run_cli, args, smtp_server):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\n" + TEMPLATE)
+    project.config(f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_server.port}\nsecurity = "none"\n')
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--yes", *args)
+    assert_fails(result, 2, "for dry runs only")
+    assert smtp_server.messages == []
+
+
+def test_the_list_unsubscribe_url_is_percent_encoded(project, run_cli):
+    project.csv('email,name\nann@example.com,"\u00c4nn <x>, y"\n')
+    project.template("From: a@acme.example\nSubject: Hi\n\n{{ unsubscribe_url }}\n")
+    project.config('[message]\nlist_unsubscribe = "https://acme.example/u/\u00fc?n={{ name }}&e={{ email }}"\n')
+    result, summary, messages = dry_run(project, run_cli)
+    assert result.exit_code == 0, result.stderr
+    header = str(messages[0]["List-Unsubscribe"])
+    assert header == "<https://acme.example/u/%C3%BC?n=%C3%84nn%20%3Cx%3E%2C%20y&e=ann@example.com>", header
+    assert "=?" not in messages[0].as_string().split("List-Unsubscribe:")[1].split("\n")[0]

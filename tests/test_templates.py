@@ -663,3 +663,34 @@ def test_a_device_is_refused_as_an_attachment(project, run_cli):
     assert messages == []
     (problem,) = summary["problems"]
     assert "/dev/zero is not a regular file" in problem["reason"]
+
+
+# --- inputs that would mean something else than they say ------------------------------------
+
+
+@pytest.mark.parametrize("where", ["", "   "])
+def test_an_empty_where_is_refused_rather_than_selecting_everyone(project, run_cli, where):
+    project.csv(CONTACTS)
+    project.template("From: a@acme.example\nSubject: Hi\n\nHello\n")
+    result = run_cli("send", "contacts.csv", "mail.txt.j2", "--dry-run", "--where", where)
+    assert_fails(result, 2, "--where is empty")
+    assert result.stdout == ""
+
+
+def test_a_javascript_link_from_the_csv_is_neutralized_in_html(project, run_cli):
+    project.csv(
+        "email,url\nann@example.com,https://acme.example/a\nbob@example.com,javascript:alert(1)\n"
+        'cy@example.com, JaVa\tScRiPt:alert(2)\ndee@example.com,"data:text/html;base64,PHNjcmlwdD4="\n'
+        "eve@example.com,mailto:help@acme.example\nfay@example.com,/relative/path\n"
+    )
+    for name, body in (
+        ("mail.md.j2", "Hello [click]({{ url }}) and ![x]({{ url }})\n"),
+        ("mail.html.j2", "<p>Hello <a href=\"{{ url }}\">click</a> <a href='{{- url -}}'>b</a></p>\n"),
+    ):
+        project.template(f"From: a@acme.example\nSubject: Hi\n\n{body}", name=name)
+        result, summary, messages = dry_run(project, run_cli, template=name)
+        assert result.exit_code == 0, result.stderr
+        hrefs = [re.findall(r'(?:href|src)="([^"]*)"', html_of(m)) for m in messages]
+        kept = [h[0] for h in hrefs]
+        assert kept == ["https://acme.example/a", "#", "#", "#", "mailto:help@acme.example", "/relative/path"], kept
+        assert all("javascript" not in html_of(m).lower() for m in messages)

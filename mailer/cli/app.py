@@ -168,7 +168,7 @@ def send(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build every message and write it to stdout; send nothing.")
     ] = False,
-    format: Annotated[str, typer.Option("--format", help="Dry-run output: mbox or jsonl.")] = "mbox",
+    format: Annotated[str | None, typer.Option("--format", help="Dry-run output: mbox (default) or jsonl.")] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", help="Dry run: write one .eml file per message into DIR (new or empty)."),
@@ -230,6 +230,8 @@ def send(
         config = config.replace_send(**overrides)
     if output is not None and not dry_run:
         raise UsageError("--output is for dry runs only.", hint="Add --dry-run, or drop --output.")
+    if format is not None and not dry_run:
+        raise UsageError("--format is for dry runs only.", hint="Add --dry-run, or drop --format.")
     if force and output is None:
         raise UsageError("--force goes with --output DIR (it empties that folder's .eml files).")
     if dry_run and json_output and output is None:
@@ -252,7 +254,7 @@ def send(
         # A dry run signs as the real send does, so a bad key fails it the same way (exit 2).
         signer = _load_signer(campaign)
         if dry_run:
-            summary = _dry_run(campaign, reporter, format=format, output=output, force=force, signer=signer)
+            summary = _dry_run(campaign, reporter, format=format or "mbox", output=output, force=force, signer=signer)
         else:
             summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,9 +49,21 @@ __all__ = [
     "Settle",
     "Summary",
     "default_campaign_name",
+    "header_safe_url",
     "list_label",
     "unsubscribe_warning",
 ]
+
+# RFC 3986's reserved and unreserved characters and %, less the comma (RFC 2369 lists
+# URLs in List-Unsubscribe separated by commas); everything else is percent-encoded.
+_URL_SAFE = ";/?:@&=+$-_.!~*'()#%[]"
+
+
+def header_safe_url(url: str) -> str:
+    """``url`` fit for ``List-Unsubscribe: <...>``: no non-ASCII (which RFC 2047 would
+    encode, breaking one-click), no ``<``, ``>``, ``,``, spaces or quotes."""
+    return urllib.parse.quote(url, safe=_URL_SAFE)
+
 
 # Pairs each contact with why it is not mailed now (None: mail it); may look ahead.
 Settle = Callable[[Iterator[Contact]], Iterable[tuple[Contact, Skip | None]]]
@@ -368,7 +381,7 @@ class Campaign:
             variables = item.variables
             try:
                 if self._unsubscribe_url is not None:
-                    variables["unsubscribe_url"] = self._unsubscribe_url.render(variables)
+                    variables["unsubscribe_url"] = header_safe_url(self._unsubscribe_url.render(variables))
                 rendered = self.template.render(variables)
                 message = self.builder.build(rendered, contact=item, extra_headers=self._extra_headers(variables))
             except RenderAbort as exc:

@@ -72,8 +72,14 @@ def compile_where(
     expression: str | None, *, columns: list[str], budget: RenderBudget | None = None
 ) -> Callable[[dict[str, Any]], bool] | None:
     """Compile ``--where`` into a predicate evaluated in Jinja's sandbox (never ``eval``)."""
-    if not expression:
+    if expression is None:
         return None
+    if not expression.strip():
+        # An unset shell variable (--where "$SEGMENT") must not silently mean everyone.
+        raise UsageError(
+            "--where is empty, which would select every contact.",
+            hint="Give an expression such as --where \"plan == 'pro'\", or leave --where out to mail everyone.",
+        )
     budget = budget or RenderBudget()
     env = Sandbox(max_size=budget.max_bytes)
     try:

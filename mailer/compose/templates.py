@@ -340,9 +340,11 @@ def _template_kind(path: Path) -> str:
 def _environments(max_size: int) -> tuple[Sandbox, Sandbox]:
     # trim_blocks/lstrip_blocks: a line holding only {% if %} leaves no blank line behind.
     options: dict[str, Any] = dict(keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    return Sandbox(autoescape=False, max_size=max_size, **options), Sandbox(
-        autoescape=True, max_size=max_size, **options
-    )
+    text = Sandbox(autoescape=False, max_size=max_size, **options)
+    html = Sandbox(autoescape=True, max_size=max_size, **options)
+    for env in (text, html):
+        env.filters["mailer_safe_link"] = safe_link
+    return text, html
 
 
 def _compile_bundle(env: Environment, source: str, path: Path) -> Any:
@@ -371,6 +373,41 @@ def check_template_source(ast: nodes.Template, *, path: str, line_offset: int = 
             line=line + line_offset,
             hint="Names starting with _ are Python internals; the sandbox refuses them.",
         )
+
+
+# A tag that starts a link target: href="{{ url }}" lets the value choose the scheme.
+_LINK_TARGET = re.compile(
+    r"""(\s(?:href|src|action|formaction|xlink:href|background)\s*=\s*["']?\s*)MAILERJ(\d+)X""", re.I
+)
+_OUTPUT_TAG = re.compile(r"^\{\{(-?)(.*?)(-?)\}\}$", re.DOTALL)
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+_IGNORED_IN_URL = re.compile(r"[\x00-\x20\x7f]+")
+_SAFE_SCHEMES = {"http", "https", "mailto"}
+
+
+def safe_link(value: Any) -> Any:
+    """A link target from a value: kept when its scheme is http, https or mailto (or it
+    has none), else ``#`` (``javascript:``, ``data:``... must not come from a CSV)."""
+    text = _IGNORED_IN_URL.sub("", str(value))  # browsers ignore these inside a scheme
+    match = _SCHEME.match(text)
+    if match and match.group(1).lower() not in _SAFE_SCHEMES:
+        return "#"
+    return value
+
+
+def _guard_link_targets(html_source: str) -> str:
+    """Pass each ``{{ ... }}`` that starts an href/src value through :func:`safe_link`."""
+    protected, tags = _protect(html_source)
+    guarded: set[int] = set()
+    for match in _LINK_TARGET.finditer(protected):
+        guarded.add(int(match.group(2)))
+    for index in guarded:
+        tag = _OUTPUT_TAG.match(tags[index])
+        if tag:
+            tags[index] = (
+                "{{" + tag.group(1) + " (" + tag.group(2).strip() + ")|mailer_safe_link " + tag.group(3) + "}}"
+            )
+    return _restore(protected, tags)
 
 
 def _protect(source: str) -> tuple[str, list[str]]:
@@ -606,9 +643,9 @@ def load_template(path: Path, *, budget: RenderBudget | None = None) -> MessageT
         text = _compile(text_env, body, path, used)
     elif kind == "md":
         text = _compile(text_env, body, path, used)
-        html = _compile(html_env, _Part(_markdown_to_html_source(body.source), 1), path, {})
+        html = _compile(html_env, _Part(_guard_link_targets(_markdown_to_html_source(body.source)), 1), path, {})
     else:
-        html = _compile(html_env, body, path, used)
+        html = _compile(html_env, _Part(_guard_link_targets(body.source), body.line), path, used)
         text_source = _html_to_text_source(body.source)
         if text_source is None:
             text_from_html = True

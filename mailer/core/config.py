@@ -45,6 +45,7 @@ MAX_CONNECTIONS = 1000  # more SMTP connections than any relay accepts from one 
 DEFAULT_CONFIG_NAME = "mailer.toml"
 # The rates a run can keep: below one a day the throttle's clock arithmetic overflows,
 # above 100,000/s no relay takes mail.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RATE_MIN = 1 / 86400
 _RATE_MAX = 100_000.0
 # A host name or IP address literal (no port, no spaces); an EHLO name (RFC 5321 4.1.1.1:
@@ -58,14 +59,15 @@ _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
 def parse_rate(text: str) -> float:
     """Turn ``"10/s"``, ``"600/min"``, ``"5000/h"`` or ``"50000/day"`` into messages per second.
 
-    ``"unlimited"`` (for benchmarks into a local sink) gives ``0.0``, meaning no limit.
+    ``"unlimited"`` (for benchmarks into a local sink) gives ``0.0``, meaning no limit;
+    nothing else does (``"0"`` or ``"none"`` could as well mean "send nothing").
     Raises ``ValueError`` with a human reason otherwise.
     """
-    if text.strip().lower() in {"unlimited", "0", "none"}:
+    if text.strip().lower() == "unlimited":
         return 0.0
     match = _RATE_RE.match(text.lower())
     if not match or match.group(2) not in _RATE_UNITS:
-        raise ValueError(f"{text!r} is not a rate; write N/s, N/min, N/h or N/day (for example 600/min)")
+        raise ValueError(f"{text!r} is not a rate; write N/s, N/min, N/h or N/day (for example 600/min), or unlimited")
     count = float(match.group(1))
     if count <= 0:
         raise ValueError(f"{text!r} must be more than zero messages")
@@ -288,6 +290,15 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
                 shown = "" if key == "password_env" else f" {value!r}"  # it may be a password pasted in
                 raise ConfigError(
                     f"'{section}.{key}' must be {expected}, not {type(value).__name__}{shown}.",
+                    path=where,
+                    key=f"{section}.{key}",
+                )
+            if isinstance(value, str) and "\x00" in value:
+                raise ConfigError(f"'{section}.{key}' contains a NUL character.", path=where, key=f"{section}.{key}")
+            if section == "message" and isinstance(value, str) and _CONTROL.search(value):
+                # These become header values: a line break would add a header (Bcc:).
+                raise ConfigError(
+                    f"'{section}.{key}' contains a line break or control character, which a header cannot hold.",
                     path=where,
                     key=f"{section}.{key}",
                 )
