@@ -76,7 +76,7 @@ class Trace:
             self.server(b"%d%s%s" % (code, separator, line))
 
 
-class _TraceMixin:
+class _TraceMixin(smtplib.SMTP):
     """smtplib's client with its sends and replies written to a :class:`Trace`."""
 
     mailer_trace: Trace
@@ -84,10 +84,10 @@ class _TraceMixin:
     def send(self, s: ReadableBuffer | str) -> None:
         data = s.encode("ascii", "replace") if isinstance(s, str) else bytes(s)
         self.mailer_trace.client(data)
-        super().send(s)  # type: ignore[misc]
+        super().send(s)
 
     def getreply(self) -> tuple[int, bytes]:
-        code, message = super().getreply()  # type: ignore[misc]
+        code, message = super().getreply()
         self.mailer_trace.reply(code, message)
         return code, message
 

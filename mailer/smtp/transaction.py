@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.errors import PermanentDeliveryError
 from ..core.outcomes import Outgoing
@@ -35,6 +34,15 @@ _MAX_LINE = 8192
 # Outcomes of a transaction. UNKNOWN: the whole message went out and its final reply
 # did not come in time; the relay may have queued it (RFC 1047), so it is not retried.
 OK, TEMP, PERM, STALE, UNKNOWN = range(5)
+
+
+class _Wire(Protocol):
+    """What a transaction writes to: the session's socket, or its trace (--debug)."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def settimeout(self, value: float | None, /) -> None: ...
+
 
 # A reply: its code (-1 for one that does not parse) and its text.
 _Reply = tuple[int, bytes]
@@ -109,14 +117,15 @@ class Connection:
         if client.sock is None:
             raise smtplib.SMTPServerDisconnected("the SMTP client is not connected")
         # The session's socket, as set up (TLS included) before the first transaction.
-        self.sock: socket.socket = client.sock
+        sock = client.sock
         if client.file is None:
-            client.file = self.sock.makefile("rb")
+            client.file = sock.makefile("rb")
+        self.sock: _Wire = sock
         self.readline: Callable[[int], bytes] = client.file.readline
         trace = getattr(client, "mailer_trace", None)
         if trace is not None:  # --debug: the same calls, through the trace
-            traced = TracedSocket(client.sock, trace)
-            self.sock = traced  # type: ignore[assignment]
+            traced = TracedSocket(sock, trace)
+            self.sock = traced
             self.readline = traced.traced_readline(self.readline)
         self.transactions = 0
         features = client.esmtp_features
