@@ -30,7 +30,7 @@ from mailer.store.sqlite import SendLog
 __all__ = ["MAILER", "Outcome", "Project", "addresses", "received_addresses", "wait_for"]
 
 #: The mailer command as a real process (the package has no __main__).
-MAILER = [sys.executable, "-c", "from mailer.cli import main; main()"]
+MAILER = [sys.executable, "-m", "mailer"]
 
 
 @dataclass(repr=False)

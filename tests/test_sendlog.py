@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -682,7 +683,45 @@ def test_a_second_lock_on_the_same_campaign_is_refused_until_released(log: SendL
     with log.acquire_lock("news") as again:
         assert json.loads(again.path.read_text())["pid"] == os.getpid()
     assert not again.held
-    assert again.path.read_text() == ""
+    assert not again.path.exists()  # no lock file per campaign piles up beside the log
+    assert sorted(p.name for p in log.path.parent.iterdir() if p.name.endswith(".lock")) == []
+
+
+def test_a_lock_file_removed_by_its_releaser_is_not_taken_for_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    first = CampaignLock.acquire(path, "news")
+    waiting = open(path, "a+")  # a second run opened the file just before the first let go  # noqa: SIM115
+    first.release()  # which removes it
+    fcntl.flock(waiting.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # its flock now succeeds, on a removed file
+    try:
+        with CampaignLock.acquire(path, "news") as third:  # so the lock is free at the path
+            assert third.held
+            with pytest.raises(LockedError):
+                CampaignLock.acquire(path, "news")
+    finally:
+        waiting.close()
+
+
+def test_a_full_disk_when_the_lock_is_taken_is_a_clear_error(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys
+        from pathlib import Path
+        from mailer.core.errors import SendLogError
+        from mailer.store.locks import CampaignLock
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        try:
+            CampaignLock.acquire(Path(sys.argv[1]), "news")
+        except SendLogError as exc:
+            print("error:", exc)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "x.lock")], capture_output=True, text=True, timeout=60
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error:" in result.stdout and "cannot write the lock file" in result.stdout, result.stdout
 
 
 def test_a_lock_held_by_another_process_names_it_and_dies_with_it(db_path: Path, clock: FakeClock) -> None:

@@ -636,5 +636,8 @@ def check(
 
 
 def main() -> None:
-    """Entry point of the ``mailer`` command."""
-    app()
+    """Run the command line (the installed command starts in :mod:`mailer.entry`, which
+    handles SIGINT and SIGTERM from the first instant, then runs this app)."""
+    from ..entry import main as run
+
+    run()

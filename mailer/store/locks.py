@@ -59,6 +59,41 @@ class CampaignLock:
     @classmethod
     def acquire(cls, path: Path, campaign: str, *, clock: Callable[[], datetime] = utc_now) -> CampaignLock:
         """Take the lock at ``path`` now or raise :class:`LockedError` naming its holder."""
+        # The holder removes the file when it releases the lock, so that one file per
+        # campaign does not pile up beside the log. A file locked after its holder
+        # removed it is not the lock any more: try again with the file now at ``path``.
+        for _ in range(10):
+            file = cls._open_and_lock(path, campaign)
+            try:
+                same = os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            file.close()
+        else:  # pragma: no cover - ten releases within one acquire
+            raise _locked_error(path, campaign, "")
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "campaign": campaign,
+            "started_at": clock().isoformat(timespec="seconds"),
+        }
+        try:
+            # Unbuffered, so that a failed write leaves nothing for close() to retry.
+            os.ftruncate(file.fileno(), 0)
+            os.pwrite(file.fileno(), json.dumps(holder).encode("utf-8"), 0)
+        except OSError as exc:  # a full disk, say: the lock is not held, nothing has started
+            file.close()
+            raise SendLogError(
+                f"cannot write the lock file for campaign {campaign!r} ({exc.strerror}).",
+                path=str(path),
+                hint="Free some disk space and run again.",
+            ) from None
+        return cls(path, campaign, file, holder)
+
+    @staticmethod
+    def _open_and_lock(path: Path, campaign: str) -> io.TextIOWrapper:
         try:
             # "a+" creates the file without truncating what the holder wrote.
             file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
@@ -66,7 +101,7 @@ class CampaignLock:
             raise SendLogError(
                 f"cannot create the lock file for campaign {campaign!r} ({exc.strerror}).",
                 path=str(path),
-                hint="Check that the send log's folder is writable by this user.",
+                hint="Check that the send log's folder is writable by this user, with free space.",
             ) from None
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,17 +117,7 @@ class CampaignLock:
                 path=str(path),
                 hint="Keep the send log on a local file system that supports flock.",
             ) from None
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "campaign": campaign,
-            "started_at": clock().isoformat(timespec="seconds"),
-        }
-        file.seek(0)
-        file.truncate()
-        file.write(json.dumps(holder))
-        file.flush()
-        return cls(path, campaign, file, holder)
+        return file
 
     @property
     def held(self) -> bool:
@@ -100,14 +125,23 @@ class CampaignLock:
         return self._file is not None
 
     def release(self) -> None:
-        """Give the lock up (idempotent). The file stays: unlinking a lock file races."""
+        """Give the lock up (idempotent) and remove the lock file.
+
+        The file is removed while the lock is still held: a run that opened it just
+        before sees, once it gets the lock, that the file is gone and starts over.
+        """
         file, self._file = self._file, None
         if file is None:
             return
         try:
-            file.seek(0)
-            file.truncate()
-            file.flush()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # cannot remove it (a read-only folder?): leave it empty
+                file.seek(0)
+                file.truncate()
+                file.flush()
         finally:
             fcntl.flock(file.fileno(), fcntl.LOCK_UN)
             file.close()
