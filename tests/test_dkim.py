@@ -260,6 +260,12 @@ def test_signature_tags_and_signed_header_list(rsa_signer):
     assert signed.count("from") == 2
     assert signed.count("list-unsubscribe-post") == 2
     assert signed.count("feedback-id") == 1
+    # Only what a reader sees or a receiver acts on is oversigned; structural headers
+    # and List-Id are signed once (list software adds its own List-Id when it forwards).
+    for name in ("to", "subject", "date", "list-unsubscribe"):
+        assert signed.count(name) == 2, name
+    for name in ("message-id", "mime-version", "content-type"):
+        assert signed.count(name) == 1, name
     # Absent headers are not signed (a relay may legitimately add them).
     assert "cc" not in signed
 
@@ -344,7 +350,7 @@ def test_rsa_signature_comes_from_openssl_and_is_dkimpys_byte_for_byte(
 @needs_openssl
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    subject=st.text(min_size=1, max_size=120).filter(lambda s: s.strip() and len(s.splitlines()) == 1),
+    subject=st.text(min_size=1, max_size=120).filter(lambda s: s.strip() and s.splitlines() == [s]),
     body=st.text(max_size=2000),
     linesep=st.sampled_from(["\r\n", "\n"]),
 )
@@ -694,6 +700,7 @@ def test_header_lists_are_consistent():
     assert "from" in SIGNED_HEADERS and "list-unsubscribe-post" in SIGNED_HEADERS
     assert set(SIGNED_HEADERS) >= OVERSIGNED_HEADERS
     assert "feedback-id" not in OVERSIGNED_HEADERS
+    assert not OVERSIGNED_HEADERS & {"message-id", "mime-version", "content-type", "list-id"}
 
 
 # ---------------------------------------------------------------- the tag-list parser (RFC 6376 §3.2)

@@ -80,11 +80,18 @@ SIGNED_HEADERS: tuple[str, ...] = (
 #: RFC 6376 §5.4.2 and §8.15): the extra entry signs "no further instance", so a
 #: second From, Subject or List-Unsubscribe-Post added in transit breaks the
 #: signature instead of being shown to the reader or followed by the receiver.
-#: Only headers that are present are oversigned: relays (SES, SendGrid, Mailgun)
-#: add their own List-Unsubscribe or Feedback-ID to messages that lack one, and
-#: signing their absence would break every such message. Feedback-ID is signed but
-#: never oversigned because Amazon SES adds its own next to the sender's.
-OVERSIGNED_HEADERS: frozenset[str] = frozenset(SIGNED_HEADERS) - {"feedback-id"}
+#: Only what a reader sees or a receiver acts on is oversigned: the address and
+#: subject lines, the date, and the one-click unsubscribe pair (RFC 8058 §3.3).
+#: Not the structural headers (Message-ID, MIME-Version, Content-Type: a second one
+#: shows nothing to a reader, and receivers refuse such a message anyway), not
+#: List-Id (list software that forwards the message adds its own, RFC 2919 §5) and
+#: not Feedback-ID (Amazon SES adds its own next to the sender's). Only headers that
+#: are present are oversigned: relays (SES, SendGrid, Mailgun) add their own
+#: List-Unsubscribe to messages that lack one, and signing its absence would break
+#: every such message.
+OVERSIGNED_HEADERS: frozenset[str] = frozenset(
+    {"from", "to", "cc", "reply-to", "subject", "date", "list-unsubscribe", "list-unsubscribe-post"}
+)
 
 
 class DKIMSigner:
