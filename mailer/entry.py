@@ -6,7 +6,7 @@ KeyboardInterrupt traceback, and a SIGTERM (cron's timeout, a service manager) i
 exit 143, which the exit-code table does not know. Nothing can have been sent that
 early, so both end the run quietly with exit 130 ("interrupted"); until a real send
 installs its own handlers (:mod:`mailer.send.interrupts`), SIGTERM means what Ctrl-C
-means.
+means (:func:`mailer.cli.app.handle_errors` sets that up when a command starts).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupted_while_starting)
     from .cli.app import app
 
-    # From here on both raise KeyboardInterrupt, which the CLI turns into exit 130.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Typer builds the commands and parses the arguments with these handlers still set;
+    # the command itself (cli.app.handle_errors) makes both raise KeyboardInterrupt,
+    # which it turns into exit 130 after writing what the run did.
     app()

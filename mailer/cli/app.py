@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,6 +22,7 @@ import typer
 from .. import __version__
 from ..compose.campaign import Campaign, Summary
 from ..compose.dryrun import write_dry_run
+from ..compose.sandbox import stop_render_timer
 from ..core.config import MAX_CONNECTIONS, load_config, parse_rate
 from ..core.errors import ExitCode, MailerError, UsageError
 from .output import Reporter, count_data_rows
@@ -96,6 +99,11 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if kwargs.pop("debug", False):
             _state["debug"] = True
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C and SIGTERM stop the command through KeyboardInterrupt (below), until
+            # a real send installs its own handlers (mailer.send.interrupts).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return function(*args, **kwargs)
         except MailerError as exc:
@@ -115,6 +123,8 @@ def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             Reporter().error("interrupted.")
             raise typer.Exit(code=int(ExitCode.INTERRUPTED)) from None
+        finally:
+            stop_render_timer()
 
     signature = inspect.signature(function, eval_str=True)  # as Typer reads it
     debug = inspect.Parameter(

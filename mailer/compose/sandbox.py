@@ -14,6 +14,7 @@ rows do not take is found before anything is built; the sandbox catches the rest
 
 from __future__ import annotations
 
+import atexit
 import functools
 import re
 import signal
@@ -42,6 +43,7 @@ __all__ = [
     "find_unsafe_attribute",
     "render_bounded",
     "render_deadline",
+    "stop_render_timer",
     "template_line",
 ]
 
@@ -319,12 +321,31 @@ class _Alarm:
         self.arm(left)
 
     def arm(self, seconds: float) -> None:
-        if not self.installed:
+        # Checked on every arming (at most once per ``seconds``, not per message): a
+        # timer that fires while another handler, or the default one, is set would
+        # end the process ("Alarm clock").
+        if not self.installed or signal.getsignal(signal.SIGALRM) != self.handle:
             signal.signal(signal.SIGALRM, self.handle)
             signal.siginterrupt(signal.SIGALRM, False)
+            if not self.installed:
+                # The interpreter's shutdown sets the default handler back, whose action
+                # ends the process: a timer left armed by library use must be off by then.
+                atexit.register(self.disarm)
             self.installed = True
         self.armed = True
         signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def disarm(self) -> None:
+        """Stop the timer (at the end of a command): none may fire after the work it guards."""
+        if self.armed and threading.current_thread() is _MAIN_THREAD:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.armed = False
+        self.started = None
+
+
+def stop_render_timer() -> None:
+    """Stop the render timer; a command calls this when it ends, whatever the outcome."""
+    _alarm.disarm()
 
 
 _alarm = _Alarm()
