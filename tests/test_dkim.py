@@ -49,6 +49,20 @@ def openssl(*args: str, stdin: bytes | None = None) -> bytes:
     return subprocess.run([OPENSSL, *args], input=stdin, check=True, capture_output=True).stdout
 
 
+# The fields of an RSAPrivateKey (RFC 8017 A.1.2), in their DER order.
+PKCS1_FIELDS = (
+    "version",
+    "modulus",
+    "publicExponent",
+    "privateExponent",
+    "prime1",
+    "prime2",
+    "exponent1",
+    "exponent2",
+    "coefficient",
+)
+
+
 def write_key(directory: Path, data: bytes, *, name: str = "dkim.pem", mode: int = 0o600) -> Path:
     path = directory / name
     path.write_bytes(data)
@@ -369,17 +383,7 @@ def test_key_openssl_refuses_still_signs_through_dkimpy_with_a_warning(tmp_path,
     # signatures verify), OpenSSL's key check refuses the key.
     fields = parse_private_key(base64.b64decode(b"".join(rsa_2048_pkcs1.split(b"\n")[1:-2])))
     fields["privateExponent"] += 2
-    order = [
-        "version",
-        "modulus",
-        "publicExponent",
-        "privateExponent",
-        "prime1",
-        "prime2",
-        "exponent1",
-        "exponent2",
-        "coefficient",
-    ]
+    order = PKCS1_FIELDS
     path = write_key(tmp_path, pem("RSA PRIVATE KEY", der(0x30, b"".join(der_int(fields[n]) for n in order))))
     signer = load(path)
     assert any("falls back" in w and "OpenSSL refuses" in w and str(path) in w for w in signer.warnings)
@@ -591,17 +595,7 @@ def test_a_damaged_rsa_key_is_refused(tmp_path, rsa_2048_pkcs1):
     # Change one CRT exponent: the file still parses, but would sign garbage.
     body = b"".join(rsa_2048_pkcs1.split(b"\n")[1:-2])
     fields = parse_private_key(base64.b64decode(body))
-    order = [
-        "version",
-        "modulus",
-        "publicExponent",
-        "privateExponent",
-        "prime1",
-        "prime2",
-        "exponent1",
-        "exponent2",
-        "coefficient",
-    ]
+    order = PKCS1_FIELDS
     fields["exponent1"] += 2
     damaged = der(0x30, b"".join(der_int(fields[name]) for name in order))
     with pytest.raises(DKIMError, match="damaged"):
