@@ -345,3 +345,50 @@ def test_the_list_unsubscribe_url_is_percent_encoded(project, run_cli):
     header = str(messages[0]["List-Unsubscribe"])
     assert header == "<https://acme.example/u/%C3%BC?n=%C3%84nn%20%3Cx%3E%2C%20y&e=ann@example.com>", header
     assert "=?" not in messages[0].as_string().split("List-Unsubscribe:")[1].split("\n")[0]
+
+
+def test_web_section_loads_names_only(tmp_path):
+    path = tmp_path / "mailer.toml"
+    path.write_text(
+        '[web]\nbase_url = "https://mail.acme.example"\nsecret_env = "ACME_WEB_KEY"\n'
+        'previous_secret_envs = ["ACME_WEB_KEY_2025"]\nlisten = "[::1]:9000"\n',
+        encoding="utf-8",
+    )
+    web = load_config(path).web
+    assert web is not None
+    assert (web.base_url, web.secret_env, web.previous_secret_envs) == (
+        "https://mail.acme.example",
+        "ACME_WEB_KEY",
+        ("ACME_WEB_KEY_2025",),
+    )
+    assert web.listen_address == ("::1", 9000)
+    path.write_text("[web]\n", encoding="utf-8")
+    web = load_config(path).web
+    assert web is not None and web.secret_env == "MAILER_WEB_SECRET" and web.listen_address == ("127.0.0.1", 8025)
+    assert Config().web is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "shown"),
+    [
+        ('secret_env = "Zq8vN3kP0wLx7TdY2mRb5sHc"', "web.secret_env", False),
+        ('secret_env = "has space"', "web.secret_env", False),
+        ('previous_secret_envs = ["OK_NAME", "Zq8vN3kP0wLx7TdY2mRb"]', "web.previous_secret_envs", False),
+        ("previous_secret_envs = [1]", "web.previous_secret_envs", True),
+        ('base_url = "ftp://mail.acme.example"', "web.base_url", True),
+        ('base_url = "mail.acme.example"', "web.base_url", True),
+        ('base_url = "https://mail.acme.example/?x=1"', "web.base_url", True),
+        ('listen = "8025"', "web.listen", True),
+        ('listen = "127.0.0.1:99999"', "web.listen", True),
+        ('colour = "blue"', "web.colour", True),
+    ],
+)
+def test_bad_web_section_names_the_key(tmp_path, toml, key, shown):
+    path = tmp_path / "mailer.toml"
+    path.write_text(f"[web]\n{toml}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == key
+    assert str(path) in str(caught.value)
+    if not shown:
+        assert "Zq8vN3kP0wLx7TdY2mRb" not in str(caught.value)

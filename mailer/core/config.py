@@ -32,6 +32,7 @@ __all__ = [
     "MessageConfig",
     "SMTPConfig",
     "SendConfig",
+    "WebConfig",
     "find_config_path",
     "load_config",
     "parse_config",
@@ -149,6 +150,27 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: where ``mailer serve`` is reached and which variables hold its signing keys.
+
+    ``secret_env`` names the variable with the current key; ``previous_secret_envs`` the
+    variables of keys that still verify (while links minted with them are out there) but
+    sign nothing new. Only names are kept here, never a key.
+    """
+
+    base_url: str | None = None
+    secret_env: str = "MAILER_WEB_SECRET"
+    previous_secret_envs: tuple[str, ...] = ()
+    listen: str = "127.0.0.1:8025"
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """``listen`` as ``(host, port)`` (checked when the config was loaded)."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is None when no file was read."""
 
@@ -159,6 +181,7 @@ class Config:
     dkim: DKIMConfig | None = None
     log: LogConfig = field(default_factory=LogConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    web: WebConfig | None = None
 
     def replace_send(self, **changes: Any) -> Config:
         """A copy with some ``[send]`` values overridden (CLI flags win over the file)."""
@@ -206,6 +229,12 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "nameservers": ((list,), "nameservers"),
         "port": ((int,), "port"),
         "timeout": ((int, float), "timeout"),
+    },
+    "web": {
+        "base_url": ((str,), "base_url"),
+        "secret_env": ((str,), "secret_env"),
+        "previous_secret_envs": ((list,), "previous_secret_envs"),
+        "listen": ((str,), "listen"),
     },
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
@@ -382,7 +411,44 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         raise fail("dns.port", f"must be between 1 and 65535, not {dns.port}.")
     check_range("dns.timeout", dns.timeout, 0, 300, " seconds", low_open=True)
 
-    return Config(path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns)
+    web = _parse_web(sections["web"], fail) if "web" in sections else None
+
+    return Config(path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns, web=web)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _parse_web(values: dict[str, Any], fail: Any) -> WebConfig:
+    """Check ``[web]``: variable names (never keys), an http(s) base URL, a HOST:PORT to listen on."""
+    values = dict(values)
+    previous = values.pop("previous_secret_envs", [])
+    if not all(isinstance(name, str) for name in previous):
+        raise fail("web.previous_secret_envs", "must be a list of environment variable names.")
+    web = WebConfig(previous_secret_envs=tuple(previous), **values)
+    for key, name in [("web.secret_env", web.secret_env)] + [("web.previous_secret_envs", n) for n in previous]:
+        if not _ENV_NAME.fullmatch(name) or _looks_like_password(name):
+            # Never echo the value: it may be the key pasted in.
+            raise fail(
+                key,
+                "must be the NAME of an environment variable (letters, digits, _), never the signing key itself.",
+                hint='For example secret_env = "MAILER_WEB_SECRET", and export MAILER_WEB_SECRET=... before running.',
+            )
+    if web.base_url is not None:
+        scheme, sep, rest = web.base_url.partition("://")
+        host = rest.split("/", 1)[0]
+        if not sep or scheme.lower() not in ("http", "https") or not host or _CONTROL.search(web.base_url):
+            raise fail(
+                "web.base_url",
+                f"must be an https:// URL where `mailer serve` is reached, not {web.base_url!r}.",
+                hint='For example base_url = "https://mail.example.com" (your TLS reverse proxy in front of it).',
+            )
+        if "?" in web.base_url or "#" in web.base_url or " " in web.base_url:
+            raise fail("web.base_url", "must be a plain URL without a query, fragment or spaces.")
+    host, colon, port = web.listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail("web.listen", f"must be HOST:PORT, for example 127.0.0.1:8025, not {web.listen!r}.")
+    return web
 
 
 def _check_host(host: str, fail: Any) -> None:
