@@ -461,6 +461,10 @@ def report(
         Path | None,
         typer.Option("--failed", help="Write failed and deferred rows as a CSV that `mailer send` accepts."),
     ] = None,
+    html_file: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write the report as one self-contained HTML page with charts."),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """What happened, from the send log: counts by status, by domain, by SMTP reply.
@@ -472,6 +476,8 @@ def report(
       mailer report --campaign welcome --failed retry.csv && mailer send retry.csv welcome.md.j2 --campaign welcome-retry
 
       mailer report --json | jq .by_status
+
+      mailer report --campaign welcome --html welcome.html
     """
     import json
 
@@ -505,6 +511,11 @@ def report(
                 raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
             Reporter().info(f"wrote {written} failed and deferred rows to {failed}")
         result = log.report(campaign_name)
+    if html_file is not None:
+        from ..report import write_report_html
+
+        write_report_html(result, html_file)
+        Reporter().info(f"wrote the HTML report to {html_file}")
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return

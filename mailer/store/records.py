@@ -23,6 +23,7 @@ __all__ = [
     "Run",
     "SkippedRow",
     "Suppression",
+    "TimeCount",
     "delivery_from_row",
     "utc_now",
 ]
@@ -100,6 +101,14 @@ class ReplyCount:
 
 
 @dataclass(frozen=True)
+class TimeCount:
+    """How many recipients reached ``sent`` within one hour (``start``: UTC ISO, ``YYYY-MM-DDTHH``)."""
+
+    start: str
+    sent: int
+
+
+@dataclass(frozen=True)
 class Report:
     """What happened in one campaign (or in all of them when ``campaign`` is None)."""
 
@@ -109,6 +118,7 @@ class Report:
     by_domain: list[DomainCount]
     by_smtp_code: list[ReplyCount]
     unknown_outcome: list[Delivery] = field(default_factory=list)
+    sends_over_time: list[TimeCount] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable form, with a ``version`` for consumers of ``--json``."""

@@ -42,6 +42,7 @@ from .records import (
     Run,
     SkippedRow,
     Suppression,
+    TimeCount,
     delivery_from_row,
     utc_now,
 )
@@ -493,6 +494,15 @@ class SendLog:
                 params,
             ).fetchall()
             code_rows = sorted(code_rows + reason_rows, key=lambda row: -row[1])
+            # updated_at of a sent row is when its final reply came: hours, in UTC.
+            hour_rows = conn.execute(
+                f"""
+                SELECT substr(updated_at, 1, 13), count(*) FROM deliveries
+                {where + (" AND" if where else "WHERE")} status = 'sent'
+                GROUP BY 1 ORDER BY 1
+                """,
+                params,
+            ).fetchall()
             unknown_rows = conn.execute(
                 f"""
                 SELECT {DELIVERY_COLUMNS} FROM deliveries
@@ -524,6 +534,7 @@ class SendLog:
             by_domain=by_domain,
             by_smtp_code=[ReplyCount(code=c, count=n, example_reply=text) for c, n, text in code_rows],
             unknown_outcome=[delivery_from_row(row) for row in unknown_rows],
+            sends_over_time=[TimeCount(start=hour, sent=count) for hour, count in hour_rows],
         )
 
     def campaigns(self) -> list[CampaignSummary]:

@@ -1,0 +1,7 @@
+"""Reports made from the store's :class:`~mailer.store.records.Report`: the HTML page of ``mailer report --html``."""
+
+from __future__ import annotations
+
+from .html import render_report_html, write_report_html
+
+__all__ = ["render_report_html", "write_report_html"]
