@@ -20,7 +20,7 @@ from typing import Protocol, Self, TextIO
 
 from ..core.outcomes import DeliveryEvent, Status
 from .locks import CampaignLock
-from .records import CampaignSummary, ImportResult, Report, Run, SkippedRow, Suppression
+from .records import CampaignSummary, FeedbackEvent, ImportResult, Report, Run, SkippedRow, Suppression
 
 __all__ = ["SendStore"]
 
@@ -73,6 +73,36 @@ class SendStore(Protocol):
 
         A row never overwrites what happened to a real message (``sent``, ``failed``,
         ``sending``)."""
+        ...
+
+    # --- what comes back after sending (mailer serve, mailer bounces) ---
+
+    def record_feedback(
+        self,
+        events: Iterable[FeedbackEvent],
+        *,
+        suppress: Iterable[tuple[str, str | None, str]] = (),
+    ) -> int:
+        """Record events after sending (unsubscribed, opened, clicked, bounced_hard,
+        bounced_soft, complained) and suppressions ``(address, reason, source)`` in one
+        transaction; returns how many events were new (kind + ``ref`` already recorded:
+        skipped). Safe, and never a "locked" error, while a send of the campaign runs."""
+        ...
+
+    def feedback_counts(self, campaign: str | None = None) -> dict[str, int]:
+        """Events by kind, and ``unique_<kind>``: recipients with at least one."""
+        ...
+
+    def list_feedback(self, campaign: str | None = None) -> list[tuple[str, str, str, str, str | None, str]]:
+        """Every event ``(campaign, recipient key, kind, at, detail, source)``, oldest first."""
+        ...
+
+    def find_by_recipient_tag(self, tag: int) -> list[tuple[str, str]]:
+        """The ``(campaign, address)`` rows with this recipient tag (a VERP token's)."""
+        ...
+
+    def find_by_message_ids(self, message_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The ``(campaign, address)`` each logged Message-ID was sent to (brackets optional)."""
         ...
 
     # --- runs, the campaign lock and the journal offset ---

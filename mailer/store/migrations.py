@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.addresses import address_key
 from ..core.errors import SendLogError
+from ..core.tokens import recipient_tag
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
@@ -148,6 +149,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE suppressions",
         "ALTER TABLE suppressions_v4 RENAME TO suppressions",
     ),
+    # 5: what comes back after sending (mailer serve, mailer bounces), and the two ways
+    # back from a bounce to its send: the VERP token's recipient tag
+    # (mailer.core.tokens.recipient_tag, set when a row is created) and the original
+    # Message-ID. Both indexes are partial: invalid and suppressed rows have neither.
+    (
+        "ALTER TABLE deliveries ADD COLUMN recipient_tag INTEGER",
+        "UPDATE deliveries SET recipient_tag = mailer_recipient_tag(recipient) WHERE status NOT IN ('invalid')",
+        "CREATE INDEX deliveries_recipient_tag ON deliveries (recipient_tag) WHERE recipient_tag IS NOT NULL",
+        "CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id IS NOT NULL",
+        """
+        CREATE TABLE feedback (
+            id         INTEGER PRIMARY KEY,
+            campaign   TEXT NOT NULL,
+            recipient  TEXT NOT NULL,   -- address_key()
+            kind       TEXT NOT NULL,   -- unsubscribed, opened, clicked, bounced_hard, bounced_soft, complained
+            at         TEXT NOT NULL,   -- UTC ISO 8601
+            detail     TEXT,            -- the clicked URL, the bounce's status and reason, the report id
+            source     TEXT NOT NULL,   -- web, bounces, ...
+            ref        TEXT             -- what makes it idempotent (a bounce's Message-ID); NULL: may repeat
+        )
+        """,
+        "CREATE UNIQUE INDEX feedback_kind_ref ON feedback (kind, ref) WHERE ref IS NOT NULL",
+        "CREATE INDEX feedback_campaign_kind ON feedback (campaign, kind)",
+        "CREATE INDEX feedback_recipient ON feedback (recipient, at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -177,6 +203,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             )
         # Steps may call the address rule by this name (step 4 re-keys every row with it).
         conn.create_function("mailer_address_key", 1, address_key, deterministic=True)
+        conn.create_function("mailer_recipient_tag", 1, recipient_tag, deterministic=True)
         for step in MIGRATIONS[version:]:
             for statement in step:
                 conn.execute(statement)

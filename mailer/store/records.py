@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from ..core.outcomes import STATUS_BY_VALUE, Status
@@ -16,6 +17,8 @@ __all__ = [
     "CampaignSummary",
     "Delivery",
     "DomainCount",
+    "FeedbackEvent",
+    "FeedbackKind",
     "ImportResult",
     "InvalidEntry",
     "ReplyCount",
@@ -28,7 +31,8 @@ __all__ = [
     "utc_now",
 ]
 
-SUPPRESSION_SOURCES = ("manual", "import", "bounce")
+# web: an unsubscribe through `mailer serve`.
+SUPPRESSION_SOURCES = ("manual", "import", "bounce", "web")
 FAILED_CSV_HEADER = ("email", "status", "smtp_code", "smtp_reply")
 
 
@@ -49,6 +53,37 @@ class SkippedRow(NamedTuple):
     status: Status
     reason: str
     line: int | None
+
+
+class FeedbackKind(StrEnum):
+    """What came back after a message was sent (the ``feedback`` table's ``kind``)."""
+
+    UNSUBSCRIBED = "unsubscribed"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    BOUNCED_HARD = "bounced_hard"
+    BOUNCED_SOFT = "bounced_soft"
+    COMPLAINED = "complained"
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackEvent:
+    """One event after sending, for :meth:`SendStore.record_feedback`.
+
+    ``address`` as the token or report gave it (the store keys it by ``address_key``);
+    ``detail`` the clicked URL, the bounce's status and diagnostic, the report id;
+    ``source`` who saw it (``web``, ``bounces``, ...). ``ref`` makes an event idempotent:
+    a second event with the same kind and ref is not recorded (a bounce's Message-ID,
+    so a mailbox read twice counts once); None for events that may repeat (opens).
+    ``at`` is a UTC ISO 8601 time, None for now."""
+
+    campaign: str
+    address: str
+    kind: FeedbackKind
+    detail: str | None = None
+    source: str = "web"
+    ref: str | None = None
+    at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from ..core.addresses import address_key, address_problem, domain_of
 from ..core.errors import ContactsError, SendLogError, UsageError
 from ..core.outcomes import RESULT_STATUSES, SKIPPED_STATUSES, STATUS_BY_VALUE, DeliveryEvent, Status
+from ..core.tokens import recipient_tag
 from .imports import parse_address_file
 from .locks import CampaignLock, campaign_file_path, campaign_lock_path
 from .migrations import migrate
@@ -35,6 +36,8 @@ from .records import (
     SUPPRESSION_SOURCES,
     CampaignSummary,
     DomainCount,
+    FeedbackEvent,
+    FeedbackKind,
     ImportResult,
     InvalidEntry,
     ReplyCount,
@@ -55,8 +58,8 @@ __all__ = ["SendLog"]
 # outcome records the reply and keeps the attempts.
 _EVENT_SQL = """
     INSERT INTO deliveries (campaign, recipient, address, domain, status, attempts, smtp_code, smtp_reply,
-                            message_id, line, first_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+                            message_id, line, first_at, updated_at, recipient_tag)
+    VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (campaign, recipient) DO UPDATE SET
         address = excluded.address,
         status = excluded.status,
@@ -69,8 +72,9 @@ _EVENT_SQL = """
         updated_at = excluded.updated_at
 """
 _SKIPPED_SQL = """
-    INSERT INTO deliveries (campaign, recipient, address, domain, status, line, reason, first_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO deliveries (campaign, recipient, address, domain, status, line, reason, first_at, updated_at,
+                            recipient_tag)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (campaign, recipient) DO UPDATE SET
         address = excluded.address,
         status = excluded.status,
@@ -82,6 +86,16 @@ _SKIPPED_SQL = """
 # Addresses per bulk query: well under SQLite's limit of 32,766 parameters, and a batch
 # of contacts (mailer.send.run) fits in one or two queries.
 _BULK = 500
+_FEEDBACK_SQL = """
+    INSERT INTO feedback (campaign, recipient, kind, at, detail, source, ref) VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (kind, ref) WHERE ref IS NOT NULL DO NOTHING
+"""
+_FEEDBACK_KINDS = frozenset(kind.value for kind in FeedbackKind)
+# A writer that finds the log locked waits (busy timeout) and then tries again this many
+# times, so that `mailer serve` and `mailer bounces` never show "database is locked"
+# while a send of the same campaign commits its batches.
+_BUSY_RETRIES = 3
+_BUSY_TIMEOUT = 10.0
 _SUPPRESSION_SQL = (
     "INSERT INTO suppressions (address, reason, source, added_at) VALUES (?, ?, ?, ?) ON CONFLICT (address) DO NOTHING"
 )
@@ -237,7 +251,7 @@ class SendLog:
                 hint=_START_AFRESH_HINT,
             )
         try:
-            conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise _explain(exc, path) from None
         try:
@@ -388,6 +402,7 @@ class SendLog:
                     line,
                     now,
                     now,
+                    recipient_tag(key),
                 )
             )
         suppressions = [(address_key(address), reason, "bounce", now) for address, reason in bounces]
@@ -408,6 +423,138 @@ class SendLog:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    # --- what comes back after sending ---
+
+    def record_feedback(
+        self,
+        events: Iterable[FeedbackEvent],
+        *,
+        suppress: Iterable[tuple[str, str | None, str]] = (),
+    ) -> int:
+        """Record events after sending and add suppressions ``(address, reason, source)``,
+        in ONE transaction; returns how many events were new (an event whose kind and
+        ``ref`` are already recorded is skipped; a suppression already present stays as
+        it was).
+
+        Safe while a ``mailer send`` of the same campaign writes to the log: the write
+        waits for the send's transaction (busy timeout) and retries a few times, so a
+        busy log is slower, never an error, unless it stays locked for half a minute.
+        """
+        now = self._now()
+        rows = []
+        for event in events:
+            kind = str(event.kind)
+            if kind not in _FEEDBACK_KINDS:
+                raise ValueError(f"unknown feedback kind {kind!r}")
+            rows.append(
+                (
+                    event.campaign,
+                    address_key(event.address),
+                    kind,
+                    event.at or now,
+                    event.detail,
+                    event.source,
+                    event.ref,
+                )
+            )
+        suppressions = []
+        for address, reason, source in suppress:
+            if source not in SUPPRESSION_SOURCES:
+                raise ValueError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}, not {source!r}")
+            suppressions.append((address_key(address), reason, source, now))
+        if not rows and not suppressions:
+            return 0
+
+        def write(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(_FEEDBACK_SQL, rows)
+            added = conn.total_changes - before
+            if suppressions:
+                conn.executemany(_SUPPRESSION_SQL, suppressions)
+            return added
+
+        return self._write_retrying(write)
+
+    def _write_retrying(self, write: Callable[[sqlite3.Connection], int]) -> int:
+        """Run ``write`` in a BEGIN IMMEDIATE transaction, again when the log was busy."""
+        for attempt in range(_BUSY_RETRIES + 1):
+            with self._guard as conn:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = write(conn)
+                        conn.execute("COMMIT")
+                        return result
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as exc:
+                    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+                    if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == _BUSY_RETRIES:
+                        raise
+            time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def feedback_counts(self, campaign: str | None = None) -> dict[str, int]:
+        """Events after sending by kind (every kind, zeros included), of one campaign or all;
+        ``unique_*`` keys count recipients with at least one event of that kind."""
+        where, params = ("WHERE campaign = ?", (campaign,)) if campaign is not None else ("", ())
+        with self._guard as conn:
+            rows = conn.execute(
+                f"SELECT kind, count(*), count(DISTINCT campaign || char(0) || recipient) FROM feedback {where} "
+                "GROUP BY kind",
+                params,
+            ).fetchall()
+        found = {kind: (total, unique) for kind, total, unique in rows}
+        counts: dict[str, int] = {}
+        for kind in FeedbackKind:
+            total, unique = found.get(kind.value, (0, 0))
+            counts[kind.value] = total
+            counts[f"unique_{kind.value}"] = unique
+        return counts
+
+    def list_feedback(self, campaign: str | None = None) -> list[tuple[str, str, str, str, str | None, str]]:
+        """Every event ``(campaign, recipient key, kind, at, detail, source)``, oldest first."""
+        where, params = ("WHERE campaign = ?", (campaign,)) if campaign is not None else ("", ())
+        with self._guard as conn:
+            rows = conn.execute(
+                f"SELECT campaign, recipient, kind, at, detail, source FROM feedback {where} ORDER BY id", params
+            ).fetchall()
+        return [tuple(row) for row in rows]
+
+    def find_by_recipient_tag(self, tag: int) -> list[tuple[str, str]]:
+        """The ``(campaign, address)`` rows whose recipient tag is ``tag`` (a VERP token's;
+        :meth:`mailer.core.tokens.TokenSigner.resolve_verp` picks the one it names)."""
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT campaign, coalesce(address, recipient) FROM deliveries WHERE recipient_tag = ?", (tag,)
+            ).fetchall()
+        return [(campaign, address) for campaign, address in rows]
+
+    def find_by_message_ids(self, message_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The ``(campaign, address)`` each Message-ID was sent to, for those in the log
+        (as written in the header, angle brackets included)."""
+        # A bounce may quote it with or without the brackets, with spaces around.
+        wanted: dict[str, list[str]] = {}
+        for given in message_ids:
+            bare = given.strip().strip("<>").strip()
+            if bare:
+                wanted.setdefault(f"<{bare}>", []).append(given)
+        asked = sorted(wanted)
+        found: dict[str, tuple[str, str]] = {}
+        for start in range(0, len(asked), _BULK):
+            chunk = asked[start : start + _BULK]
+            sql = (
+                "SELECT message_id, campaign, coalesce(address, recipient) FROM deliveries "
+                f"WHERE message_id IN ({', '.join('?' * len(chunk))})"
+            )
+            with self._guard as conn:
+                for message_id, campaign, address in conn.execute(sql, chunk):
+                    for given in wanted[message_id]:
+                        found[given] = (campaign, address)
+        return found
 
     def journal_applied(self, run_id: int) -> int | None:
         """How far the run's delivery journal is applied (None: not at all yet)."""
@@ -436,8 +583,9 @@ class SendLog:
             key = address_key(recipient)
             if not key:
                 key = f"line {line}" if line is not None else "(empty)"
+            tag = recipient_tag(key) if status == Status.SUPPRESSED else None
             values.append(
-                (campaign, key, recipient.strip() or None, domain_of(key), str(status), line, reason, now, now)
+                (campaign, key, recipient.strip() or None, domain_of(key), str(status), line, reason, now, now, tag)
             )
         if not values:
             return
