@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mailer.dkim.openssl
+import mailer.dkim.signer
 from mailer.core.config import DKIMConfig
 from mailer.core.errors import DKIMError, ExitCode
 from mailer.dkim.record import parse_tag_list
@@ -163,6 +164,7 @@ def pinned_clock(monkeypatch):
     # dkimpy reads time.time() through its module's "time" name; swap that name
     # only, so t= is fixed without touching the time module everyone else uses.
     monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: float(PINNED_TIME)))
+    monkeypatch.setattr(mailer.dkim.signer, "time", SimpleNamespace(time=lambda: float(PINNED_TIME)))
 
 
 def der(tag: int, contents: bytes) -> bytes:
