@@ -29,6 +29,7 @@ from .message import BuiltMessage, MessageBuilder
 from .sandbox import RenderBudget, Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
 from .templates import BUILTIN_VARIABLES, RenderAbort, ValueTemplate, load_template
+from .tracking import tracker_for
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # RFC 2919 §2: [phrase] "<" list-label "." list-id-namespace ">", all ASCII.
@@ -210,6 +211,7 @@ class Campaign:
             )
             available.add("unsubscribe_url")
         self._unsubscribe_mailto = message.list_unsubscribe_mailto
+        self._tracker = tracker_for(config, self.name)
         self.template.check_variables(available, columns=self.reader.columns)
         if "from" not in [n.lower() for n in self.template.header_names] and not message.from_:
             raise TemplateError(
@@ -383,6 +385,10 @@ class Campaign:
                 if self._unsubscribe_url is not None:
                     variables["unsubscribe_url"] = header_safe_url(self._unsubscribe_url.render(variables))
                 rendered = self.template.render(variables)
+                if self._tracker is not None and rendered.html is not None:
+                    rendered.html = self._tracker.apply(
+                        rendered.html, item.email, unsubscribe_url=variables.get("unsubscribe_url")
+                    )
                 message = self.builder.build(rendered, contact=item, extra_headers=self._extra_headers(variables))
             except RenderAbort as exc:
                 if handled == 0:

@@ -32,6 +32,7 @@ __all__ = [
     "MessageConfig",
     "SMTPConfig",
     "SendConfig",
+    "TrackingConfig",
     "WebConfig",
     "find_config_path",
     "load_config",
@@ -171,6 +172,16 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: all off by default. ``utm`` maps a query key to a Jinja template
+    (``{{ campaign }}`` is the campaign's name), rendered once per run."""
+
+    opens: bool = False
+    clicks: bool = False
+    utm: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is None when no file was read."""
 
@@ -182,6 +193,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     web: WebConfig | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def replace_send(self, **changes: Any) -> Config:
         """A copy with some ``[send]`` values overridden (CLI flags win over the file)."""
@@ -236,8 +248,20 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "previous_secret_envs": ((list,), "previous_secret_envs"),
         "listen": ((str,), "listen"),
     },
+    "tracking": {
+        "opens": ((bool,), "opens"),
+        "clicks": ((bool,), "clicks"),
+        "utm": ((dict,), "utm"),
+    },
 }
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
 
 
 def _looks_like_password(name: str) -> bool:
@@ -412,8 +436,31 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
     check_range("dns.timeout", dns.timeout, 0, 300, " seconds", low_open=True)
 
     web = _parse_web(sections["web"], fail) if "web" in sections else None
+    tracking = _parse_tracking(sections.get("tracking", {}), web, fail)
 
-    return Config(path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns, web=web)
+    return Config(
+        path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns, web=web, tracking=tracking
+    )
+
+
+_UTM_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _parse_tracking(values: dict[str, Any], web: WebConfig | None, fail: Any) -> TrackingConfig:
+    """Check ``[tracking]``: opens and clicks need ``[web] base_url``; utm is a table of strings."""
+    utm = values.get("utm", {})
+    for key, value in utm.items():
+        if not _UTM_KEY.fullmatch(key):
+            raise fail("tracking.utm", f"{key!r} is not a query parameter name (letters, digits, _ . -).")
+        if not isinstance(value, str) or _CONTROL.search(value):
+            raise fail(f"tracking.utm.{key}", "must be a string on one line.")
+    tracking = TrackingConfig(
+        opens=values.get("opens", False), clicks=values.get("clicks", False), utm=tuple(utm.items())
+    )
+    for key, enabled in (("tracking.opens", tracking.opens), ("tracking.clicks", tracking.clicks)):
+        if enabled and (web is None or web.base_url is None):
+            raise fail(key, "needs [web] base_url: the address where `mailer serve` records opens and clicks.")
+    return tracking
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
