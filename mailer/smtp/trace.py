@@ -5,7 +5,7 @@ A :class:`Trace` belongs to one connection. It writes ``smtp[N] C: ...`` and
 password never gets through: the AUTH command keeps only its mechanism, every client
 line of the AUTH exchange (the 334 challenges' answers, where LOGIN sends the
 password in base64) is replaced by ``********``, and any line that holds the password
-or one of its encodings is scrubbed. A message's content is shown as its size only.
+or one of its encodings is scrubbed. A message's content is shown as its size only (after DATA, or as a BDAT chunk).
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ class Trace:
         for raw in data.split(b"\r\n"):
             if raw:
                 self._client_line(raw.decode("utf-8", "replace"))
+
+    def content(self, size: int, how: str) -> None:
+        """A message's content went out (shown by its size, never its text)."""
+        self._emit("C", f"(the message: {size} bytes, {how})")
 
     def _client_line(self, line: str) -> None:
         if self._in_auth:
