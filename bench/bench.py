@@ -4,7 +4,8 @@
     python bench/bench.py dry-run --contacts 100000
     python bench/bench.py dry-run --contacts 1000000
     python bench/bench.py dry-run --contacts 20000 --dkim
-    python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge]
+    python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge] [--smtp-source]
+    python bench/bench.py rtt --delay 0.02 --messages 200
     python bench/bench.py dkim --key rsa|ed25519 --messages 2000
     python bench/bench.py check --contacts 100000 --domains 5000 --latency 0.02
 
@@ -245,8 +246,15 @@ def bench_send(args: argparse.Namespace) -> dict:
                 "peak_pss_mb": PEAK_PSS[0],
                 "dkim": "rsa-2048" if args.dkim else None,
                 "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"
-                + (" --dkim" if args.dkim else ""),
+                + (" --dkim" if args.dkim else "")
+                + (" --smtp-source" if args.smtp_source else ""),
             }
+            if args.smtp_source:
+                result["smtp_source"] = bench_smtp_source(work, port, args.contacts, args.connections)
+                if result["smtp_source"].get("messages_per_second"):
+                    result["share_of_smtp_source"] = round(
+                        result["messages_per_second"] / result["smtp_source"]["messages_per_second"], 2
+                    )
             if args.mailmerge:
                 result["mailmerge"] = bench_mailmerge(work, port, args.contacts)
                 if result["mailmerge"].get("messages_per_second"):
@@ -256,6 +264,89 @@ def bench_send(args: argparse.Namespace) -> dict:
     finally:
         sink.terminate()
         sink.wait()
+    return result
+
+
+def bench_smtp_source(work: Path, port: int, count: int, sessions: int) -> dict:
+    """Postfix's smtp-source into the same sink: ``sessions`` connections kept open
+    (-d), messages of about the size mailer sends (the benchmark's messages are about
+    1.9 KB: `bench.py dkim` prints it), one recipient each."""
+    source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    if not Path(source).exists():
+        return {"tool": "smtp-source", "error": "not installed (apt-get install postfix)"}
+    size = 1900
+    command = [source, "-d", "-s", str(sessions), "-m", str(count), "-l", str(size)]
+    command += ["-f", "news@acme.example", "-t", "user@example.com", f"127.0.0.1:{port}"]
+    elapsed, code, _peak = run_child(command, cwd=work)
+    return {
+        "tool": "smtp-source (Postfix)",
+        "sessions": sessions,
+        "message_bytes": size,
+        "exit_code": code,
+        "seconds": round(elapsed, 2),
+        "messages_per_second": round(count / elapsed),
+    }
+
+
+def bench_rtt(args: argparse.Namespace) -> dict:
+    """Messages per second over one reused connection to a relay that waits ``--delay``
+    before each group of replies (a network round trip), with DATA and with BDAT.
+
+    The relay is tests/bdat_server.py in this process; mailer's delivery pool runs
+    here too (one connection), so the figure is the transaction's, not rendering's.
+    """
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from bdat_server import BDATServer
+
+    from mailer.core.config import SendConfig, SMTPConfig
+    from mailer.core.outcomes import Outgoing
+    from mailer.delivery.pool import deliver
+
+    class Quiet:
+        thread_safe = True
+
+        def on_sending(self, item: object, attempt: int) -> None:
+            pass
+
+        def on_result(self, item: object, result: object) -> None:
+            pass
+
+    body = (b"From: news@acme.example\r\nSubject: hello\r\n\r\n" + b"x" * 76 + b"\r\n") * 30
+    result: dict = {
+        "mode": "rtt",
+        "delay_s": args.delay,
+        "messages": args.messages,
+        "connections": 1,
+        "command": f"python bench/bench.py rtt --delay {args.delay} --messages {args.messages}",
+    }
+    for name, chunking in (("data", False), ("bdat", True)):
+        server = BDATServer(chunking=chunking, delay=args.delay, record=False)
+        try:
+            items = [
+                Outgoing(
+                    key=i, sender="news@acme.example", recipients=[f"u{i}@example.com"], data=body, message_id=None
+                )
+                for i in range(args.messages)
+            ]
+            stats = deliver(
+                items,
+                smtp=SMTPConfig(host=server.host, port=server.port, security="none", timeout=30.0),
+                send=SendConfig(rate="unlimited", connections=1, max_per_connection=100_000, retries=0),
+                password=None,
+                listener=Quiet(),
+                stop=threading.Event(),
+            )
+        finally:
+            server.stop()
+        rate = stats.sent / stats.elapsed if stats.elapsed else 0.0
+        result[name] = {
+            "sent": stats.sent,
+            "seconds": round(stats.elapsed, 2),
+            "messages_per_second": round(rate, 1),
+            "round_trips_per_message": round(1 / (rate * args.delay), 2) if rate and args.delay else None,
+        }
     return result
 
 
@@ -427,6 +518,12 @@ def main() -> None:
     send.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
     send.add_argument("--mailmerge", action="store_true", help="also run mailmerge 2.3.0 on the same contacts")
     send.add_argument("--dkim", action="store_true", help="sign every message (RSA-2048 key made for the run)")
+    send.add_argument(
+        "--smtp-source", action="store_true", help="also run Postfix's smtp-source into the same sink (same sessions)"
+    )
+    rtt = sub.add_parser("rtt", help="one reused connection to a relay that answers after a delay: DATA vs BDAT")
+    rtt.add_argument("--delay", type=float, default=0.02, help="seconds before each group of replies")
+    rtt.add_argument("--messages", type=int, default=200)
     dkim = sub.add_parser("dkim", help="DKIM signatures per second (one thread)")
     dkim.add_argument("--key", choices=("rsa", "ed25519"), default="rsa")
     dkim.add_argument("--messages", type=int, default=2000)
@@ -435,7 +532,7 @@ def main() -> None:
     check.add_argument("--domains", type=int, default=5000)
     check.add_argument("--latency", type=float, default=0.02, help="seconds before each DNS answer")
     args = parser.parse_args()
-    modes = {"dry-run": bench_dry_run, "send": bench_send, "dkim": bench_dkim, "check": bench_check}
+    modes = {"dry-run": bench_dry_run, "send": bench_send, "dkim": bench_dkim, "check": bench_check, "rtt": bench_rtt}
     result = modes[args.mode](args)
     print(json.dumps(result, ensure_ascii=False))
 
