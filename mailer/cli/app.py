@@ -467,7 +467,10 @@ def report(
     ] = None,
     config_path: ConfigOption = None,
 ) -> None:
-    """What happened, from the send log: counts by status, by domain, by SMTP reply.
+    """What happened, from the send log: counts by status, by domain, by SMTP reply, and
+    bounces, complaints (with the rate), unsubscribes, opens and clicks.
+
+    Exit 1 when the complaint rate is above 0.3 % (Gmail's limit); a warning above 0.1 %.
 
     Examples:
 
@@ -511,17 +514,34 @@ def report(
                 raise UsageError(f"cannot write the CSV ({exc.strerror}).", path=str(failed)) from None
             Reporter().info(f"wrote {written} failed and deferred rows to {failed}")
         result = log.report(campaign_name)
+        from ..report import engagement_of
+
+        engagement = engagement_of(log, campaign_name, sent=result.by_status.get("sent", 0))
     if html_file is not None:
         from ..report import write_report_html
 
-        write_report_html(result, html_file)
+        write_report_html(result, html_file, engagement=engagement)
         Reporter().info(f"wrote the HTML report to {html_file}")
     if json_output:
-        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
-        return
-    from .output import print_report
+        import dataclasses
 
-    print_report(result)
+        typer.echo(json.dumps({**result.to_dict(), "engagement": dataclasses.asdict(engagement)}, ensure_ascii=False))
+    else:
+        from .output import print_report
+
+        print_report(result, engagement=engagement)
+    if engagement.complaint_level != "ok":
+        rate = f"{engagement.complaint_rate * 100:.2f} %"
+        limit = (
+            "0.3 %: Gmail's limit; exit 1" if engagement.complaint_level == "fail" else "0.1 %: Gmail's warning line"
+        )
+        Reporter().warning(
+            f"complaint rate {rate} ({engagement.complaints} of {engagement.sent} sent) is above {limit}. "
+            "Mail only people who asked for it, make unsubscribing easy, and select recent engagers "
+            "(--where on engagement.*)."
+        )
+    if engagement.complaint_level == "fail":
+        raise typer.Exit(code=1)
 
 
 # --- suppress ------------------------------------------------------------------------

@@ -203,9 +203,11 @@ def _display_domain(domain: str) -> str:
         return domain
 
 
-def print_report(report: Any, *, console: Console | None = None) -> None:
+def print_report(report: Any, *, engagement: Any = None, console: Console | None = None) -> None:
     """`mailer report` as tables on stdout."""
     console = console or Console(highlight=False, soft_wrap=True)
+    if engagement is not None:
+        _print_engagement(engagement, console)
     title = f"campaign {report.campaign}" if report.campaign else "all campaigns"
     status = Table(title=f"{title}: {report.total} recipients", title_justify="left")
     status.add_column("status")
@@ -242,3 +244,40 @@ def print_report(report: Any, *, console: Console | None = None) -> None:
         )
         for row in report.unknown_outcome[:50]:
             console.print(f"  {escape(row.recipient)} ({escape(row.message_id or '')})")
+
+
+def _print_engagement(engagement: Any, console: Console) -> None:
+    """Bounces, complaints, unsubscribes, opens and clicks (before the delivery tables)."""
+    table = Table(title="after sending (recipients)", title_justify="left")
+    table.add_column("event")
+    table.add_column("recipients", justify="right")
+    table.add_column("rate of sent", justify="right")
+    sent = engagement.sent
+
+    def rate(count: int) -> str:
+        return f"{count / sent * 100:.2f} %" if sent else "-"
+
+    level = {"ok": "", "warn": " [yellow](warn: above 0.1 %)[/]", "fail": " [red](fail: above 0.3 %)[/]"}
+    rows = [
+        ("hard bounces", engagement.bounces_hard, ""),
+        ("soft bounces", engagement.bounces_soft, ""),
+        ("complaints", engagement.complaints, level[engagement.complaint_level]),
+        ("unsubscribes", engagement.unsubscribes, ""),
+        ("unique opens*", engagement.unique_opens, ""),
+        ("unique clicks", engagement.unique_clicks, ""),
+    ]
+    for name, count, note in rows:
+        table.add_row(name, str(count), rate(count) + note)
+    console.print(table)
+    console.print("* opens are inflated: Apple Mail Privacy Protection loads the pixel of every message on arrival.")
+    if engagement.clicks_by_link:
+        links = Table(title="click-through per link", title_justify="left")
+        links.add_column("link")
+        links.add_column("recipients", justify="right")
+        links.add_column("clicks", justify="right")
+        links.add_column("click-through", justify="right")
+        for link in engagement.clicks_by_link[:25]:
+            links.add_row(
+                escape(link.url), str(link.unique_clicks), str(link.clicks), f"{link.click_through * 100:.2f} %"
+            )
+        console.print(links)

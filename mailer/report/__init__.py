@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .engagement import Engagement, LinkClicks, engagement_of
 from .html import render_report_html, write_report_html
 
-__all__ = ["render_report_html", "write_report_html"]
+__all__ = ["Engagement", "LinkClicks", "engagement_of", "render_report_html", "write_report_html"]

@@ -19,10 +19,10 @@ import html
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from ..core.errors import UsageError
 from ..store.records import Report, TimeCount
+from .engagement import Engagement
 
 __all__ = ["render_report_html", "write_report_html"]
 
@@ -193,27 +193,23 @@ def _section(title: str, section_id: str, body: str) -> str:
     return f'<section aria-labelledby="{section_id}"><h2 id="{section_id}">{_e(title)}</h2>{body}</section>'
 
 
-def _engagement_section(engagement: Any) -> str:
-    """The engagement part, from a report that carries one (``report.engagement``)."""
+def _engagement_section(engagement: Engagement) -> str:
+    """The engagement part: bounces, complaints, unsubscribes, opens, clicks per link."""
     cards = [
         ("unique opens", engagement.unique_opens),
         ("unique clicks", engagement.unique_clicks),
         ("hard bounces", engagement.bounces_hard),
         ("soft bounces", engagement.bounces_soft),
         ("complaints", engagement.complaints),
-        ("complaint rate", f"{engagement.complaint_rate * 100:.3f} %"),
+        ("complaint rate", f"{engagement.complaint_rate * 100:.2f} %"),
         ("unsubscribes", engagement.unsubscribes),
     ]
     body = [
         '<ul class="cards">' + "".join(f"<li>{_e(name)}<b>{_e(value)}</b></li>" for name, value in cards) + "</ul>",
-        f'<p class="muted">Opens are inflated: Apple Mail Privacy Protection loads every image of a message '
-        f"when it arrives, read or not. {_e(engagement.opens_machine)} of the opens came from such "
-        "prefetching proxies; the unique opens above count them.</p>"
-        if getattr(engagement, "opens_machine", 0)
-        else '<p class="muted">Opens are inflated: Apple Mail Privacy Protection loads every image of a '
+        '<p class="muted">Opens are inflated: Apple Mail Privacy Protection loads every image of a '
         "message when it arrives, read or not; treat unique opens as an upper bound, clicks as the signal.</p>",
-        f"<p>Complaint rate: <b>{_e(engagement.complaint_level)}</b> (warn above 0.1 %, fail above 0.3 %: "
-        "Gmail's limits).</p>",
+        f"<p>Complaint rate {engagement.complaint_rate * 100:.2f} % of {engagement.sent} sent: "
+        f"<b>{_e(engagement.complaint_level)}</b> (warn above 0.1 %, fail above 0.3 %: Gmail's limits).</p>",
     ]
     links = list(engagement.clicks_by_link)
     if links:
@@ -230,7 +226,9 @@ def _engagement_section(engagement: Any) -> str:
     return _section("Engagement", "engagement", "".join(body))
 
 
-def render_report_html(report: Report, *, generated_at: datetime | None = None) -> str:
+def render_report_html(
+    report: Report, *, engagement: Engagement | None = None, generated_at: datetime | None = None
+) -> str:
     """The whole page for ``report`` as one string."""
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     title = f"mailer report: {report.campaign}" if report.campaign else "mailer report: all campaigns"
@@ -276,7 +274,6 @@ def render_report_html(report: Report, *, generated_at: datetime | None = None) 
         )
         sections.append(_section("Top SMTP replies", "replies", chart + table))
 
-    engagement = getattr(report, "engagement", None)
     if engagement is not None:
         sections.append(_engagement_section(engagement))
 
@@ -303,9 +300,9 @@ def render_report_html(report: Report, *, generated_at: datetime | None = None) 
     )
 
 
-def write_report_html(report: Report, path: Path) -> None:
+def write_report_html(report: Report, path: Path, *, engagement: Engagement | None = None) -> None:
     """Write the page to ``path`` (whole or not at all: a temporary file is renamed)."""
-    text = render_report_html(report)
+    text = render_report_html(report, engagement=engagement)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         temporary.write_text(text, encoding="utf-8")

@@ -93,6 +93,10 @@ class SendStore(Protocol):
         """Events by kind, and ``unique_<kind>``: recipients with at least one."""
         ...
 
+    def clicks_by_link(self, campaign: str | None = None, *, limit: int = 100) -> list[tuple[str, int, int]]:
+        """``(url, recipients who clicked it, clicks)`` for the ``limit`` most clicked links."""
+        ...
+
     def list_feedback(self, campaign: str | None = None) -> list[tuple[str, str, str, str, str | None, str]]:
         """Every event ``(campaign, recipient key, kind, at, detail, source)``, oldest first."""
         ...

@@ -515,6 +515,20 @@ class SendLog:
             counts[f"unique_{kind.value}"] = unique
         return counts
 
+    def clicks_by_link(self, campaign: str | None = None, *, limit: int = 100) -> list[tuple[str, int, int]]:
+        """``(url, recipients who clicked it, clicks)`` for the most clicked links, most first."""
+        where, params = ("AND campaign = ?", (campaign,)) if campaign is not None else ("", ())
+        with self._guard as conn:
+            rows = conn.execute(
+                f"""
+                SELECT detail, count(DISTINCT campaign || char(0) || recipient) AS people, count(*) FROM feedback
+                WHERE kind = 'clicked' AND detail IS NOT NULL {where}
+                GROUP BY detail ORDER BY people DESC, detail LIMIT ?
+                """,
+                (*params, limit),
+            ).fetchall()
+        return [(url, people, clicks) for url, people, clicks in rows]
+
     def list_feedback(self, campaign: str | None = None) -> list[tuple[str, str, str, str, str | None, str]]:
         """Every event ``(campaign, recipient key, kind, at, detail, source)``, oldest first."""
         where, params = ("WHERE campaign = ?", (campaign,)) if campaign is not None else ("", ())
