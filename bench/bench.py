@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mailer's benchmark: messages per second and peak memory of real runs.
 
-    python bench/bench.py dry-run --contacts 100000
+    python bench/bench.py dry-run --contacts 100000 [--mailmerge]
     python bench/bench.py dry-run --contacts 1000000
     python bench/bench.py dry-run --contacts 20000 --dkim
     python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge] [--smtp-source]
@@ -160,18 +160,26 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
         (work / "mailer.toml").write_text(config, encoding="utf-8")
         command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--dry-run", "--quiet"]
         elapsed, code, peak_mb = run_child(command, cwd=work)
-    return {
-        "mode": "dry-run",
-        "contacts": args.contacts,
-        "exit_code": code,
-        "seconds": round(elapsed, 2),
-        "messages_per_second": round(args.contacts / elapsed),
-        "peak_rss_mb": peak_mb,
-        "peak_pss_mb": PEAK_PSS[0],
-        "dkim": "rsa-2048" if args.dkim else None,
-        "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)])
-        + (" --dkim" if args.dkim else ""),
-    }
+        result = {
+            "mode": "dry-run",
+            "contacts": args.contacts,
+            "exit_code": code,
+            "seconds": round(elapsed, 2),
+            "messages_per_second": round(args.contacts / elapsed),
+            "peak_rss_mb": peak_mb,
+            "peak_pss_mb": PEAK_PSS[0],
+            "dkim": "rsa-2048" if args.dkim else None,
+            "command": " ".join(["python", "bench/bench.py", "dry-run", "--contacts", str(args.contacts)])
+            + (" --dkim" if args.dkim else "")
+            + (" --mailmerge" if args.mailmerge else ""),
+        }
+        if args.mailmerge:
+            # mailmerge's own dry run (renders and prints every message, sends nothing)
+            # on the same contacts and Markdown body, its output to /dev/null too.
+            result["mailmerge"] = bench_mailmerge(work, free_port(), args.contacts, dry_run=True)
+            if result["mailmerge"].get("messages_per_second"):
+                result["ratio"] = round(result["messages_per_second"] / result["mailmerge"]["messages_per_second"], 1)
+    return result
 
 
 def _dkim_config(work: Path) -> str:
@@ -350,8 +358,11 @@ def bench_rtt(args: argparse.Namespace) -> dict:
     return result
 
 
-def bench_mailmerge(work: Path, port: int, count: int) -> dict:
-    """The same contacts through mailmerge 2.3.0 (its own venv; never a project dependency)."""
+def bench_mailmerge(work: Path, port: int, count: int, *, dry_run: bool = False) -> dict:
+    """The same contacts through mailmerge 2.3.0 (its own venv; never a project dependency).
+
+    ``dry_run``: mailmerge's ``--dry-run`` (render and print each message, send nothing).
+    """
     venv = Path(tempfile.gettempdir()) / "mailer-bench-mailmerge-venv"
     binary = venv / "bin" / "mailmerge"
     if not binary.exists():
@@ -385,14 +396,14 @@ def bench_mailmerge(work: Path, port: int, count: int) -> dict:
         "mm_database.csv",
         "--config",
         "mm_server.conf",
-        "--no-dry-run",
+        "--dry-run" if dry_run else "--no-dry-run",
         "--no-limit",
         "--output-format",
         "raw",
     ]
     elapsed, code, peak_mb = run_child(command, cwd=work)
     return {
-        "tool": "mailmerge 2.3.0",
+        "tool": "mailmerge 2.3.0" + (" --dry-run" if dry_run else ""),
         "exit_code": code,
         "seconds": round(elapsed, 2),
         "messages_per_second": round(count / elapsed) if code == 0 else None,
@@ -512,6 +523,7 @@ def main() -> None:
     dry = sub.add_parser("dry-run", help="render N messages into /dev/null")
     dry.add_argument("--contacts", type=int, default=100_000)
     dry.add_argument("--dkim", action="store_true", help="sign every message (RSA-2048 key made for the run)")
+    dry.add_argument("--mailmerge", action="store_true", help="also run mailmerge 2.3.0's dry run on the same contacts")
     send = sub.add_parser("send", help="send N messages into a loopback sink")
     send.add_argument("--contacts", type=int, default=20_000)
     send.add_argument("--connections", type=int, default=4)

@@ -524,3 +524,14 @@ def test_a_long_non_ascii_subject_breaks_its_encoded_words_after_a_space(subject
     pieces = [base64.b64decode(w).decode("utf-8") for w in re.findall(r"=\?utf-8\?b\?([^?]*)\?=", header)]
     assert len(pieces) > 1 and "".join(pieces) == subject
     assert all(piece.endswith(" ") for piece in pieces[:-1])  # no word is cut
+
+
+def test_an_ascii_display_name_before_a_non_ascii_address_is_built_as_utf8():
+    # formataddr refuses a non-ASCII address: this raised UnicodeEncodeError, which
+    # ended a dry run or send with a traceback instead of mailing the row.
+    contact = make_contact("jörg@bücher.example")
+    message = fixed_builder().build(rendered(To="Jorg Smith <jörg@bücher.example>"), contact=contact)
+    assert message.smtputf8
+    assert "To: Jorg Smith <jörg@bücher.example>\r\n".encode() in message.data
+    parsed = assert_well_formed(message.data)
+    assert parsed["To"].addresses[0].display_name == "Jorg Smith"

@@ -27,8 +27,20 @@ __all__ = ["DRY_RUN_FORMATS", "prepare_output_dir", "write_dry_run"]
 DRY_RUN_FORMATS = ("mbox", "jsonl")
 
 
-def _mbox_from_line() -> bytes:
-    return b"From MAILER-DAEMON " + time.asctime(time.gmtime()).encode() + b"\n"
+class _MboxFromLine:
+    """The mbox ``From `` line of the current second (formatted once a second, not per message)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def __call__(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._line = b"From MAILER-DAEMON " + time.asctime(time.gmtime(now)).encode() + b"\n"
+        return self._line
 
 
 _MBOX_ESCAPE = re.compile(rb"^(>*From )", re.MULTILINE)
@@ -107,6 +119,7 @@ def write_dry_run(
     messages: Iterator[tuple[Contact, BuiltMessage]] = campaign.messages(summary)
     if sign is not None:
         messages = _signed(messages, sign)
+    from_line = _MboxFromLine()
     for count, (contact, message) in enumerate(messages, 1):
         if output_dir is not None:
             safe = re.sub(r"[^\w.@+-]", "_", contact.email)[:100]
@@ -129,7 +142,7 @@ def write_dry_run(
             body = message.data.replace(b"\r\n", b"\n")
             if b"From " in body:
                 body = _MBOX_ESCAPE.sub(rb">\1", body)
-            out.write(_mbox_from_line() + body + b"\n")
+            out.write(from_line() + body + b"\n")
         summary.counts["rendered"] += 1
         if on_message:
             on_message()

@@ -183,7 +183,9 @@ def encode_unstructured(name: str, value: str) -> str:
 def _qp(text: str) -> bytes:
     if not text.endswith("\n"):
         text += "\n"
-    data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8", "surrogateescape")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    data = text.encode("utf-8", "surrogateescape")
     return binascii.b2a_qp(data).replace(b"\n", b"\r\n")
 
 
@@ -229,6 +231,20 @@ class MessageBuilder:
         # (header name, value, expected count) -> _encode_address_header's result
         self._address_cache: dict[tuple[str, str, int | None], tuple[str, list[str], bool]] = {}
         self._attachment_cache: dict[str, tuple[int, int, bytes]] = {}
+        # The same for every message of the run: written once, joined per message.
+        alternative = self._alternative_boundary.encode("ascii")
+        self._text_part_head = (
+            b"--" + alternative + b"\r\n"
+            b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+        )
+        self._html_part_head = (
+            b"\r\n--" + alternative + b"\r\n"
+            b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+        )
+        self._alternative_end = b"\r\n--" + alternative + b"--\r\n"
+        self._alternative_type = f'Content-Type: multipart/alternative; boundary="{self._alternative_boundary}"'
+        # header name -> lower-cased (the names are the template's, so a handful)
+        self._lowered: dict[str, str] = {}
 
     # -- headers -------------------------------------------------------------------
     def _encode_address_header(
@@ -280,7 +296,12 @@ class MessageBuilder:
             if not display:
                 formatted.append(header_address)
             elif display.isascii() and not _NEEDS_ENCODING.search(display):
-                formatted.append(formataddr((display, header_address)))
+                if header_address.isascii():
+                    formatted.append(formataddr((display, header_address)))
+                else:
+                    # formataddr refuses a non-ASCII address (UnicodeEncodeError, which
+                    # ended the run); an SMTPUTF8 header carries it as UTF-8 (RFC 6532).
+                    formatted.append(formataddr((display, ""))[:-2] + f"<{header_address}>")
             else:
                 formatted.append(" ".join(encode_words(display)) + f" <{header_address}>")
         pieces = [piece + "," for piece in formatted[:-1]] + formatted[-1:]
@@ -360,7 +381,11 @@ class MessageBuilder:
                     "a header cannot be split, so the row is refused to prevent header injection"
                 )
             value = value.strip()
-            lowered = name.lower()
+            lowered = self._lowered.get(name)
+            if lowered is None:
+                lowered = name.lower()
+                if len(self._lowered) < _CACHE_LIMIT:
+                    self._lowered[name] = lowered
             present.add(lowered)
             if lowered in ADDRESS_HEADERS:
                 if not value and lowered in ("cc", "bcc", "reply-to"):
@@ -408,21 +433,10 @@ class MessageBuilder:
 
         text_part = _qp(rendered.text)
         if rendered.html is not None:
-            b = self._alternative_boundary
-            body = (
-                b"--" + b.encode() + b"\r\n"
-                b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
-                + text_part
-                + b"\r\n--"
-                + b.encode()
-                + b"\r\n"
-                b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
-                + _qp(rendered.html)
-                + b"\r\n--"
-                + b.encode()
-                + b"--\r\n"
+            body = b"".join(
+                (self._text_part_head, text_part, self._html_part_head, _qp(rendered.html), self._alternative_end)
             )
-            body_type = f'Content-Type: multipart/alternative; boundary="{b}"'
+            body_type = self._alternative_type
         else:
             body = text_part
             body_type = 'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable'
