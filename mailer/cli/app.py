@@ -40,6 +40,7 @@ __all__ = [
     "preview",
     "report",
     "send",
+    "serve",
     "suppress_add",
     "suppress_app",
     "suppress_import",
@@ -626,6 +627,35 @@ def suppress_import(
 
 
 # --- check ---------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def serve(
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="HOST:PORT to listen on (default: [web] listen, 127.0.0.1:8025)."),
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Run the web endpoint: one-click unsubscribe (RFC 8058) and, with [tracking], opens and clicks.
+
+    Needs [web] in the config and the signing key in $MAILER_WEB_SECRET (or the variable
+    [web] secret_env names). Put a TLS reverse proxy in front (see README).
+
+    Example:
+
+      mailer serve --listen 127.0.0.1:8025
+    """
+    from ..web.serve import serve as run_serve
+
+    reporter = Reporter()
+    run_serve(
+        load_config(config_path),
+        listen=listen,
+        warn=reporter.warning,
+        ready=lambda host, port: reporter.info(f"listening on http://{host}:{port}"),
+    )
+
+
 @app.command()
 @handle_errors
 def check(
