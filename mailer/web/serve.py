@@ -71,9 +71,7 @@ def serve(
     warning = base_url_warning(web.base_url)
     if warning:
         warn(warning)
-    tracking = getattr(config, "tracking", None)  # [tracking] comes with click and open tracking
-    opens = bool(getattr(tracking, "opens", False))
-    clicks = bool(getattr(tracking, "clicks", False))
+    opens, clicks = config.tracking.opens, config.tracking.clicks
 
     import uvicorn
 
