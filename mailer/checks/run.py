@@ -199,7 +199,7 @@ def _check_contacts(
     domains: dict[str, int] = {}
     suppressed = 0
     log = None
-    if Path(config.log.path).exists():
+    if config.log.url is not None or Path(config.log.path).exists():
         from ..store import open_store
 
         log = open_store(config.log, create=False)

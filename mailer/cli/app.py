@@ -496,7 +496,7 @@ def report(
             if campaign_name not in known:
                 listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
                 raise UsageError(
-                    f"there is no campaign {campaign_name!r} in the send log {config.log.path}.",
+                    f"there is no campaign {campaign_name!r} in the send log {config.log.where}.",
                     hint=f"The campaigns there are: {listed}." if known else "It holds no campaign yet.",
                 )
         if failed is not None:
@@ -562,7 +562,8 @@ def _open_log(config_path: Path | None, *, create: bool = True) -> SendStore:
 
 
 def _log_exists(config_path: Path | None) -> bool:
-    return load_config(config_path).log.path.exists()
+    log = load_config(config_path).log
+    return log.url is not None or log.path.exists()
 
 
 @suppress_app.command("add")

@@ -140,7 +140,38 @@ class DKIMConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
+    """``[log]``: the SQLite file at ``path`` (the default), or PostgreSQL at ``url``.
+
+    With ``url`` the password comes from PGPASSWORD or the variable ``password_env``
+    names (never from the file); ``path`` then only says where the local delivery
+    journals and campaign lock files go (beside it).
+    """
+
     path: Path = Path("mailer.sqlite3")
+    url: str | None = None
+    password_env: str | None = None
+
+    @property
+    def password(self) -> str | None:
+        """The database password from ``password_env`` or PGPASSWORD, or None."""
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return os.environ.get("PGPASSWORD")
+
+    @property
+    def where(self) -> str:
+        """The store as a user would name it: the file, or the URL without any password."""
+        if self.url is None:
+            return str(self.path)
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 @dataclass(frozen=True)
@@ -236,7 +267,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "selector": ((str,), "selector"),
         "private_key": ((str,), "private_key"),
     },
-    "log": {"path": ((str,), "path")},
+    "log": {"path": ((str,), "path"), "url": ((str,), "url"), "password_env": ((str,), "password_env")},
     "dns": {
         "nameservers": ((list,), "nameservers"),
         "port": ((int,), "port"),
@@ -424,7 +455,43 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
             domain=values["domain"], selector=values["selector"], private_key=base / values["private_key"]
         )
 
-    log = LogConfig(path=base / sections.get("log", {}).get("path", "mailer.sqlite3"))
+    log_values = sections.get("log", {})
+    log = LogConfig(
+        path=base / log_values.get("path", "mailer.sqlite3"),
+        url=log_values.get("url"),
+        password_env=log_values.get("password_env"),
+    )
+    if log.url is not None:
+        from urllib.parse import urlsplit
+
+        try:
+            url_parts = urlsplit(log.url)
+            url_parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise fail(
+                "log.url", "is not a valid URL.", 'Write it as "postgresql://user@host:5432/database".'
+            ) from None
+        if url_parts.scheme not in ("postgresql", "postgres"):
+            raise fail(
+                "log.url",
+                "must be a postgresql:// URL (the SQLite send log is set with [log] path).",
+                'Write it as "postgresql://user@host:5432/database".',
+            )
+        if url_parts.password is not None:
+            raise fail(
+                "log.url",
+                "must not hold the password.",
+                "Remove it from the URL and give it through PGPASSWORD or the variable [log] password_env names.",
+            )
+        if not url_parts.path.strip("/"):
+            raise fail("log.url", "names no database.", 'Write it as "postgresql://user@host:5432/database".')
+    if log.password_env is not None and (
+        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", log.password_env) or _looks_like_password(log.password_env)
+    ):
+        raise fail(
+            "log.password_env",
+            "must be the NAME of an environment variable (letters, digits, _), never the password itself.",
+        )
 
     dns_values = dict(sections.get("dns", {}))
     nameservers = dns_values.pop("nameservers", [])

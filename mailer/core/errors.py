@@ -24,6 +24,7 @@ __all__ = [
     "ProcessEndedError",
     "RowError",
     "SendLogError",
+    "StoreUnavailableError",
     "TemplateError",
     "TemporaryDeliveryError",
     "UsageError",
@@ -113,6 +114,12 @@ class DKIMError(MailerError):
 
 class SendLogError(MailerError):
     """The send log cannot be opened, read or migrated."""
+
+
+class StoreUnavailableError(SendLogError):
+    """The send log's server went away during a run (PostgreSQL): try again later."""
+
+    exit_code = ExitCode.TEMPFAIL
 
 
 class LockedError(MailerError):

@@ -12,11 +12,16 @@ __all__ = ["open_store"]
 
 
 def open_store(log: LogConfig, *, create: bool = True) -> SendStore:
-    """Open the store that ``[log]`` names (SQLite at ``log.path``), creating it if need be.
+    """Open the store that ``[log]`` names (PostgreSQL at ``log.url``, else SQLite at
+    ``log.path``), creating it if need be.
 
     With ``create=False`` a missing store is an error (for ``mailer report``). Raises
     :class:`~mailer.core.errors.SendLogError` when it cannot be used.
     """
+    if log.url is not None:
+        from .postgres import PostgresStore
+
+        return PostgresStore.open(log, create=create)
     from .sqlite import SendLog
 
     return SendLog.open(log.path, create=create)
