@@ -182,10 +182,19 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _dkim_config(work: Path) -> str:
-    """A fresh RSA-2048 key in ``work`` and the ``[dkim]`` section that names it."""
+def _make_key(key: Path, kind: str) -> None:
+    if kind == "rsa":
+        subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    else:
+        subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True
+        )
+
+
+def _dkim_config(work: Path, kind: str = "rsa") -> str:
+    """A fresh RSA-2048 (or Ed25519) key in ``work`` and the ``[dkim]`` section that names it."""
     key = work / "dkim.pem"
-    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    _make_key(key, kind)
     key.chmod(0o600)
     return '\n[dkim]\ndomain = "acme.example"\nselector = "bench"\nprivate_key = "dkim.pem"\n'
 
@@ -238,9 +247,11 @@ def bench_send(args: argparse.Namespace) -> dict:
             (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
             config = CONFIG.format(port=port, connections=args.connections)
             if args.dkim:
-                config += _dkim_config(work)
+                config += _dkim_config(work, args.key)
             (work / "mailer.toml").write_text(config, encoding="utf-8")
             command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--yes", "--quiet", "--json"]
+            if args.signing_workers is not None:
+                os.environ["MAILER_DKIM_WORKERS"] = str(args.signing_workers)
             elapsed, code, peak_mb = run_child(command, cwd=work)
             result = {
                 "mode": "send",
@@ -252,9 +263,11 @@ def bench_send(args: argparse.Namespace) -> dict:
                 "messages_per_second": round(args.contacts / elapsed),
                 "peak_rss_mb": peak_mb,
                 "peak_pss_mb": PEAK_PSS[0],
-                "dkim": "rsa-2048" if args.dkim else None,
+                "dkim": ("rsa-2048" if args.key == "rsa" else "ed25519") if args.dkim else None,
+                "signing_workers": args.signing_workers,
                 "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"
-                + (" --dkim" if args.dkim else "")
+                + (f" --dkim --key {args.key}" if args.dkim else "")
+                + (f" --signing-workers {args.signing_workers}" if args.signing_workers is not None else "")
                 + (" --smtp-source" if args.smtp_source else ""),
             }
             if args.smtp_source:
@@ -486,12 +499,7 @@ def bench_dkim(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         key = work / "dkim.pem"
-        if args.key == "rsa":
-            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
-        else:
-            subprocess.run(
-                ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True
-            )
+        _make_key(key, args.key)
         key.chmod(0o600)
         signer = DKIMSigner.load(DKIMConfig(domain="acme.example", selector="bench", private_key=key))
         write_contacts(work / "contacts.csv", 50)
@@ -502,17 +510,27 @@ def bench_dkim(args: argparse.Namespace) -> dict:
             builder.build(template.render(c.variables), contact=c).data
             for c in ContactReader(str(work / "contacts.csv"))
         ]
+        assert signer._sign_digest is not None, signer.warnings
         start = time.perf_counter()
         for index in range(args.messages):
             signer.sign(messages[index % len(messages)])
         elapsed = time.perf_counter() - start
+        # The same messages through dkimpy (the fallback and the tests' reference).
+        reference_count = max(1, args.messages // 4)
+        start = time.perf_counter()
+        for index in range(reference_count):
+            signer._sign_with_dkimpy(messages[index % len(messages)])
+        reference = time.perf_counter() - start
     return {
         "mode": "dkim",
+        "measures": "DKIMSigner.sign (mailer/dkim/relaxed.py + OpenSSL), one thread, in process; "
+        "dkimpy_signatures_per_second: the same key and messages through dkimpy",
         "key": args.key,
         "messages": args.messages,
         "message_bytes": len(messages[0]),
         "seconds": round(elapsed, 2),
         "signatures_per_second": round(args.messages / elapsed),
+        "dkimpy_signatures_per_second": round(reference_count / reference),
         "command": f"python bench/bench.py dkim --key {args.key} --messages {args.messages}",
     }
 
@@ -529,7 +547,9 @@ def main() -> None:
     send.add_argument("--connections", type=int, default=4)
     send.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
     send.add_argument("--mailmerge", action="store_true", help="also run mailmerge 2.3.0 on the same contacts")
-    send.add_argument("--dkim", action="store_true", help="sign every message (RSA-2048 key made for the run)")
+    send.add_argument("--dkim", action="store_true", help="sign every message (a key made for the run)")
+    send.add_argument("--key", choices=("rsa", "ed25519"), default="rsa", help="with --dkim: RSA-2048 or Ed25519")
+    send.add_argument("--signing-workers", type=int, help="DKIM signing processes (MAILER_DKIM_WORKERS)")
     send.add_argument(
         "--smtp-source", action="store_true", help="also run Postfix's smtp-source into the same sink (same sessions)"
     )
