@@ -149,6 +149,29 @@ def mailer_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mailer"]
 
 
+def _write_history(path: Path, count: int) -> float:
+    """A send log where every contact was sent one earlier campaign and a third opened it."""
+    from datetime import UTC, datetime, timedelta
+
+    from mailer.core.outcomes import Status
+    from mailer.store.records import FeedbackEvent, FeedbackKind
+    from mailer.store.sqlite import SendLog
+
+    started = time.perf_counter()
+    now = datetime.now(UTC)
+    with SendLog.open(path) as log:
+        for first in range(0, count, 20_000):
+            rows = range(first, min(first + 20_000, count))
+            emails = [f"user{i}@example{i % 5000}.com" for i in rows]
+            log.record_events("earlier", [(e, Status.SENT, 250, "ok", f"<{e}>", None) for e in emails])
+            log.record_feedback(
+                FeedbackEvent("earlier", e, FeedbackKind.OPENED, at=(now - timedelta(days=i % 365)).isoformat())
+                for i, e in zip(rows, emails, strict=True)
+                if i % 3 == 0
+            )
+    return time.perf_counter() - started
+
+
 def bench_dry_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -159,6 +182,24 @@ def bench_dry_run(args: argparse.Namespace) -> dict:
             config += _dkim_config(work)
         (work / "mailer.toml").write_text(config, encoding="utf-8")
         command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--dry-run", "--quiet"]
+        if args.engagement:
+            history_seconds = _write_history(work / "mailer.sqlite3", args.contacts)
+            base = run_child(command, cwd=work)
+            where = "engagement.days_since_open is none or engagement.days_since_open < 180"
+            elapsed, code, peak_mb = run_child([*command, "--where", where], cwd=work)
+            return {
+                "mode": "dry-run --where engagement",
+                "contacts": args.contacts,
+                "history_rows": args.contacts,
+                "history_write_seconds": round(history_seconds, 1),
+                "seconds_without_where": round(base[0], 2),
+                "peak_rss_mb_without_where": base[2],
+                "seconds_with_engagement_where": round(elapsed, 2),
+                "ratio": round(elapsed / base[0], 2),
+                "exit_code": code,
+                "peak_rss_mb": peak_mb,
+                "command": f"python bench/bench.py dry-run --contacts {args.contacts} --engagement",
+            }
         elapsed, code, peak_mb = run_child(command, cwd=work)
         result = {
             "mode": "dry-run",
@@ -542,6 +583,12 @@ def main() -> None:
     dry.add_argument("--contacts", type=int, default=100_000)
     dry.add_argument("--dkim", action="store_true", help="sign every message (RSA-2048 key made for the run)")
     dry.add_argument("--mailmerge", action="store_true", help="also run mailmerge 2.3.0's dry run on the same contacts")
+    dry.add_argument(
+        "--engagement",
+        action="store_true",
+        help="a send log with one earlier send per contact (a third opened); time the dry run without and with "
+        "an engagement --where",
+    )
     send = sub.add_parser("send", help="send N messages into a loopback sink")
     send.add_argument("--contacts", type=int, default=20_000)
     send.add_argument("--connections", type=int, default=4)

@@ -25,6 +25,7 @@ from ..core.config import Config, MessageConfig
 from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
 from ..core.outcomes import Skip
 from .contacts import Contact, ContactReader, Rejected, compile_where
+from .engagement import load_engagement, mentions_engagement
 from .message import BuiltMessage, MessageBuilder
 from .sandbox import RenderBudget, Sandbox, find_unsafe_attribute
 from .seen import SeenAddresses
@@ -201,6 +202,7 @@ class Campaign:
         self.template = load_template(template, budget=self.budget)
         self.reader = ContactReader(contacts, email_column=email_column, stdin=stdin, spool_stdin=spool_stdin)
         self.where = compile_where(where, columns=self.reader.variable_names, budget=self.budget)
+        self._engagement = load_engagement(config, clock=clock) if mentions_engagement(where) else None
         available = set(self.reader.variable_names) | set(BUILTIN_VARIABLES)
         message = config.message
         env = Sandbox(autoescape=False, max_size=self.budget.max_bytes)
@@ -344,6 +346,7 @@ class Campaign:
     def _candidates(self, summary: Summary, seen: SeenAddresses, problem: Callable[..., None]) -> Iterator[Contact]:
         """The valid, selected (``--where``), first-seen contacts."""
         where = self.where
+        engagement = self._engagement
         campaign_name = self.name
         counts = summary.counts
         for item in self.reader:
@@ -353,6 +356,8 @@ class Campaign:
                 continue
             variables = item.variables
             variables["campaign"] = campaign_name
+            if engagement is not None:
+                variables["engagement"] = engagement.of(item.envelope)
             if where is not None and not where(variables):
                 counts["filtered"] += 1
                 continue

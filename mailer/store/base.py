@@ -93,6 +93,12 @@ class SendStore(Protocol):
         """Events by kind, and ``unique_<kind>``: recipients with at least one."""
         ...
 
+    def engagement_history(self) -> dict[str, tuple[int, int, int, int, str | None, str | None, str | None]]:
+        """Every recipient's history over all campaigns, in one query (for ``--where``'s
+        ``engagement``): address key -> ``(sent, opens, clicks, bounces, last_open,
+        last_click, last_sent)``, times as UTC ISO 8601 or None."""
+        ...
+
     def clicks_by_link(self, campaign: str | None = None, *, limit: int = 100) -> list[tuple[str, int, int]]:
         """``(url, recipients who clicked it, clicks)`` for the ``limit`` most clicked links."""
         ...

@@ -515,6 +515,27 @@ class SendLog:
             counts[f"unique_{kind.value}"] = unique
         return counts
 
+    def engagement_history(self) -> dict[str, tuple[int, int, int, int, str | None, str | None, str | None]]:
+        """Every recipient's history over all campaigns, in one query: address key ->
+        ``(sent, opens, clicks, bounces, last_open, last_click, last_sent)`` (times UTC ISO)."""
+        with self._guard as conn:
+            rows = conn.execute(
+                """
+                SELECT recipient, sum(sent), sum(opens), sum(clicks), sum(bounces),
+                       max(last_open), max(last_click), max(last_sent) FROM (
+                    SELECT recipient, count(*) AS sent, 0 AS opens, 0 AS clicks, 0 AS bounces,
+                           NULL AS last_open, NULL AS last_click, max(updated_at) AS last_sent
+                        FROM deliveries WHERE status = 'sent' GROUP BY recipient
+                    UNION ALL
+                    SELECT recipient, 0, sum(kind = 'opened'), sum(kind = 'clicked'),
+                           sum(kind IN ('bounced_hard', 'bounced_soft')),
+                           max(CASE WHEN kind = 'opened' THEN at END), max(CASE WHEN kind = 'clicked' THEN at END), NULL
+                        FROM feedback GROUP BY recipient
+                ) GROUP BY recipient
+                """
+            ).fetchall()
+        return {row[0]: tuple(row[1:]) for row in rows}
+
     def clicks_by_link(self, campaign: str | None = None, *, limit: int = 100) -> list[tuple[str, int, int]]:
         """``(url, recipients who clicked it, clicks)`` for the most clicked links, most first."""
         where, params = ("AND campaign = ?", (campaign,)) if campaign is not None else ("", ())
