@@ -127,6 +127,31 @@ def test_a_suppressed_row_that_is_later_mailed_keeps_its_tag(log: SendLog) -> No
     assert log.find_by_recipient_tag(recipient_tag("c@x.example")) == [("spring", "c@x.example")]
 
 
+def test_engagement_history_over_all_campaigns_in_one_query(log: SendLog) -> None:
+    log.record_events(
+        "a", [("Ann@x.org", Status.SENT, 250, "ok", "<1@x>", 1), ("bo@x.org", Status.FAILED, 550, "no", None, 2)]
+    )
+    log.record_events("b", [("ann@x.org", Status.SENT, 250, "ok", "<2@x>", 1)])
+    log.record_feedback(
+        [
+            FeedbackEvent("a", "ann@x.org", FeedbackKind.OPENED, at="2026-05-01T10:00:00+00:00"),
+            FeedbackEvent("b", "ann@x.org", FeedbackKind.OPENED, at="2026-05-03T10:00:00+00:00"),
+            FeedbackEvent(
+                "b", "ann@x.org", FeedbackKind.CLICKED, detail="https://x.org/", at="2026-05-02T10:00:00+00:00"
+            ),
+            FeedbackEvent("a", "bo@x.org", FeedbackKind.BOUNCED_HARD, ref="r1"),
+        ]
+    )
+
+    history = log.engagement_history()
+
+    sent, opens, clicks, bounces, last_open, last_click, last_sent = history["ann@x.org"]
+    assert (sent, opens, clicks, bounces) == (2, 2, 1, 0)
+    assert last_open is not None and last_open.startswith("2026-05-03")
+    assert last_click is not None and last_click.startswith("2026-05-02") and last_sent is not None
+    assert history["bo@x.org"][:4] == (0, 0, 0, 1) and history["bo@x.org"][6] is None
+
+
 def test_a_version_4_log_migrates_with_tags_and_an_empty_feedback_table(tmp_path: Path) -> None:
     path = tmp_path / "v4.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)

@@ -174,6 +174,7 @@ FEEDBACK_TESTS = [
     "test_bad_kind_or_source_is_refused_before_anything_is_written",
     "test_verp_token_resolves_through_the_send_log",
     "test_a_suppressed_row_that_is_later_mailed_keeps_its_tag",
+    "test_engagement_history_over_all_campaigns_in_one_query",
 ]
 
 

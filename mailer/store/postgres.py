@@ -452,6 +452,34 @@ class PostgresStore:
             counts[f"unique_{kind.value}"] = unique
         return counts
 
+    def engagement_history(self) -> dict[str, tuple[int, int, int, int, str | None, str | None, str | None]]:
+        """Every recipient's history over all campaigns, in one query (see SendStore)."""
+        rows = self._run(
+            lambda conn: conn.execute(
+                """
+                SELECT recipient, sum(sent), sum(opens), sum(clicks), sum(bounces),
+                       max(last_open), max(last_click), max(last_sent) FROM (
+                    SELECT recipient, count(*) AS sent, 0 AS opens, 0 AS clicks, 0 AS bounces,
+                           NULL AS last_open, NULL AS last_click, max(updated_at) AS last_sent
+                        FROM deliveries WHERE status = 'sent' GROUP BY recipient
+                    UNION ALL
+                    SELECT recipient, 0, count(*) FILTER (WHERE kind = 'opened'), count(*) FILTER (WHERE kind = 'clicked'),
+                           count(*) FILTER (WHERE kind IN ('bounced_hard', 'bounced_soft')),
+                           max(at) FILTER (WHERE kind = 'opened'), max(at) FILTER (WHERE kind = 'clicked'), NULL
+                        FROM feedback GROUP BY recipient
+                ) AS history GROUP BY recipient
+                """
+            ).fetchall()
+        )
+
+        def iso(value: object) -> str | None:
+            return None if value is None else (value if isinstance(value, str) else value.isoformat())  # type: ignore[attr-defined]
+
+        return {
+            row[0]: (int(row[1]), int(row[2]), int(row[3]), int(row[4]), iso(row[5]), iso(row[6]), iso(row[7]))
+            for row in rows
+        }
+
     def clicks_by_link(self, campaign: str | None = None, *, limit: int = 100) -> list[tuple[str, int, int]]:
         """``(url, recipients who clicked it, clicks)`` for the most clicked links, most first."""
         where, params = ("AND campaign = %s", (campaign,)) if campaign is not None else ("", ())
