@@ -4,6 +4,7 @@ app under a real uvicorn server in a thread for the tracking routes."""
 
 from __future__ import annotations
 
+import quopri
 import re
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import uvicorn
 from send_support import Project
 
-from mailer.core.tokens import TokenSigner
+from mailer.core.tokens import TokenKind, TokenSigner
 from mailer.store.sqlite import SendLog
 from mailer.web.app import PIXEL_GIF, create_app
 
@@ -222,3 +223,29 @@ def test_plain_http_base_url_warns_except_on_loopback() -> None:
     assert base_url_warning("http://[::1]:8025") is None
     warning = base_url_warning("http://mail.acme.example")
     assert warning is not None and "RFC 8058" in warning and "https://" in warning
+
+
+def test_a_marketing_send_with_web_gets_a_signed_one_click_unsubscribe(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    project.configure(
+        web={"base_url": "https://mail.acme.example"},
+        message={"kind": "marketing", "list_unsubscribe_mailto": "unsub@acme.example"},
+    )
+    project.write_contacts(["jane@example.com"])
+    project.write_template("Subject: News\n\nHello {{ name }}, leave: {{ unsubscribe_url }}\n")
+    outcome = project.send("--dry-run", "--campaign", "spring", env=ENV)
+    assert outcome.exit_code == 0, outcome
+    found = re.search(
+        r"List-Unsubscribe: <mailto:unsub@acme.example\?subject=unsubscribe>,\s+<(https://[^>]+)>", outcome.stdout
+    )
+    assert found, outcome.stdout
+    url = found.group(1)
+    assert url.startswith("https://mail.acme.example/u/")
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in outcome.stdout
+    assert f"leave: {url}" in quopri.decodestring(outcome.stdout.encode()).decode()  # the body is quoted-printable
+    assert "jane" not in url
+    claims = TokenSigner(SECRET).verify(url.rsplit("/", 1)[1], TokenKind.UNSUBSCRIBE)
+    assert claims is not None and (claims.campaign, claims.address) == ("spring", "jane@example.com")
+    # Without the key the send is refused before anything is built, naming the variable.
+    outcome = project.send("--dry-run", env={"MAILER_WEB_SECRET": ""})
+    assert outcome.exit_code == 2 and "MAILER_WEB_SECRET" in outcome.stderr, outcome

@@ -93,7 +93,7 @@ def run_checks(
             tls_warning,
             "Remove tls_verify = false (the default verifies), unless the relay is on a trusted network.",
         )
-    unsubscribe = unsubscribe_warning(config.message)
+    unsubscribe = unsubscribe_warning(config.message, config.web)
     if unsubscribe is not None:
         yield Check("config", "unsubscribe", "warn", *unsubscribe)
     elif config.message.kind == "transactional":

@@ -21,9 +21,10 @@ from typing import IO, Any
 from jinja2 import Environment, TemplateSyntaxError, UndefinedError, meta
 
 from ..core.addresses import address_key
-from ..core.config import Config, MessageConfig
+from ..core.config import Config, MessageConfig, WebConfig
 from ..core.errors import ConfigError, ExitCode, MailerError, RowError, TemplateError, UsageError
 from ..core.outcomes import Skip
+from ..core.tokens import TokenSigner
 from .contacts import Contact, ContactReader, Rejected, compile_where
 from .engagement import load_engagement, mentions_engagement
 from .message import BuiltMessage, MessageBuilder
@@ -74,12 +75,14 @@ PROBLEM_KINDS = ("invalid", "fields", "duplicate", "blank", "error")
 _PROBLEMS_KEPT = 100
 
 
-def unsubscribe_warning(message: MessageConfig) -> tuple[str, str] | None:
+def unsubscribe_warning(message: MessageConfig, web: WebConfig | None = None) -> tuple[str, str] | None:
     """``(what, how to fix it)`` for bulk mail without an unsubscribe, or None.
 
     The one rule behind the warning of ``send`` and the line of ``mailer check``.
     """
     if message.kind == "transactional" or message.list_unsubscribe or message.list_unsubscribe_mailto:
+        return None
+    if web is not None and web.base_url:
         return None
     return (
         "no unsubscribe is configured: Gmail, Yahoo and Outlook.com junk or reject bulk mail without "
@@ -213,6 +216,14 @@ class Campaign:
             )
             available.add("unsubscribe_url")
         self._unsubscribe_mailto = message.list_unsubscribe_mailto
+        # [web]: a marketing message's unsubscribe is base_url/u/<signed token> (mailer serve);
+        # an explicit [message] list_unsubscribe stays the user's choice.
+        self._web_unsubscribe: tuple[TokenSigner, str] | None = None
+        web = config.web
+        if self._unsubscribe_url is None and web is not None and web.base_url and message.kind == "marketing":
+            signer = TokenSigner.from_environment(web.secret_env, web.previous_secret_envs)
+            self._web_unsubscribe = (signer, web.base_url.rstrip("/") + "/u/")
+            available.add("unsubscribe_url")
         self._tracker = tracker_for(config, self.name)
         self.template.check_variables(available, columns=self.reader.columns)
         if "from" not in [n.lower() for n in self.template.header_names] and not message.from_:
@@ -290,7 +301,7 @@ class Campaign:
 
     @property
     def unsubscribe_configured(self) -> bool:
-        return bool(self._unsubscribe_url or self._unsubscribe_mailto)
+        return bool(self._unsubscribe_url or self._unsubscribe_mailto or self._web_unsubscribe)
 
     def close(self) -> None:
         self.reader.close()
@@ -300,11 +311,12 @@ class Campaign:
         targets = []
         if self._unsubscribe_mailto:
             targets.append(f"<mailto:{self._unsubscribe_mailto}?subject=unsubscribe>")
-        if self._unsubscribe_url is not None:
+        one_click = self._unsubscribe_url is not None or self._web_unsubscribe is not None
+        if one_click:
             targets.append(f"<{variables['unsubscribe_url']}>")
         if targets:
             headers.append(("List-Unsubscribe", ", ".join(targets)))
-        if self._unsubscribe_url is not None:
+        if one_click:
             # RFC 8058 §3.1: the POST body a receiver sends to the HTTPS URI.
             headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
         if self.feedback_id:
@@ -389,6 +401,11 @@ class Campaign:
             try:
                 if self._unsubscribe_url is not None:
                     variables["unsubscribe_url"] = header_safe_url(self._unsubscribe_url.render(variables))
+                elif self._web_unsubscribe is not None:
+                    signer, prefix = self._web_unsubscribe
+                    variables["unsubscribe_url"] = header_safe_url(
+                        prefix + signer.unsubscribe_token(self.name, item.email)
+                    )
                 rendered = self.template.render(variables)
                 if self._tracker is not None and rendered.html is not None:
                     rendered.html = self._tracker.apply(

@@ -104,7 +104,7 @@ def run_send(
     smtp = config.smtp
     password = smtp.password()
     check_relay_settings(smtp, password)
-    unsubscribe = unsubscribe_warning(config.message)
+    unsubscribe = unsubscribe_warning(config.message, config.web)
     for warning in filter(None, [tls_verification_warning(smtp), " ".join(unsubscribe) if unsubscribe else None]):
         reporter.warning(warning)
     for warning in getattr(signer, "warnings", []) or []:
