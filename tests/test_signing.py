@@ -358,10 +358,12 @@ def test_a_killed_signing_process_ends_the_send_promptly_with_75_and_releases_th
     assert sorted(received_addresses(smtp_server)) == sorted(emails)
 
 
-def test_signing_processes_are_one_fewer_than_the_cores_and_can_be_set(monkeypatch):
+def test_signing_processes_are_one_per_core_up_to_four_and_can_be_set(monkeypatch):
     monkeypatch.delenv("MAILER_DKIM_WORKERS", raising=False)
     monkeypatch.setattr(signing_module.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert signing_module.signing_workers() == 1
+    assert signing_module.signing_workers() == 2
+    monkeypatch.setattr(signing_module.os, "sched_getaffinity", lambda pid: {0})
+    assert signing_module.signing_workers() == 0
     monkeypatch.setattr(signing_module.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert signing_module.signing_workers() == 4
     monkeypatch.setenv("MAILER_DKIM_WORKERS", "0")

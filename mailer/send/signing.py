@@ -184,13 +184,15 @@ class SigningPool:
 
 
 def signing_workers() -> int:
-    """How many DKIM signing processes: one fewer than the cores (up to four), none on one core.
+    """How many DKIM signing processes: one per core (up to four), none on one core.
 
-    Measured on 2 cores (``bench.py send --contacts 20000 --dkim --signing-workers N``,
-    under load): with the fast signer one process signs RSA-2048 as fast as the run
-    needs and two only compete with rendering and delivery for the same two cores
-    (817-1,060 msg/s with one, 767-913 with two, 501 in process; Ed25519 1,980 with
-    one, 1,478 with two, 1,331 in process), and one saves ~45 MB.
+    Measured on 2 cores on a quiet machine (``bench.py send --contacts 20000 --dkim
+    --signing-workers N``, 2026-12-02): RSA-2048 3,398 and 3,264 msg/s with two
+    processes, 2,720 and 2,975 with one; Ed25519 5,337 with two. Under a heavy load
+    from other processes one did better than two (817-1,060 against 767-913), since
+    the two then compete with rendering and delivery; a send is usually the only
+    busy thing on its machine, so the quiet figures set the default. Two cost ~45 MB
+    more RSS than one (shared pages mostly: PSS 84 against 80 MB).
 
     ``MAILER_DKIM_WORKERS`` (0 to 16) overrides it, for measuring.
     """
@@ -198,7 +200,7 @@ def signing_workers() -> int:
     if override.isdigit() and int(override) <= 16:
         return int(override)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores - 1, 4) if cores > 1 else 0
+    return min(cores, 4) if cores > 1 else 0
 
 
 class Signing:
