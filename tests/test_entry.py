@@ -29,8 +29,19 @@ import os, signal, sys, threading
 delay, signum = float(sys.argv[1]), int(sys.argv[2])
 sys.argv = ["mailer", "send", "contacts.csv", "news.txt.j2", "--dry-run"]
 from mailer.entry import main
-threading.Timer(delay, os.kill, (os.getpid(), signum)).start()
-main()
+# Under load the timer can fire before start() has returned, i.e. before main() runs:
+# that stop request reaches this script, not mailer, and counts as a stop before the
+# run (130). One raised once main() was called is mailer's and must not escape.
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # main() sets its own at once
+in_main = False
+try:
+    threading.Timer(delay, os.kill, (os.getpid(), signum)).start()
+    in_main = True
+    main()
+except KeyboardInterrupt:
+    if in_main:
+        raise
+    sys.exit(130)
 """
 
 
