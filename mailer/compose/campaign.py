@@ -330,13 +330,18 @@ class Campaign:
         settle: Settle | None = None,
         on_skipped: Callable[[Contact, Skip], None] | None = None,
         on_problem: Callable[[Problem, Contact | None], None] | None = None,
+        keep: Callable[[int], bool] | None = None,
+        reader: ContactReader | None = None,
     ) -> Generator[tuple[Contact, BuiltMessage], None, None]:
         """Yield (contact, message) for every selected contact, recording problems in ``summary``.
 
         ``settle`` pairs each selected contact with why it is not mailed now (a
         :class:`Skip`, counted in ``summary``; the sender asks its send log a batch at a
         time) or None; ``on_skipped`` is told of each contact so left out, and
-        ``on_problem`` of each bad row.
+        ``on_problem`` of each bad row. ``keep`` (cooperating runs) says by a row's line
+        whether it is this run's: the others are still read, so that a duplicate is
+        found across the whole file, but neither counted nor mailed. ``reader`` reads
+        the contacts instead of the campaign's own reader (another pass over the file).
         """
         seen = SeenAddresses()
 
@@ -346,7 +351,7 @@ class Campaign:
                 on_problem(item, contact)
 
         try:
-            candidates = self._candidates(summary, seen, problem)
+            candidates = self._candidates(summary, seen, problem, keep=keep, reader=reader or self.reader)
             settled = settle(candidates) if settle is not None else ((contact, None) for contact in candidates)
             yield from self._selected(summary, settled, on_skipped, problem)
         finally:
@@ -355,29 +360,45 @@ class Campaign:
                 close()  # a look-ahead generator: let it settle its accounts now
             seen.close()
 
-    def _candidates(self, summary: Summary, seen: SeenAddresses, problem: Callable[..., None]) -> Iterator[Contact]:
-        """The valid, selected (``--where``), first-seen contacts."""
+    def _candidates(
+        self,
+        summary: Summary,
+        seen: SeenAddresses,
+        problem: Callable[..., None],
+        *,
+        keep: Callable[[int], bool] | None,
+        reader: ContactReader,
+    ) -> Iterator[Contact]:
+        """The valid, selected (``--where``), first-seen contacts (of this run's rows: ``keep``)."""
         where = self.where
         engagement = self._engagement
         campaign_name = self.name
         counts = summary.counts
-        for item in self.reader:
-            counts["rows"] += 1
+        for item in reader:
+            mine = keep is None or keep(item.line)
+            if mine:
+                counts["rows"] += 1
             if isinstance(item, Rejected):
-                problem(Problem(item.line, item.kind, item.reason, item.email))
+                if mine:
+                    problem(Problem(item.line, item.kind, item.reason, item.email))
                 continue
             variables = item.variables
             variables["campaign"] = campaign_name
             if engagement is not None:
                 variables["engagement"] = engagement.of(item.envelope)
             if where is not None and not where(variables):
-                counts["filtered"] += 1
+                if mine:
+                    counts["filtered"] += 1
                 continue
             earlier = seen.add(address_key(item.envelope).encode("utf-8", "surrogatepass"), item.line)
             if earlier is not None:
-                problem(Problem(item.line, "duplicate", f"{item.email} already appears on line {earlier}", item.email))
+                if mine:
+                    problem(
+                        Problem(item.line, "duplicate", f"{item.email} already appears on line {earlier}", item.email)
+                    )
                 continue
-            yield item
+            if mine:
+                yield item
 
     def _selected(
         self,

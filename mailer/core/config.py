@@ -37,6 +37,7 @@ __all__ = [
     "find_config_path",
     "load_config",
     "parse_config",
+    "parse_duration",
     "parse_rate",
     "write_config",
 ]
@@ -77,6 +78,18 @@ def parse_rate(text: str) -> float:
     if not _RATE_MIN <= per_second <= _RATE_MAX:
         raise ValueError(f"{text!r} is out of range; a rate may be from 1/day to 100000/s")
     return per_second
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Turn ``"30s"``, ``"5m"``, ``"2h"`` or ``"5d"`` into seconds; ValueError with a human reason."""
+    match = _DURATION_RE.match(text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; write a number and s, m, h or d (for example 30s)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,8 @@ class LogConfig:
     path: Path = Path("mailer.sqlite3")
     url: str | None = None
     password_env: str | None = None
+    # PostgreSQL: how long a run's claim on part of a campaign outlives its last heartbeat.
+    lease: float = 30.0
 
     @property
     def password(self) -> str | None:
@@ -267,7 +282,12 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "selector": ((str,), "selector"),
         "private_key": ((str,), "private_key"),
     },
-    "log": {"path": ((str,), "path"), "url": ((str,), "url"), "password_env": ((str,), "password_env")},
+    "log": {
+        "path": ((str,), "path"),
+        "url": ((str,), "url"),
+        "password_env": ((str,), "password_env"),
+        "lease": ((str,), "lease"),
+    },
     "dns": {
         "nameservers": ((list,), "nameservers"),
         "port": ((int,), "port"),
@@ -461,6 +481,13 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         url=log_values.get("url"),
         password_env=log_values.get("password_env"),
     )
+    if "lease" in log_values:
+        try:
+            lease = parse_duration(log_values["lease"])
+        except ValueError as exc:
+            raise fail("log.lease", f"is invalid: {exc}.") from None
+        check_range("log.lease", lease, 1, 86400, " seconds")
+        log = dataclasses.replace(log, lease=lease)
     if log.url is not None:
         from urllib.parse import urlsplit
 

@@ -28,7 +28,7 @@ from ..smtp.session import Setup
 from ..smtp.transaction import OK, PERM, STALE, TEMP, UNKNOWN, Connection, Envelope
 from .throttle import RateLimiter, backoff_delay
 
-__all__ = ["DeliveryListener", "DeliveryStats", "deliver"]
+__all__ = ["DeliveryListener", "DeliveryStats", "RateSource", "deliver"]
 
 # Workers and the feeder wake at least this often to notice the stop event.
 _POLL = 0.25
@@ -36,6 +36,12 @@ _POLL = 0.25
 # bytes of them (queued, in flight or waiting for a retry): 1,000 messages with a
 # 5 MB attachment each would otherwise take 5 GB.
 _MAX_OUTSTANDING_BYTES = 64 * 1024 * 1024
+
+
+class RateSource(Protocol):
+    """What hands out transaction starts: :class:`RateLimiter`, or a rate shared by several runs."""
+
+    def acquire(self, cancel: threading.Event | None = None) -> float | None: ...
 
 
 class DeliveryListener(Protocol):
@@ -141,6 +147,7 @@ class _Engine:
         queue_size: int,
         ssl_context: ssl.SSLContext | None,
         trace: Callable[[str], None] | None,
+        limiter: RateSource | None = None,
     ) -> None:
         self.setup = Setup(smtp, password, ssl_context, trace=trace)
         self.data_timeout = smtp.data_timeout
@@ -153,7 +160,9 @@ class _Engine:
         self.rng = rng
         self.halt = threading.Event()  # stop, or a fatal error: no new transactions
         # Without an injected sleep, waiting for a rate slot ends as soon as the run halts.
-        self.limiter = RateLimiter(parse_rate(send.rate), clock=clock, sleep=sleep or self.halt.wait)
+        self.limiter: RateSource = limiter or RateLimiter(
+            parse_rate(send.rate), clock=clock, sleep=sleep or self.halt.wait
+        )
         self.lock = threading.Lock()
         self.work_ready = threading.Condition(self.lock)
         self.room = threading.Condition(self.lock)
@@ -449,6 +458,7 @@ def deliver(
     queue_size: int = 1000,
     ssl_context: ssl.SSLContext | None = None,
     trace: Callable[[str], None] | None = None,
+    limiter: RateSource | None = None,
 ) -> DeliveryStats:
     """Deliver every item of ``items`` through a pool of ``send.connections`` connections.
 
@@ -473,7 +483,8 @@ def deliver(
     (default: a wait that ends early on stop); ``rng`` is the backoff jitter;
     ``ssl_context`` replaces the context built from ``smtp.tls_verify`` (tests use it
     to trust a throwaway CA); ``trace`` receives the SMTP conversation line by line,
-    AUTH redacted (``--debug``).
+    AUTH redacted (``--debug``); ``limiter`` replaces the rate limiter built from
+    ``send.rate`` (cooperating runs share one: :class:`mailer.store.pg_work.SharedRate`).
     """
     check_relay_settings(smtp, password)
     engine = _Engine(
@@ -488,6 +499,7 @@ def deliver(
         queue_size=queue_size,
         ssl_context=ssl_context,
         trace=trace,
+        limiter=limiter,
     )
     started = clock()
     workers = [_Worker(engine) for _ in range(send.connections)]

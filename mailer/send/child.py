@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 from ..bounces.rules import is_bounce
+from ..core.config import parse_rate
 from ..core.errors import ExitCode, MailerError, ProcessEndedError
-from ..core.outcomes import Outgoing, Result, Status
-from ..delivery.pool import deliver
+from ..core.outcomes import DeliveryEvent, Outgoing, Result, Status
+from ..delivery.pool import RateSource, deliver
 from ..store import open_store
 from .forking import FORK, Batch, become_child, start_child
 from .journal import JournalWriter
 
-__all__ = ["DeliveryProcess", "SendKey"]
+__all__ = ["Cooperation", "DeliveryProcess", "SendKey"]
 
 #: The key of a send's :class:`Outgoing`: the recipient's address key and its line in the contact file.
 SendKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Cooperation:
+    """How the delivery process of one of several cooperating runs (PostgreSQL) differs:
+    its own journal file, ``sending`` committed before each transaction for chunks the
+    run still holds, the campaign's rate shared with the other runs, a short queue (so
+    that a run holds few messages the others could be sending)."""
+
+    journal_path: Path
+    chunk_lines: int
+    connections: int = 1
+
+    @property
+    def queue_size(self) -> int:
+        """Messages the delivery process holds: a few per connection keep each busy, and
+        what a run holds is what the others cannot be sending."""
+        return max(16, 4 * self.connections)
 
 
 class _Counters:
@@ -71,9 +94,18 @@ class DeliveryProcess:
         campaign: str,
         run_id: int,
         debug: bool = False,
+        cooperation: Cooperation | None = None,
     ) -> None:
+        self.cooperation = cooperation
         self.shared = _Counters(FORK)
         items_reader, self.items = FORK.Pipe(duplex=False)
+        if cooperation is not None:
+            # The pipe's buffer (64 KiB) would hold a hundred messages more that this run
+            # has claimed and the others cannot send: one page holds a few.
+            try:
+                fcntl.fcntl(self.items.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+            except OSError:
+                pass
         self.events, events_writer = FORK.Pipe(duplex=False)
         self.process = FORK.Process(
             target=_delivery_child,
@@ -88,6 +120,7 @@ class DeliveryProcess:
                 campaign,
                 run_id,
                 debug,
+                cooperation,
             ),
             name="mailer-delivery",
             daemon=True,
@@ -116,7 +149,8 @@ class DeliveryProcess:
         child is told to stop and given the end marker, so that :meth:`wait` gets its
         report, then the error goes on to the caller; :attr:`unsent` has the count.
         """
-        batch: Batch[tuple[Any, ...]] = Batch(count=self.BATCH, size=self.BATCH_BYTES)
+        count = self.BATCH if self.cooperation is None else min(self.BATCH, self.cooperation.queue_size // 2)
+        batch: Batch[tuple[Any, ...]] = Batch(count=count, size=self.BATCH_BYTES)
         self.fed = 0
         try:
             for item in outgoing:
@@ -198,6 +232,7 @@ class _ChildRecorder:
 
     def __init__(self, journal: JournalWriter, shared: _Counters) -> None:
         self.journal = journal
+        # Cooperating runs: the append of "sending" returns once the shared log has it.
         self.shared = shared
         self._lock = threading.Lock()
         self._in_flight: set[object] = set()
@@ -256,6 +291,7 @@ def _delivery_child(
     campaign: str,
     run_id: int,
     debug: bool = False,
+    cooperation: Cooperation | None = None,
 ) -> None:
     """Body of the delivery process (runs after fork; reports through ``events``)."""
     # The fork copied the parent's end of the items pipe: without closing it here, a
@@ -289,8 +325,34 @@ def _delivery_child(
                 )
 
     try:
-        with open_store(config.log) as log:
-            journal = JournalWriter(log, campaign, run_id)
+        with ExitStack() as stores:
+            log = stores.enter_context(open_store(config.log))
+            limiter: RateSource | None = None
+            queue_size = 1000
+            if cooperation is None:
+                journal = JournalWriter(log, campaign, run_id)
+            else:
+                from ..store.pg_work import SharedRate, record_held_events
+                from ..store.postgres import PostgresStore
+
+                held = cooperation
+                pg = cast(PostgresStore, log)
+
+                def apply(batch: list[DeliveryEvent], offset: int) -> set[str]:
+                    return record_held_events(
+                        pg, campaign, batch, run_id=run_id, chunk_lines=held.chunk_lines, journal=(run_id, offset)
+                    )
+
+                journal = JournalWriter(
+                    log, campaign, run_id, path=cooperation.journal_path, apply=apply, durable_sending=True
+                )
+                rate = parse_rate(config.send.rate)
+                if rate:
+                    # A connection of its own: a slot is never queued behind a journal commit.
+                    limiter = SharedRate(
+                        cast(PostgresStore, stores.enter_context(open_store(config.log))), campaign, rate
+                    )
+                queue_size = cooperation.queue_size
             try:
                 stats = deliver(
                     received(),
@@ -301,6 +363,8 @@ def _delivery_child(
                     stop=stop,
                     ssl_context=ssl_context,
                     trace=_write_stderr if debug else None,
+                    limiter=limiter,
+                    queue_size=queue_size,
                 )
             finally:
                 journal.close()

@@ -26,19 +26,22 @@ was cut off by the kill: its ``write()`` never returned, so no transaction follo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..bounces.rules import bounces_of
 from ..core.errors import LockedError, SendLogError
 from ..core.outcomes import RESULT_STATUSES, DeliveryEvent, Status
 from ..store.base import SendStore
-from ..store.locks import CampaignLock
+from ..store.locks import CampaignLock, campaign_file_path
+from ..store.pg_work import LostClaimError
 
-__all__ = ["FORMAT_VERSION", "JournalWriter", "recover", "recover_all"]
+__all__ = ["FORMAT_VERSION", "JournalWriter", "recover", "recover_all", "recover_run_journals", "run_journal_path"]
 
 
 FORMAT_VERSION = 1
@@ -56,11 +59,29 @@ class JournalWriter:
     one, so a broken send log stops the run at the next message.
     """
 
-    def __init__(self, log: SendStore, campaign: str, run_id: int) -> None:
+    def __init__(
+        self,
+        log: SendStore,
+        campaign: str,
+        run_id: int,
+        *,
+        path: Path | None = None,
+        apply: Callable[[list[DeliveryEvent], int], set[str]] | None = None,
+        durable_sending: bool = False,
+    ) -> None:
+        """``path``: the journal file (default: the campaign's); ``apply``: how a batch
+        reaches the send log, returning the recipients whose ``sending`` it refused
+        (default: :meth:`SendStore.record_events`); ``durable_sending``: :meth:`append`
+        of a ``sending`` event returns only once the send log has it (cooperating runs:
+        a run on another host must see it before the transaction starts). With a
+        ``path`` of its own, the file is also locked (``flock``) while this writer lives,
+        so that :func:`recover_run_journals` knows a live run's journal from a dead one's."""
         self.log = log
         self.campaign = campaign
         self.run_id = run_id
-        self.path = log.journal_path(campaign)
+        self.path = path if path is not None else log.journal_path(campaign)
+        self._apply_batch = apply
+        self._durable = durable_sending
         header = json.dumps({"mailer_journal": FORMAT_VERSION, "campaign": campaign, "run": run_id}).encode() + b"\n"
         try:
             # The caller holds the campaign lock and has recovered any earlier journal.
@@ -68,6 +89,8 @@ class JournalWriter:
             # or headless one was damaged (recover() refuses it).
             fresh = self.path.with_name(self.path.name + ".new")
             self._fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            if path is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(self._fd, header)
             os.rename(fresh, self.path)
         except OSError as exc:
@@ -81,6 +104,12 @@ class JournalWriter:
         self._pending: list[DeliveryEvent] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._appended = 0  # events appended so far
+        self._taken = 0  # of which the writer has taken this many
+        self._applied_count = 0  # of which the send log has this many (in order)
+        self._urgent = 0  # appends waiting for their commit (durable_sending)
+        self._committed = threading.Condition(self._lock)
+        self._refused: set[str] = set()
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mailer-journal", daemon=True)
@@ -112,20 +141,63 @@ class JournalWriter:
                 raise self._error
             self._written += written
             self._pending.append(event)
-            if len(self._pending) >= _BATCH_EVENTS:
+            self._appended += 1
+            if self._durable and event[1] == Status.SENDING:
+                self._wait_for_commit(event[0], self._appended)
+            elif len(self._pending) >= _BATCH_EVENTS:
                 self._wake.notify()
+
+    def _wait_for_commit(self, recipient: str, count: int) -> None:
+        """Called with the lock held: wake the writer now and wait until the send log has
+        the first ``count`` events."""
+        self._urgent += 1
+        self._wake.notify()
+        try:
+            while self._applied_count < count and self._error is None:
+                self._committed.wait()
+        finally:
+            self._urgent -= 1
+        if self._applied_count < count and self._error is not None:
+            raise self._error
+        if recipient in self._refused:
+            self._refused.discard(recipient)
+            raise LostClaimError(
+                f"this run no longer holds the part of the list {recipient} is in: another run took it over "
+                "after this one's lease ran out (stalled, or cut off from the database); the message was not sent.",
+                hint="The other runs send the rest; run again to resume.",
+            )
 
     def _take(self) -> tuple[list[DeliveryEvent], int]:
         events, self._pending = self._pending, []
+        self._taken = self._appended
         return events, self._written
 
-    def _apply(self, events: list[DeliveryEvent], offset: int) -> None:
+    def _store(self, events: list[DeliveryEvent], offset: int) -> set[str]:
+        if self._apply_batch is not None:
+            return self._apply_batch(events, offset)
         self.log.record_events(self.campaign, events, journal=(self.run_id, offset), bounces=bounces_of(events))
+        return set()
+
+    def _applied(self, refused: set[str], count: int) -> None:
+        """Called with the lock held: the send log has the first ``count`` events."""
+        self._refused |= refused
+        self._applied_count = max(self._applied_count, count)
+        self._committed.notify_all()
+
+    def _apply(self, events: list[DeliveryEvent], offset: int) -> None:
+        count = self._taken
+        refused = self._store(events, offset)
+        with self._lock:
+            self._applied(refused, count)
+
+    def _apply_locked(self, events: list[DeliveryEvent], offset: int) -> None:
+        self._applied(self._store(events, offset), self._taken)
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._closed:
+                # A durable append waits for its commit: no batching delay then.
+                if not self._closed and not (self._urgent and self._pending):
                     self._wake.wait(_BATCH_SECONDS)
                 events, offset = self._take()
                 closed = self._closed
@@ -137,6 +209,7 @@ class JournalWriter:
             except BaseException as exc:  # the send log is unusable: stop the run, say why
                 with self._lock:
                     self._error = exc
+                    self._committed.notify_all()
                 return
             if closed:
                 return
@@ -146,7 +219,7 @@ class JournalWriter:
         with self._lock:
             events, offset = self._take()
             if events:
-                self._apply(events, offset)
+                self._apply_locked(events, offset)
             # The log's offset first: killed before the cut, the log says "from the start"
             # of a file that still holds everything, which recover() applies again (only
             # attempt counts change). The other order would leave the log's offset past
@@ -291,6 +364,55 @@ def _events_to_apply(log: SendStore, campaign: str, data: bytes) -> tuple[int, l
     return run_id, events, offset
 
 
+def run_journal_path(log: SendStore, campaign: str, run_id: int) -> Path:
+    """The journal of one of several cooperating runs of ``campaign`` (PostgreSQL): one file per run."""
+    return campaign_file_path(log.path, campaign, f"run{run_id}.journal")
+
+
+def recover_run_journals(log: SendStore, campaign: str) -> int:
+    """Apply what dead cooperating runs of ``campaign`` on this host left in their journals.
+
+    A live run holds a ``flock`` on its journal: those are left alone. Only the outcomes
+    are applied: a cooperating run commits each ``sending`` to the send log before the
+    transaction starts, so a ``sending`` line the log lacks was never followed by one
+    (and must not overwrite what another run did for that recipient since)."""
+    pattern = campaign_file_path(log.path, campaign, "run*.journal").name
+    total = 0
+    for path in sorted(log.path.parent.glob(pattern)):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run's
+            try:
+                if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                    continue  # another run applied and removed it meanwhile
+            except FileNotFoundError:
+                continue
+            data = path.read_bytes()
+            try:
+                run_id, events, offset = _events_to_apply(log, campaign, data)
+            except _Untrusted as why:
+                raise SendLogError(
+                    f"the delivery journal of a run of campaign {campaign!r} is damaged and cannot be trusted: {why}.",
+                    path=str(path),
+                    hint="Keep the file; `mailer report` shows what the send log knows. To go on anyway, accepting "
+                    "that some recipients of that run may get a second message, remove the file and run again.",
+                ) from None
+            outcomes = [event for event in events if event[1] != Status.SENDING]
+            if outcomes or events:
+                log.record_events(campaign, outcomes, journal=(run_id, offset), bounces=bounces_of(outcomes))
+            path.unlink(missing_ok=True)
+            total += len(outcomes)
+        finally:
+            os.close(fd)
+    return total
+
+
 def recover_all(log: SendStore) -> int:
     """:func:`recover` every campaign of this send log that left a journal behind."""
     total = 0
@@ -303,4 +425,6 @@ def recover_all(log: SendStore) -> int:
             continue  # not readable as a journal: recover() of its campaign will say so
         if isinstance(campaign, str) and log.journal_path(campaign) == path:
             total += recover(log, campaign)
+        elif isinstance(campaign, str) and path.name.endswith(".journal") and ".run" in path.name:
+            total += recover_run_journals(log, campaign)  # a dead cooperating run's (PostgreSQL)
     return total

@@ -14,8 +14,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
 from ..compose.contacts import Contact, ContactReader
@@ -27,12 +28,17 @@ from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store import open_store
 from ..store.base import SendStore
 from ..store.records import SkippedRow
-from .child import DeliveryProcess, SendKey
+from .child import Cooperation, DeliveryProcess, SendKey
+from .coop import Claims
 from .interrupts import install_signal_handlers, restore_signal_handlers
-from .journal import recover
+from .journal import recover, recover_run_journals, run_journal_path
 from .resume import BATCH, Resume
 from .retry import absolute_contacts_name
 from .signing import Signing
+
+if TYPE_CHECKING:
+    from ..store.pg_work import CampaignWork
+    from ..store.postgres import PostgresStore
 
 __all__ = ["SendPlan", "plan_send", "run_send"]
 
@@ -115,9 +121,25 @@ def run_send(
         with _reread(campaign) as reader:
             reader.scan()
     summary = Summary(campaign_name=campaign.name, dry_run=False, contacts=campaign.contacts_name)
-    with open_store(config.log) as log, log.acquire_lock(campaign.name) as lock:
+    # PostgreSQL: several runs of the campaign share its work (mailer.store.pg_work);
+    # SQLite: one run at a time (the campaign lock).
+    cooperating = config.log.url is not None
+    fingerprint: tuple[str, int] | None = None
+    if cooperating:
+        from ..store.pg_work import contacts_fingerprint
+
+        if campaign.reader.rereadable is None:
+            raise UsageError("cooperating runs read the contacts twice; give a file, not unspooled stdin.")
+        fingerprint = contacts_fingerprint(campaign.reader.rereadable)
+    with open_store(config.log) as log, nullcontext(None) if cooperating else log.acquire_lock(campaign.name) as lock:
         # What a killed run of this campaign left in its journal goes into the log first.
         recover(log, campaign.name, lock)
+        if cooperating:
+            from ..store.pg_work import CampaignWork
+
+            assert fingerprint is not None
+            CampaignWork.check_contacts(cast("PostgresStore", log), campaign.name, fingerprint[0])
+            recover_run_journals(log, campaign.name)  # dead runs' of this host (live ones are locked)
         resume = Resume(log, campaign.name, resend_unknown=resend_unknown)
         plan = None
         wants_total = reporter.shows_bar  # the bar's total and ETA
@@ -147,10 +169,41 @@ def run_send(
             contacts=absolute_contacts_name(campaign.reader.source),
         )
         counts = summary.counts
+        work: CampaignWork | None = None
+        cooperation = None
+        if cooperating:
+            assert fingerprint is not None
+            try:
+                work = CampaignWork.join(
+                    cast("PostgresStore", log),
+                    campaign.name,
+                    run_id,
+                    fingerprint=fingerprint[0],
+                    lines=fingerprint[1],
+                    contacts=campaign.contacts_name,
+                    lease=config.log.lease,
+                )
+            except BaseException:
+                log.finish_run(run_id, counts={}, interrupted=False)
+                raise
+            # Rows are settled a chunk at a time: a batch of 500 would read (and claim) far
+            # ahead of what this run sends, leaving the others nothing.
+            resume.batch = work.chunk_lines
+            cooperation = Cooperation(
+                journal_path=run_journal_path(log, campaign.name, run_id),
+                chunk_lines=work.chunk_lines,
+                connections=config.send.connections,
+            )
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
         delivery = DeliveryProcess(
-            config, password=password, ssl_context=ssl_context, campaign=campaign.name, run_id=run_id, debug=debug
+            config,
+            password=password,
+            ssl_context=ssl_context,
+            campaign=campaign.name,
+            run_id=run_id,
+            debug=debug,
+            cooperation=cooperation,
         )
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
@@ -160,8 +213,9 @@ def run_send(
         progress = _ProgressThread(delivery, reporter)
         result: dict[str, Any] | None = None
         stopped_by: MailerError | None = None
+        claims = Claims(work, stopped=lambda: interrupted["signal"] is not None) if work is not None else None
         try:
-            outgoing = _outgoing(campaign, log, summary, resume=resume)
+            outgoing = _outgoing(campaign, log, summary, resume=resume, claims=claims)
             stream = signing.signed(outgoing) if signing else outgoing
             try:
                 delivery.feed(stream, stopped=lambda: interrupted["signal"] is not None)
@@ -188,7 +242,10 @@ def run_send(
             try:
                 # A delivery process that died (killed by the system, say) left its last
                 # events in the journal: put them in the log now, not at the next run.
-                recover(log, campaign.name, lock)
+                if cooperating:
+                    recover_run_journals(log, campaign.name)
+                else:
+                    recover(log, campaign.name, lock)
             except MailerError as exc:  # the next send or report tries again
                 reporter.warning(f"the delivery journal could not be applied yet: {exc}")
             shared = delivery.counts()
@@ -203,13 +260,28 @@ def run_send(
             summary.interrupted = interrupted["signal"] is not None
             if stopped_by is not None:
                 _account_for_stop(summary, stopped_by, delivery, shared, result)
+            dropped = signing.dropped if signing else 0
+            if work is not None:
+                # Every row of its chunks handled: they are done; else the others (or the
+                # next run) take them again, and the resume rule skips what was settled.
+                complete = (
+                    stopped_by is None
+                    and not summary.interrupted
+                    and result is not None
+                    and not (result["untouched"] or result["waiting_retry"] or delivery.unsent or dropped)
+                    and not (resume.waiting or counts["over_limit"])
+                )
+                try:
+                    work.finish(complete=complete)
+                except MailerError as exc:
+                    work.abandon()
+                    reporter.warning(f"this run's share of the campaign could not be handed back: {exc}")
             try:
                 log.finish_run(run_id, counts=dict(counts), interrupted=summary.interrupted)
             except MailerError as exc:
                 if stopped_by is None:
                     raise
                 reporter.warning(f"the end of the run could not be recorded: {exc}")
-        dropped = signing.dropped if signing else 0
         if result is not None:
             counts["not_attempted"] += result["untouched"] + delivery.unsent + dropped + resume.waiting
             counts["deferred"] += result["waiting_retry"]
@@ -265,7 +337,7 @@ class _ProgressThread:
 
 
 def _outgoing(
-    campaign: Campaign, store: SendStore, summary: Summary, *, resume: Resume
+    campaign: Campaign, store: SendStore, summary: Summary, *, resume: Resume, claims: Claims | None = None
 ) -> Generator[Outgoing[SendKey], None, None]:
     campaign_name = campaign.name
     skipped: list[SkippedRow] = []  # recorded in batches, like everything else
@@ -289,11 +361,40 @@ def _outgoing(
         store.record_skipped(campaign_name, skipped)
         skipped.clear()
 
-    messages = campaign.messages(summary, settle=resume.settle, on_skipped=on_skipped, on_problem=on_problem)
+    if claims is None:
+        messages = campaign.messages(summary, settle=resume.settle, on_skipped=on_skipped, on_problem=on_problem)
+        try:
+            for contact, message in messages:
+                # As written: the store keys it (mailer.core.addresses.address_key).
+                yield message.outgoing((contact.envelope, contact.line))
+        finally:
+            messages.close()  # now, so that the contacts it read ahead are counted (Resume.waiting)
+            flush()
+        return
+    # Cooperating runs: pass after pass over the file, the rows of the chunks this run holds.
+    reader: ContactReader | None = None
     try:
-        for contact, message in messages:
-            # As written: the store keys it (mailer.core.addresses.address_key).
-            yield message.outgoing((contact.envelope, contact.line))
+        while True:
+            messages = campaign.messages(
+                summary,
+                settle=resume.settle,
+                on_skipped=on_skipped,
+                on_problem=on_problem,
+                keep=claims.keep,
+                reader=reader,
+            )
+            try:
+                for contact, message in messages:
+                    yield message.outgoing((contact.envelope, contact.line))
+            finally:
+                messages.close()
+                flush()
+            if reader is not None:
+                reader.close()
+                reader = None
+            if not claims.next_pass():
+                return
+            reader = _reread(campaign)
     finally:
-        messages.close()  # now, so that the contacts it read ahead are counted (Resume.waiting)
-        flush()
+        if reader is not None:
+            reader.close()

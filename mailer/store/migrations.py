@@ -174,6 +174,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX feedback_campaign_kind ON feedback (campaign, kind)",
         "CREATE INDEX feedback_recipient ON feedback (recipient, at)",
     ),
+    # 6: cooperating runs (several `mailer send` runs sharing one campaign) exist only in
+    # PostgreSQL (mailer.store.pg_work); a SQLite log allows one run of a campaign at a
+    # time (the campaign lock), so this step has nothing to create here.
+    (),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -258,6 +262,49 @@ PG_MIGRATIONS += (
         "CREATE UNIQUE INDEX feedback_kind_ref ON feedback (kind, ref) WHERE ref IS NOT NULL",
         "CREATE INDEX feedback_campaign_kind ON feedback (campaign, kind)",
         "CREATE INDEX feedback_recipient ON feedback (recipient, at)",
+    ),
+)
+PG_MIGRATIONS += (
+    # 6: cooperating runs (mailer.store.pg_work). A campaign's contact list is cut into
+    # chunks of consecutive CSV lines; a run claims chunks (FOR UPDATE SKIP LOCKED) with
+    # a lease it renews while it lives; a chunk is done when the run that held it ended
+    # having handled all of it. campaign_work holds the list's fingerprint (every run
+    # must read the same file), the pass (a new one starts when every chunk of the last
+    # is done: deferred recipients are retried then) and the shared token bucket of the
+    # campaign's rate (rate_next: the epoch second of the next free slot, the server's clock).
+    (
+        """
+        CREATE TABLE campaign_work (
+            campaign         TEXT PRIMARY KEY,
+            contacts_sha256  TEXT NOT NULL,
+            contacts         TEXT,
+            lines            INTEGER NOT NULL,
+            chunk_lines      INTEGER NOT NULL,
+            chunks           INTEGER NOT NULL,
+            pass             INTEGER NOT NULL DEFAULT 1,
+            rate_next        DOUBLE PRECISION NOT NULL DEFAULT 0,
+            created_at       TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE work_chunks (
+            campaign     TEXT NOT NULL,
+            chunk        INTEGER NOT NULL,
+            run_id       BIGINT,
+            lease_until  TIMESTAMPTZ,
+            done         BOOLEAN NOT NULL DEFAULT false,
+            PRIMARY KEY (campaign, chunk)
+        )
+        """,
+        "CREATE INDEX work_chunks_run ON work_chunks (run_id) WHERE run_id IS NOT NULL",
+        """
+        CREATE TABLE work_runs (
+            run_id       BIGINT PRIMARY KEY,
+            campaign     TEXT NOT NULL,
+            lease_until  TIMESTAMPTZ NOT NULL,
+            draining     BOOLEAN NOT NULL DEFAULT false
+        )
+        """,
     ),
 )
 assert len(PG_MIGRATIONS) == len(MIGRATIONS), "every schema version needs its PostgreSQL step"
