@@ -20,7 +20,9 @@ from typing import Any
 
 import tomli_w
 
+from . import streams as _streams
 from .errors import ConfigError
+from .streams import DirectConfig, DirectDomainConfig, RelayConfig, StreamConfig, parse_duration
 
 __all__ = [
     "DEFAULT_CONFIG_NAME",
@@ -28,10 +30,14 @@ __all__ = [
     "Config",
     "DKIMConfig",
     "DNSConfig",
+    "DirectConfig",
+    "DirectDomainConfig",
     "LogConfig",
     "MessageConfig",
+    "RelayConfig",
     "SMTPConfig",
     "SendConfig",
+    "StreamConfig",
     "TrackingConfig",
     "WebConfig",
     "find_config_path",
@@ -78,18 +84,6 @@ def parse_rate(text: str) -> float:
     if not _RATE_MIN <= per_second <= _RATE_MAX:
         raise ValueError(f"{text!r} is out of range; a rate may be from 1/day to 100000/s")
     return per_second
-
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """Turn ``"30s"``, ``"5m"``, ``"2h"`` or ``"5d"`` into seconds; ValueError with a human reason."""
-    match = _DURATION_RE.match(text.lower())
-    if not match:
-        raise ValueError(f"{text!r} is not a duration; write a number and s, m, h or d (for example 30s)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -240,12 +234,26 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     web: WebConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    relays: tuple[RelayConfig, ...] = ()
+    streams: tuple[StreamConfig, ...] = ()
+    direct: DirectConfig = field(default_factory=DirectConfig)
+
+    def relay(self, name: str) -> RelayConfig | None:
+        """The ``[relays.NAME]`` of that name, or None."""
+        return next((relay for relay in self.relays if relay.name == name), None)
+
+    def stream(self, name: str) -> StreamConfig | None:
+        """The ``[streams.NAME]`` of that name, or None."""
+        return next((stream for stream in self.streams if stream.name == name), None)
 
     def replace_send(self, **changes: Any) -> Config:
         """A copy with some ``[send]`` values overridden (CLI flags win over the file)."""
         return dataclasses.replace(self, send=dataclasses.replace(self.send, **changes))
 
 
+# Sections made of named tables ([relays.NAME], [streams.NAME], [direct.domains."X"]):
+# mailer.core.streams checks them.
+_NESTED_SECTIONS = ("relays", "streams", "direct")
 # The schema: section -> key -> (accepted Python types, dataclass field name).
 _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "smtp": {
@@ -367,79 +375,50 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
     where = str(path) if path else "<config>"
     base = path.parent if path else Path(".")
     sections: dict[str, dict[str, Any]] = {}
+    nested: dict[str, Any] = {}
     for section, values in data.items():
+        if section in _NESTED_SECTIONS:
+            nested[section] = values  # tables of tables: checked below, key by key
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
                 f"unknown section [{section}].",
                 path=where,
                 key=section,
-                hint=f"Known sections: {', '.join('[' + s + ']' for s in _SCHEMA)}.",
+                hint=f"Known sections: {', '.join('[' + s + ']' for s in (*_SCHEMA, *_NESTED_SECTIONS))}.",
             )
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section!r} must be a [section] table.", path=where, key=section)
-        checked: dict[str, Any] = {}
-        for key, value in values.items():
-            spec = _SCHEMA[section].get(key)
-            if spec is None:
-                raise ConfigError(
-                    f"unknown key '{section}.{key}'.",
-                    path=where,
-                    key=f"{section}.{key}",
-                    hint=f"Known keys in [{section}]: {', '.join(_SCHEMA[section])}.",
-                )
-            types, name = spec
-            # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                expected = _TYPE_NAMES[float] if float in types else _TYPE_NAMES[types[0]]
-                shown = "" if key == "password_env" else f" {value!r}"  # it may be a password pasted in
-                raise ConfigError(
-                    f"'{section}.{key}' must be {expected}, not {type(value).__name__}{shown}.",
-                    path=where,
-                    key=f"{section}.{key}",
-                )
-            if isinstance(value, str) and "\x00" in value:
-                raise ConfigError(f"'{section}.{key}' contains a NUL character.", path=where, key=f"{section}.{key}")
-            if section == "message" and isinstance(value, str) and _CONTROL.search(value):
-                # These become header values: a line break would add a header (Bcc:).
-                raise ConfigError(
-                    f"'{section}.{key}' contains a line break or control character, which a header cannot hold.",
-                    path=where,
-                    key=f"{section}.{key}",
-                )
-            checked[name] = value
-        sections[section] = checked
+        sections[section] = _checked_keys(section, values, _SCHEMA[section], where)
 
     def fail(key: str, message: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"'{key}' {message}", path=where, key=key, hint=hint)
 
     def check_range(key: str, value: float, low: float, high: float, unit: str = "", *, low_open: bool = False) -> None:
-        # NaN compares false both ways and inf is past any bound: both end here.
-        inside = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
-        if not inside:
-            above = f"more than {low:g}" if low_open else f"from {low:g}"
-            raise fail(key, f"must be {above} to {high:g}{unit}, not {value!r}.")
+        _check_range(fail, key, value, low, high, unit, low_open=low_open)
 
-    smtp = SMTPConfig(**sections.get("smtp", {}))
-    if smtp.security not in {"starttls", "tls", "none"}:
-        raise fail("smtp.security", f'must be "starttls", "tls" or "none", not {smtp.security!r}.')
-    if smtp.port is not None and not 0 < smtp.port < 65536:
-        raise fail("smtp.port", f"must be between 1 and 65535, not {smtp.port}.")
-    check_range("smtp.timeout", smtp.timeout, 0, 3600, " seconds", low_open=True)
-    _check_host(smtp.host, fail)
-    if smtp.helo is not None and not _HELO_NAME.fullmatch(smtp.helo):
-        raise fail(
-            "smtp.helo",
-            f"must be a domain name or an address literal such as [192.0.2.1], not {smtp.helo!r}.",
+    smtp = _make_smtp(sections.get("smtp", {}), "smtp", fail)
+    relays = _streams.parse_relays(
+        nested.get("relays", {}),
+        fail=fail,
+        check_keys=lambda label, values, schema: _checked_keys(label, values, schema, where),
+        smtp_keys=_SCHEMA["smtp"],
+        make_smtp=lambda values, prefix: _make_smtp(values, prefix, fail),
+    )
+    streams = _streams.parse_streams(
+        nested.get("streams", {}),
+        fail=fail,
+        check_keys=lambda label, values, schema: _checked_keys(label, values, schema, where),
+        relays=relays,
+        helo_pattern=_HELO_NAME,
+    )
+    direct = (
+        _streams.parse_direct(
+            nested["direct"],
+            fail=fail,
+            check_keys=lambda label, values, schema: _checked_keys(label, values, schema, where),
         )
-    if not 0 < smtp.data_timeout <= 86400:  # also refuses nan and inf
-        raise fail("smtp.data_timeout", "must be more than zero seconds and at most 86400 (RFC 5321 says 600).")
-    if smtp.password_env is not None and (
-        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", smtp.password_env) or _looks_like_password(smtp.password_env)
-    ):
-        raise fail(
-            "smtp.password_env",
-            "must be the NAME of an environment variable (letters, digits, _), never the password itself.",
-        )
+        if "direct" in nested
+        else DirectConfig()
+    )
 
     send = SendConfig(**sections.get("send", {}))
     try:
@@ -533,8 +512,96 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
     tracking = _parse_tracking(sections.get("tracking", {}), web, fail)
 
     return Config(
-        path=path, smtp=smtp, send=send, message=message, dkim=dkim, log=log, dns=dns, web=web, tracking=tracking
+        path=path,
+        smtp=smtp,
+        send=send,
+        message=message,
+        dkim=dkim,
+        log=log,
+        dns=dns,
+        web=web,
+        tracking=tracking,
+        relays=relays,
+        streams=streams,
+        direct=direct,
     )
+
+
+def _check_range(
+    fail: Any, key: str, value: float, low: float, high: float, unit: str = "", *, low_open: bool = False
+) -> None:
+    # NaN compares false both ways and inf is past any bound: both end here.
+    inside = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
+    if not inside:
+        above = f"more than {low:g}" if low_open else f"from {low:g}"
+        raise fail(key, f"must be {above} to {high:g}{unit}, not {value!r}.")
+
+
+def _make_smtp(values: dict[str, Any], prefix: str, fail: Any) -> SMTPConfig:
+    """Validate the ``[smtp]`` keys of ``[smtp]`` or of one ``[relays.NAME]`` (errors name ``prefix.key``)."""
+
+    smtp = SMTPConfig(**values)
+    if smtp.security not in {"starttls", "tls", "none"}:
+        raise fail(f"{prefix}.security", f'must be "starttls", "tls" or "none", not {smtp.security!r}.')
+    if smtp.port is not None and not 0 < smtp.port < 65536:
+        raise fail(f"{prefix}.port", f"must be between 1 and 65535, not {smtp.port}.")
+    _check_range(fail, f"{prefix}.timeout", smtp.timeout, 0, 3600, " seconds", low_open=True)
+    _check_host(smtp.host, fail, key=f"{prefix}.host")
+    if smtp.helo is not None and not _HELO_NAME.fullmatch(smtp.helo):
+        raise fail(
+            f"{prefix}.helo",
+            f"must be a domain name or an address literal such as [192.0.2.1], not {smtp.helo!r}.",
+        )
+    if not 0 < smtp.data_timeout <= 86400:  # also refuses nan and inf
+        raise fail(f"{prefix}.data_timeout", "must be more than zero seconds and at most 86400 (RFC 5321 says 600).")
+    if smtp.password_env is not None and (
+        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", smtp.password_env) or _looks_like_password(smtp.password_env)
+    ):
+        raise fail(
+            f"{prefix}.password_env",
+            "must be the NAME of an environment variable (letters, digits, _), never the password itself.",
+        )
+
+    return smtp
+
+
+def _checked_keys(
+    section: str, values: Any, schema: dict[str, tuple[tuple[type, ...], str]], where: str
+) -> dict[str, Any]:
+    """One table's keys checked against ``schema`` (unknown keys, types, NUL), by field name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section!r} must be a [section] table.", path=where, key=section)
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = schema.get(key)
+        if spec is None:
+            raise ConfigError(
+                f"unknown key '{section}.{key}'.",
+                path=where,
+                key=f"{section}.{key}",
+                hint=f"Known keys in [{section}]: {', '.join(schema)}.",
+            )
+        types, name = spec
+        # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = _TYPE_NAMES[float] if float in types else _TYPE_NAMES[types[0]]
+            shown = "" if key == "password_env" else f" {value!r}"  # it may be a password pasted in
+            raise ConfigError(
+                f"'{section}.{key}' must be {expected}, not {type(value).__name__}{shown}.",
+                path=where,
+                key=f"{section}.{key}",
+            )
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"'{section}.{key}' contains a NUL character.", path=where, key=f"{section}.{key}")
+        if section == "message" and isinstance(value, str) and _CONTROL.search(value):
+            # These become header values: a line break would add a header (Bcc:).
+            raise ConfigError(
+                f"'{section}.{key}' contains a line break or control character, which a header cannot hold.",
+                path=where,
+                key=f"{section}.{key}",
+            )
+        checked[name] = value
+    return checked
 
 
 _UTM_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -592,7 +659,7 @@ def _parse_web(values: dict[str, Any], fail: Any) -> WebConfig:
     return web
 
 
-def _check_host(host: str, fail: Any) -> None:
+def _check_host(host: str, fail: Any, *, key: str = "smtp.host") -> None:
     """A host name or an IP address, without a port or anything else."""
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -602,8 +669,8 @@ def _check_host(host: str, fail: Any) -> None:
     if _HOST_NAME.fullmatch(host) and len(host) <= 253:
         return
     if host.count(":") == 1 and _HOST_NAME.fullmatch(host.partition(":")[0]):
-        raise fail("smtp.host", f"must be a host name without a port, not {host!r}.", hint="Put the port in port = ...")
-    raise fail("smtp.host", f"must be a host name or an IP address, not {host!r}.")
+        raise fail(key, f"must be a host name without a port, not {host!r}.", hint="Put the port in port = ...")
+    raise fail(key, f"must be a host name or an IP address, not {host!r}.")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> None:
