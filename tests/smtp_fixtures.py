@@ -43,6 +43,7 @@ class Transaction:
     mail_options: list[str]
     started: float  # time.monotonic() when MAIL FROM arrived
     finished: float  # time.monotonic() at the end of DATA
+    peer: str = ""  # the client's address, as the server saw it
 
 
 @dataclass
@@ -107,6 +108,8 @@ class _RecordingHandler:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self._connection(server)
         session.host_name = hostname
+        with self.owner.lock:
+            self.owner.greetings.append((session.peer[0], hostname))
         if self.owner.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
@@ -126,6 +129,7 @@ class _RecordingHandler:
             return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        server.mailer_test_peer = session.peer[0]
         return reply or "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -150,6 +154,7 @@ class _RecordingHandler:
             mail_options=list(envelope.mail_options),
             started=server.mailer_test_started,
             finished=time.monotonic(),
+            peer=server.mailer_test_peer,
         )
         with owner.lock:
             owner.messages.append(record)
@@ -190,7 +195,10 @@ class TestSMTPServer:
     (TLS from the first byte), ``password`` (require AUTH as :data:`TEST_USERNAME` with
     this password), ``auth_require_tls`` (offer AUTH only over TLS), ``smtputf8``,
     ``pipelining``, ``idle_timeout`` (seconds before an idle connection is closed),
-    ``auth_exclude`` (AUTH mechanisms not offered).
+    ``auth_exclude`` (AUTH mechanisms not offered). ``host`` is any 127.0.0.0/8 address
+    (all of them are on ``lo``), so that several servers play different relays; ``port``
+    0 picks a free one (give the old one to bring a stopped relay back).
+    ``greetings`` records (peer address, EHLO name) of every EHLO.
     """
 
     __test__ = False  # not a test class, whatever pytest thinks of the name
@@ -207,8 +215,11 @@ class TestSMTPServer:
         pipelining: bool = True,
         idle_timeout: float = 300.0,
         auth_exclude: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.lock = threading.Lock()
+        self.greetings: list[tuple[str, str]] = []
         self.messages: list[Transaction] = []
         self.rcpt_attempts: list[tuple[int, str]] = []
         self.mail_times: list[float] = []
@@ -235,8 +246,8 @@ class TestSMTPServer:
             kwargs.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=auth_require_tls)
             if auth_exclude:  # e.g. ("PLAIN",): the client must use LOGIN
                 kwargs["auth_exclude_mechanism"] = list(auth_exclude)
-        self.host = "127.0.0.1"
-        self._controller = _Controller(_RecordingHandler(self), hostname=self.host, port=0, **kwargs)
+        self.host = host
+        self._controller = _Controller(_RecordingHandler(self), hostname=self.host, port=port, **kwargs)
         self._controller.start()
         self.port: int = self._controller.port
 

@@ -20,6 +20,7 @@ from send_support import Project, addresses, received_addresses, wait_for
 
 from mailer.core.config import load_config
 from mailer.core.outcomes import Outgoing
+from mailer.delivery.routes import Relay
 from mailer.send.child import DeliveryProcess
 from mailer.store.sqlite import SendLog
 
@@ -339,7 +340,8 @@ def test_a_failure_while_feeding_ends_the_delivery_process_at_once(smtp_server, 
     config = load_config(project.config_path)
     with SendLog.open(config.log.path) as log:
         run_id = log.start_run("news", template=None, contacts=None)
-    delivery = DeliveryProcess(config, password=None, ssl_context=None, campaign="news", run_id=run_id)
+    relays = [Relay(name="smtp", smtp=config.smtp)]
+    delivery = DeliveryProcess(config, relays=relays, ssl_context=None, campaign="news", run_id=run_id)
 
     def messages():
         for n in range(3):

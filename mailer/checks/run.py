@@ -122,7 +122,12 @@ def run_checks(
             for warning in signer.warnings:
                 yield Check("config", "DKIM key", "warn", warning)
 
-    if not skip_smtp and relay_problem is not None:
+    # [smtp] is probed when a campaign can use it: no stream is named like [message]
+    # kind (so it is the default route), or a stream names no relay.
+    smtp_used = config.stream(config.message.kind) is None or any(s.uses_smtp_section for s in config.streams)
+    if not skip_smtp and not smtp_used:
+        yield Check("smtp", "connection", "ok", "[smtp] is not used: every stream has relays or is direct")
+    elif not skip_smtp and relay_problem is not None:
         yield Check(
             "smtp",
             "connection",
@@ -157,9 +162,13 @@ def run_checks(
                 None if "PIPELINING" in offered else "Without PIPELINING each message costs more round trips.",
             )
 
+    if not skip_smtp:
+        yield from _probe_named_relays(config, ssl_context=ssl_context)
+
     from .dns import check_sender_domain, make_resolver
 
     resolver = resolver or make_resolver(config.dns)
+    yield from _check_streams(config, resolver=resolver)
     domain = _from_domain(config)
     if domain is None:
         yield Check(
@@ -182,6 +191,47 @@ def run_checks(
 
     if contacts is not None:
         yield from _check_contacts(contacts, config, resolver=resolver, on_progress=on_progress)
+
+
+def _probe_named_relays(config: Config, *, ssl_context: ssl.SSLContext | None) -> Iterator[Check]:
+    """Each ``[relays.NAME]``: its login settings, then connect, TLS, AUTH (sends nothing)."""
+    from ..smtp.probe import probe_relay
+
+    for relay in config.relays:
+        section = f"relays.{relay.name}"
+        password = relay.smtp.password()
+        problem = relay_settings_problem(relay.smtp, password, section=section)
+        if problem is not None:
+            yield Check("smtp", f"relay {relay.name}", "fail", problem.message, problem.hint)
+            continue
+        probe = probe_relay(relay.smtp, password=password, ssl_context=ssl_context)
+        for step in probe.steps:
+            yield Check(
+                "smtp",
+                f"relay {relay.name}: {step.name}",
+                "ok" if step.ok else "fail",
+                step.detail,
+                None if step.ok else step.fix or f"Check [{section}] host, port and security, and the relay's logs.",
+            )
+
+
+def _check_streams(config: Config, *, resolver: dns.resolver.Resolver) -> Iterator[Check]:
+    """Per stream and source address: its PTR, forward confirmation, and the stream's helo."""
+    from .reverse import check_source_address
+
+    for stream in config.streams:
+        if not stream.source_addresses:
+            how = "direct delivery" if stream.direct else "its relays"
+            yield Check(
+                "streams",
+                stream.name,
+                "ok",
+                f"no source_addresses: connections to {how} leave from the address the system picks",
+            )
+            continue
+        for address in stream.source_addresses:
+            found = check_source_address(resolver, address, helo=stream.helo)
+            yield Check("streams", f"{stream.name} {address}", found.status, found.detail, found.fix)
 
 
 def _check_contacts(

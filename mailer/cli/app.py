@@ -28,6 +28,7 @@ from ..core.errors import ExitCode, MailerError, UsageError
 from .output import Reporter, count_data_rows
 
 if TYPE_CHECKING:
+    from ..delivery.routes import Route
     from ..store.base import SendStore
 
 __all__ = [
@@ -207,6 +208,13 @@ def send(
         bool,
         typer.Option("--resend-unknown", help="Also resend recipients whose outcome is unknown (status 'sending')."),
     ] = False,
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            "--stream",
+            help="The [streams.NAME] that carries this campaign (default: the one named like [message] kind).",
+        ),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")
@@ -250,6 +258,9 @@ def send(
             "--json cannot share stdout with the dry-run messages.",
             hint="Add --output DIR to write the messages as files, then --json prints the summary on stdout.",
         )
+    from ..delivery.routes import select_route
+
+    route = select_route(config, stream)
     reporter = Reporter(quiet=quiet)
     campaign = Campaign(
         contacts=contacts,
@@ -260,14 +271,18 @@ def send(
         limit=limit,
         email_column=email_column,
         spool_stdin=not dry_run,
+        return_path=route.return_path,
     )
     try:
         # A dry run signs as the real send does, so a bad key fails it the same way (exit 2).
         signer = _load_signer(campaign)
         if dry_run:
             summary = _dry_run(campaign, reporter, format=format or "mbox", output=output, force=force, signer=signer)
+            from ..send.estimate import estimate_send
+
+            summary.estimate = estimate_send(summary.destinations, route=route, config=config)
         else:
-            summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer)
+            summary = _send(campaign, reporter, yes=yes, resend_unknown=resend_unknown, signer=signer, route=route)
     finally:
         campaign.close()
     if summary.stopped_by is not None:
@@ -291,7 +306,9 @@ def _load_signer(campaign: Campaign) -> Any:
     return DKIMSigner.load(campaign.config.dkim)
 
 
-def _send(campaign: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool, signer: Any) -> Summary:
+def _send(
+    campaign: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: bool, signer: Any, route: Route
+) -> Summary:
     from ..send.run import run_send
 
     confirm = None if yes else _confirmation(reporter)
@@ -302,6 +319,7 @@ def _send(campaign: Campaign, reporter: Reporter, *, yes: bool, resend_unknown: 
         resend_unknown=resend_unknown,
         signer=signer,
         debug=_state["debug"],
+        route=route,
     )
 
 
@@ -404,7 +422,9 @@ def _print_summary(summary: Summary, reporter: Reporter, *, json_output: bool) -
     title = (
         f"{'dry run' if summary.dry_run else 'send'} of campaign {summary.campaign_name!r} in {summary.elapsed:.1f}s"
     )
-    rows = [(label, summary.counts[key]) for key, label in _SUMMARY_LABELS]
+    rows: list[tuple[str, Any]] = [(label, summary.counts[key]) for key, label in _SUMMARY_LABELS]
+    if summary.estimate is not None and summary.estimate.messages:
+        rows.append(("destinations", summary.estimate.describe()))
     reporter.print_summary(title, rows, problems, more)
 
 

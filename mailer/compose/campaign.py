@@ -124,6 +124,10 @@ class Summary:
     stopped_by: str | None = None
     stopped_exit_code: ExitCode | None = None
     debug_traceback: str | None = None
+    # A dry run's messages by destination domain, and what the stream's limits make of
+    # them (mailer.send.estimate), for the summary.
+    destinations: Counter[str] = field(default_factory=Counter)
+    estimate: Any = None
 
     def add_problem(self, problem: Problem) -> None:
         self.counts[problem.kind] += 1
@@ -169,6 +173,7 @@ class Summary:
             "interrupted": self.interrupted,
             "error": self.stopped_by,
             "exit_code": int(self.exit_code),
+            **({"estimate": self.estimate.to_dict()} if self.estimate is not None else {}),
         }
 
 
@@ -189,7 +194,11 @@ class Campaign:
         spool_stdin: bool = False,
         clock: Callable[[], float] = time.time,
         builder: MessageBuilder | None = None,
+        return_path: str | None = None,
     ) -> None:
+        """``return_path``: the stream's envelope sender (MAIL FROM) instead of the From
+        address; ``{token}`` in it becomes each recipient's VERP token, signed with the
+        key of ``[web] secret_env`` (exit 2 naming the variable when it is unset)."""
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 or more.")
         self.config = config
@@ -225,6 +234,19 @@ class Campaign:
             self._web_unsubscribe = (signer, web.base_url.rstrip("/") + "/u/")
             available.add("unsubscribe_url")
         self._tracker = tracker_for(config, self.name)
+        self.return_path = return_path
+        self._verp: tuple[TokenSigner, str, str] | None = None
+        if return_path is not None and "{token}" in return_path:
+            verp_signer = (
+                self._web_unsubscribe[0]
+                if self._web_unsubscribe is not None
+                else TokenSigner.from_environment(
+                    web.secret_env if web is not None else "MAILER_WEB_SECRET",
+                    web.previous_secret_envs if web is not None else (),
+                )
+            )
+            before, _, after = return_path.partition("{token}")
+            self._verp = (verp_signer, before, after)
         self.template.check_variables(available, columns=self.reader.columns)
         if "from" not in [n.lower() for n in self.template.header_names] and not message.from_:
             raise TemplateError(
@@ -433,6 +455,11 @@ class Campaign:
                         rendered.html, item.email, unsubscribe_url=variables.get("unsubscribe_url")
                     )
                 message = self.builder.build(rendered, contact=item, extra_headers=self._extra_headers(variables))
+                if self._verp is not None:
+                    verp_signer, before, after = self._verp
+                    message.sender = before + verp_signer.verp_token(self.name, item.envelope) + after
+                elif self.return_path is not None:
+                    message.sender = self.return_path
             except RenderAbort as exc:
                 if handled == 0:
                     raise  # the template's fault, met before any message was handed out: exit 2

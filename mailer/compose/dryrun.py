@@ -120,10 +120,18 @@ def write_dry_run(
     if sign is not None:
         messages = _signed(messages, sign)
     from_line = _MboxFromLine()
+    # A stream's envelope sender (VERP) is shown as the Return-Path header the receiving
+    # server will add (RFC 5321 4.4); it is not part of what is sent or signed.
+    show_return_path = campaign.return_path is not None
+    destinations = summary.destinations
     for count, (contact, message) in enumerate(messages, 1):
+        destinations[contact.envelope.rpartition("@")[2].lower()] += 1
+        data = message.data
+        if show_return_path:
+            data = b"Return-Path: <" + message.sender.encode("utf-8") + b">\r\n" + data
         if output_dir is not None:
             safe = re.sub(r"[^\w.@+-]", "_", contact.email)[:100]
-            (output_dir / f"{count:06d}-{safe}.eml").write_bytes(message.data)
+            (output_dir / f"{count:06d}-{safe}.eml").write_bytes(data)
         elif out is None:
             raise TypeError("write_dry_run() needs out= (a binary stream) or output_dir=")
         elif format == "jsonl":
@@ -136,10 +144,12 @@ def write_dry_run(
                 "attachments": message.attachments,
                 "line": contact.line,
             }
+            if show_return_path:
+                record["return_path"] = message.sender
             out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         else:
             # mboxrd: lines starting with ">*From " get one more ">", so readers can undo it.
-            body = message.data.replace(b"\r\n", b"\n")
+            body = data.replace(b"\r\n", b"\n")
             if b"From " in body:
                 body = _MBOX_ESCAPE.sub(rb">\1", body)
             out.write(from_line() + body + b"\n")

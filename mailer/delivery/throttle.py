@@ -90,6 +90,38 @@ class RateLimiter:
             if cancel is not None and cancel.is_set():
                 return None
 
+    def acquire_with(self, other: RateLimiter, cancel: threading.Event | None = None) -> float | None:
+        """:meth:`acquire` a slot of this limiter and one of ``other`` at the same instant.
+
+        A relay's own rate and the run's rate both hold: taking one slot and then
+        waiting for the other would let transactions bunch up behind the second wait
+        and exceed the first. ``other`` must share this limiter's clock; its lock is
+        always taken second (the run's limiter is ``other`` for every relay).
+        """
+        while True:
+            with self._lock, other._lock:
+                now = self._clock()
+                wait = max(self._wait(now), other._wait(now))
+                if wait <= 0:
+                    self._take(now)
+                    other._take(now)
+                    return now
+            if cancel is not None and cancel.is_set():
+                return None
+            self._sleep(wait)
+            if cancel is not None and cancel.is_set():
+                return None
+
+    def _wait(self, now: float) -> float:
+        """How long before a slot is free at ``now`` (0: free now); lock held."""
+        if not self.interval:
+            return 0.0
+        return max(0.0, self._next - self.tolerance - now)
+
+    def _take(self, now: float) -> None:
+        if self.interval:
+            self._next = max(self._next, now) + self.interval
+
 
 def backoff_delay(
     attempt: int,

@@ -17,6 +17,7 @@ from ..core.config import parse_rate
 from ..core.errors import ExitCode, MailerError, ProcessEndedError
 from ..core.outcomes import DeliveryEvent, Outgoing, Result, Status
 from ..delivery.pool import RateSource, deliver
+from ..delivery.routes import Relay
 from ..store import open_store
 from .forking import FORK, Batch, become_child, start_child
 from .journal import JournalWriter
@@ -89,10 +90,12 @@ class DeliveryProcess:
         self,
         config: Any,
         *,
-        password: str | None,
+        relays: list[Relay],
         ssl_context: Any,
         campaign: str,
         run_id: int,
+        source_addresses: tuple[str, ...] = (),
+        helo: str | None = None,
         debug: bool = False,
         cooperation: Cooperation | None = None,
     ) -> None:
@@ -115,10 +118,12 @@ class DeliveryProcess:
                 events_writer,
                 self.shared,
                 config,
-                password,
+                relays,
                 ssl_context,
                 campaign,
                 run_id,
+                source_addresses,
+                helo,
                 debug,
                 cooperation,
             ),
@@ -286,10 +291,12 @@ def _delivery_child(
     events: Any,
     shared: _Counters,
     config: Any,
-    password: str | None,
+    relays: list[Relay],
     ssl_context: Any,
     campaign: str,
     run_id: int,
+    source_addresses: tuple[str, ...] = (),
+    helo: str | None = None,
     debug: bool = False,
     cooperation: Cooperation | None = None,
 ) -> None:
@@ -356,9 +363,10 @@ def _delivery_child(
             try:
                 stats = deliver(
                     received(),
-                    smtp=config.smtp,
+                    relays=relays,
                     send=config.send,
-                    password=password,
+                    source_addresses=source_addresses,
+                    helo=helo,
                     listener=_ChildRecorder(journal, shared),
                     stop=stop,
                     ssl_context=ssl_context,

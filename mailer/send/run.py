@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
@@ -24,12 +25,14 @@ from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key
 from ..core.errors import MailerError, TemporaryDeliveryError, UsageError
 from ..core.outcomes import Outgoing, Skip, Status
+from ..delivery.routes import Route, relays_of, select_route
 from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store import open_store
 from ..store.base import SendStore
 from ..store.records import SkippedRow
 from .child import Cooperation, DeliveryProcess, SendKey
 from .coop import Claims
+from .estimate import estimate_send
 from .interrupts import install_signal_handlers, restore_signal_handlers
 from .journal import recover, recover_run_journals, run_journal_path
 from .resume import BATCH, Resume
@@ -45,12 +48,14 @@ __all__ = ["SendPlan", "plan_send", "run_send"]
 
 @dataclass
 class SendPlan:
-    """What a send is about to do, for the confirmation prompt."""
+    """What a send is about to do, for the confirmation prompt (``domains``: the
+    recipients to be mailed, by destination domain)."""
 
     recipients: int
     settled: int
     unknown: int
     suppressed: int
+    domains: Counter[str] = field(default_factory=Counter)
 
 
 def _reread(campaign: Campaign) -> ContactReader:
@@ -79,7 +84,7 @@ def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:
 
     try:
         with _reread(campaign) as reader:
-            for _contact, reason in resume.settle(selected(reader)):
+            for contact, reason in resume.settle(selected(reader)):
                 if reason is Skip.ALREADY_DONE:
                     plan.settled += 1
                 elif reason is Skip.UNKNOWN:
@@ -88,6 +93,7 @@ def plan_send(campaign: Campaign, resume: Resume) -> SendPlan:
                     plan.suppressed += 1
                 elif campaign.limit is None or plan.recipients < campaign.limit:
                     plan.recipients += 1
+                    plan.domains[contact.envelope.rpartition("@")[2].lower()] += 1
     finally:
         seen.close()
     return plan
@@ -102,16 +108,28 @@ def run_send(
     signer: Any = None,
     ssl_context: Any = None,
     debug: bool = False,
+    route: Route | None = None,
 ) -> Summary:
     """Send the campaign for real. ``confirm`` (or None: do not ask) sees the plan first.
 
+    ``route``: the stream's relays, source addresses and HELO (default: :func:`select_route`
+    of the config, without ``--stream``).
+
     ``debug``: the SMTP conversation goes to stderr (AUTH and the password redacted)."""
     config = campaign.config
-    smtp = config.smtp
-    password = smtp.password()
-    check_relay_settings(smtp, password)
+    route = route or select_route(config)
+    if route.direct:
+        raise UsageError(
+            f"stream {route.stream!r} delivers directly (direct = true), which this version cannot do yet; "
+            "nothing was sent.",
+            hint="Pick a stream with relays (--stream NAME), or remove --stream to send through [smtp].",
+        )
+    relays = relays_of(route, passwords={relay.name: relay.smtp.password() for relay in route.relays})
+    for relay in relays:
+        check_relay_settings(relay.smtp, relay.password, section=relay.section)
     unsubscribe = unsubscribe_warning(config.message, config.web)
-    for warning in filter(None, [tls_verification_warning(smtp), " ".join(unsubscribe) if unsubscribe else None]):
+    tls_warnings = {warning for relay in relays if (warning := tls_verification_warning(relay.smtp))}
+    for warning in [*sorted(tls_warnings), *([" ".join(unsubscribe)] if unsubscribe else [])]:
         reporter.warning(warning)
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
@@ -146,10 +164,7 @@ def run_send(
         if (confirm is not None or wants_total) and campaign.reader.rereadable is not None:
             plan = plan_send(campaign, resume)
         if confirm is not None and plan is not None:
-            question = (
-                f"Send campaign {campaign.name!r} to {plan.recipients} recipients through "
-                f"{smtp.host}:{smtp.effective_port} ({smtp.security})?"
-            )
+            question = f"Send campaign {campaign.name!r} to {plan.recipients} recipients through {route.describe()}?"
             notes = []
             if plan.settled:
                 notes.append(f"{plan.settled} already settled in earlier runs")
@@ -159,6 +174,8 @@ def run_send(
                 notes.append(f"{plan.suppressed} suppressed")
             if notes:
                 question += f" ({'; '.join(notes)})"
+            estimate = estimate_send(plan.domains, route=route, config=config)
+            question = f"Destinations: {estimate.describe()}.\n{question}"
             if not confirm(question):
                 raise UsageError("not confirmed; nothing was sent.")
         summary.started = time.time()  # the run's time, not the time spent at the prompt
@@ -198,10 +215,12 @@ def run_send(
         # a lock (stderr's, say) that a thread of ours held at that instant.
         delivery = DeliveryProcess(
             config,
-            password=password,
+            relays=relays,
             ssl_context=ssl_context,
             campaign=campaign.name,
             run_id=run_id,
+            source_addresses=route.source_addresses,
+            helo=route.helo,
             debug=debug,
             cooperation=cooperation,
         )
@@ -230,7 +249,7 @@ def run_send(
                 stopped_by = stopped_by or exc
             if result is not None and result.get("unreachable") and stopped_by is None:
                 stopped_by = TemporaryDeliveryError(
-                    f"the relay could not be reached: {result['unreachable']}; "
+                    f"the relay{'s' if len(relays) > 1 else ''} could not be reached: {result['unreachable']}; "
                     "no more messages were handed out (those left are not attempted)."
                 )
         finally:

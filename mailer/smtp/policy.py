@@ -81,47 +81,48 @@ class RelayProblem:
     hint: str
 
 
-def relay_settings_problem(smtp: SMTPConfig, password: str | None) -> RelayProblem | None:
+def relay_settings_problem(smtp: SMTPConfig, password: str | None, *, section: str = "smtp") -> RelayProblem | None:
     """The one rule for the relay's login settings, or None when they may be used.
 
     ``send`` refuses what it finds (:func:`check_relay_settings`) and ``mailer check``
     shows it, with the same words. Wrong: a username without ``password_env``, a
     ``password_env`` whose variable is unset or empty, and a password that would go
-    over an unencrypted connection to a host that is not this machine.
+    over an unencrypted connection to a host that is not this machine. ``section`` is
+    the table the settings come from (``relays.ses``), as the messages name it.
     """
     if smtp.security not in ("starttls", "tls", "none"):
-        return RelayProblem(f"unknown [smtp] security {smtp.security!r}.", 'Use "starttls", "tls" or "none".')
+        return RelayProblem(f"unknown [{section}] security {smtp.security!r}.", 'Use "starttls", "tls" or "none".')
     if not smtp.username:
         return None
     variable = smtp.password_env
     if not password and not variable:
         return RelayProblem(
-            f"[smtp] username is set to {smtp.username!r} but password_env is not.",
+            f"[{section}] username is set to {smtp.username!r} but password_env is not.",
             'Set password_env = "MAILER_SMTP_PASSWORD" (the variable\'s NAME, never the password) and export '
             "that variable, or remove the username if the relay needs no login.",
         )
     if not password:
         state = "not set" if password is None else "empty"
         return RelayProblem(
-            f"the environment variable {variable} (named by [smtp] password_env) is {state}.",
+            f"the environment variable {variable} (named by [{section}] password_env) is {state}.",
             f"Export it first: read -rs {variable} && export {variable} (the password is never stored in a file).",
         )
     if smtp.security == "none" and not is_loopback_host(smtp.host):
         return RelayProblem(
-            f'refusing to send the password to {smtp.host} over an unencrypted connection ([smtp] security = "none").',
+            f'refusing to send the password to {smtp.host} over an unencrypted connection ([{section}] security = "none").',
             'Use security = "starttls" (port 587) or "tls" (port 465); '
             '"none" with a login is allowed only for a relay on this machine.',
         )
     return None
 
 
-def check_relay_settings(smtp: SMTPConfig, password: str | None) -> None:
+def check_relay_settings(smtp: SMTPConfig, password: str | None, *, section: str = "smtp") -> None:
     """Refuse settings that must not be used, before any connection is made.
 
     Raises :class:`ConnectionSetupError` (exit code USAGE) for what
     :func:`relay_settings_problem` finds.
     """
-    problem = relay_settings_problem(smtp, password)
+    problem = relay_settings_problem(smtp, password, section=section)
     if problem is not None:
         raise setup_error(problem.message, problem.hint)
 

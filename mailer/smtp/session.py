@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 
 from ..core.config import SMTPConfig
 from ..core.errors import ConnectionSetupError, TemporaryDeliveryError
@@ -21,7 +23,7 @@ from .policy import is_loopback_address, make_ssl_context, setup_error
 from .replies import classify_exception, reply_text
 from .trace import Trace, TracedSMTP, TracedSMTPSSL
 
-__all__ = ["Setup", "StepNote"]
+__all__ = ["Setup", "SourceAddresses", "StepNote"]
 
 #: Called as each setup step ends: ``(step name, ok, detail)``; :func:`probe_relay` records them.
 StepNote = Callable[[str, bool, str], None]
@@ -61,6 +63,23 @@ def _secret_forms(username: str | None, password: str | None) -> tuple[str, ...]
     return tuple(forms)
 
 
+class SourceAddresses:
+    """The local addresses a stream's connections leave from, handed out in turn, so
+    that the connections spread evenly over them (thread-safe; empty: the system picks)."""
+
+    def __init__(self, addresses: Sequence[str] = ()) -> None:
+        self.addresses = tuple(addresses)
+        self._turn = itertools.cycle(self.addresses)
+        self._lock = threading.Lock()
+
+    def take(self) -> str | None:
+        """The next address, or None when there are none."""
+        if not self.addresses:
+            return None
+        with self._lock:
+            return next(self._turn)
+
+
 class Setup:
     """Everything needed to open a connection, computed once per run.
 
@@ -78,8 +97,12 @@ class Setup:
         ssl_context: ssl.SSLContext | None,
         *,
         trace: Callable[[str], None] | None = None,
+        helo: str | None = None,
+        sources: SourceAddresses | None = None,
     ) -> None:
-        """``trace``: where ``--debug`` writes the SMTP conversation (None: nowhere)."""
+        """``trace``: where ``--debug`` writes the SMTP conversation (None: nowhere);
+        ``helo``: the EHLO name (a stream's ``helo``; default the relay's, else this
+        host's name); ``sources``: the local addresses to bind connections to, in turn."""
         self.trace = trace
         self._traced = 0  # connections traced so far, to number them
         self.smtp = smtp
@@ -88,7 +111,8 @@ class Setup:
         self.where = f"{smtp.host}:{self.port}"
         self.password = password
         self.secrets = _secret_forms(smtp.username, password)
-        self.helo = smtp.helo or _local_hostname()
+        self.helo = helo or smtp.helo or _local_hostname()
+        self.sources = sources if sources is not None else SourceAddresses()
         self.context: ssl.SSLContext | None = None
         if smtp.security != "none":
             self.context = ssl_context if ssl_context is not None else make_ssl_context(smtp)
@@ -132,6 +156,7 @@ class Setup:
         note = step or _no_note
         smtp = self.smtp
         client: smtplib.SMTP
+        source: str | None = None
         try:
             if self.trace is None:
                 if smtp.security == "tls":
@@ -145,6 +170,10 @@ class Setup:
             # a TLS error apart from a refused connection; so set it here (smtplib's
             # private attribute, which typeshed does not declare, hence setattr).
             setattr(client, "_host", self.host)  # noqa: B010
+            source = self.sources.take()
+            if source is not None:
+                # smtplib binds the socket to (address, port) before connecting.
+                client.source_address = (source, 0)
             code, greeting = client.connect(self.host, self.port)
         except ssl.SSLError as exc:
             note("connect", True, f"connected to {self.where}")
@@ -152,7 +181,8 @@ class Setup:
             raise self.tls_error(exc) from None
         except OSError as exc:
             error = classify_exception(exc)
-            error.message = f"cannot connect to {self.where}: {error.message}"
+            origin = f" from {source}" if source is not None else ""
+            error.message = f"cannot connect to {self.where}{origin}: {error.message}"
             note("connect", False, error.message)
             raise error from None
         try:
