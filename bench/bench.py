@@ -246,13 +246,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_sink(kind: str, port: int) -> tuple[subprocess.Popen, str]:
+def start_sink(kind: str, port: int, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
     sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
     if kind in ("auto", "smtp-sink") and sink:
         command = [sink]
         if os.geteuid() == 0:
             command += ["-u", "nobody"]
-        process = subprocess.Popen(command + [f"127.0.0.1:{port}", "1000"])
+        process = subprocess.Popen(command + [f"{host}:{port}", "1000"])
         used = "smtp-sink (Postfix)"
     else:
         if kind == "smtp-sink":
@@ -263,7 +263,7 @@ def start_sink(kind: str, port: int) -> tuple[subprocess.Popen, str]:
             "class Sink:\n"
             "    async def handle_DATA(self, server, session, envelope):\n"
             "        return '250 OK'\n"
-            f"c = Controller(Sink(), hostname='127.0.0.1', port={port}); c.start()\n"
+            f"c = Controller(Sink(), hostname='{host}', port={port}); c.start()\n"
             "import time\n"
             "while True: time.sleep(3600)\n"
         )
@@ -271,26 +271,46 @@ def start_sink(kind: str, port: int) -> tuple[subprocess.Popen, str]:
         used = "aiosmtpd (Python)"
     for _ in range(100):
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             break
         except OSError:
             time.sleep(0.05)
     return process, used
 
 
+def _relays_config(ports: list[int], connections: int) -> str:
+    """``--relays N``: one [relays.rK] per sink on 127.0.0.(K+1), equal weights, the
+    connections split between them, and the stream that names them all."""
+    each = max(1, connections // len(ports))
+    text = ""
+    for index, port in enumerate(ports, 2):
+        text += (
+            f'\n[relays.r{index}]\nhost = "127.0.0.{index}"\nport = {port}\nsecurity = "none"\n'
+            f"timeout = 30\nconnections = {each}\n"
+        )
+    names = ", ".join(f'"r{index}"' for index in range(2, len(ports) + 2))
+    return text + f"\n[streams.bench]\nrelays = [{names}]\n"
+
+
 def bench_send(args: argparse.Namespace) -> dict:
     port = free_port()
     sink, used = start_sink(args.sink, port)
+    relay_ports = [free_port() for _ in range(args.relays)] if args.relays > 1 else []
+    relay_sinks = [start_sink(args.sink, p, host=f"127.0.0.{i}")[0] for i, p in enumerate(relay_ports, 2)]
     try:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             write_contacts(work / "contacts.csv", args.contacts)
             (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
             config = CONFIG.format(port=port, connections=args.connections)
+            if relay_ports:
+                config += _relays_config(relay_ports, args.connections)
             if args.dkim:
                 config += _dkim_config(work, args.key)
             (work / "mailer.toml").write_text(config, encoding="utf-8")
             command = mailer_command() + ["send", "contacts.csv", "bench.md.j2", "--yes", "--quiet", "--json"]
+            if relay_ports:
+                command += ["--stream", "bench"]
             if args.signing_workers is not None:
                 os.environ["MAILER_DKIM_WORKERS"] = str(args.signing_workers)
             elapsed, code, peak_mb = run_child(command, cwd=work)
@@ -309,7 +329,9 @@ def bench_send(args: argparse.Namespace) -> dict:
                 "command": f"python bench/bench.py send --contacts {args.contacts} --connections {args.connections}"
                 + (f" --dkim --key {args.key}" if args.dkim else "")
                 + (f" --signing-workers {args.signing_workers}" if args.signing_workers is not None else "")
-                + (" --smtp-source" if args.smtp_source else ""),
+                + (" --smtp-source" if args.smtp_source else "")
+                + (f" --relays {args.relays}" if relay_ports else ""),
+                "relays": args.relays,
             }
             if args.smtp_source:
                 result["smtp_source"] = bench_smtp_source(work, port, args.contacts, args.connections)
@@ -324,8 +346,9 @@ def bench_send(args: argparse.Namespace) -> dict:
                         result["messages_per_second"] / result["mailmerge"]["messages_per_second"], 1
                     )
     finally:
-        sink.terminate()
-        sink.wait()
+        for process in [sink, *relay_sinks]:
+            process.terminate()
+            process.wait()
     return result
 
 
@@ -599,6 +622,12 @@ def main() -> None:
     send.add_argument("--signing-workers", type=int, help="DKIM signing processes (MAILER_DKIM_WORKERS)")
     send.add_argument(
         "--smtp-source", action="store_true", help="also run Postfix's smtp-source into the same sink (same sessions)"
+    )
+    send.add_argument(
+        "--relays",
+        type=int,
+        default=1,
+        help="a stream of N relays, one sink each on 127.0.0.2, 127.0.0.3, ... (the connections split between them)",
     )
     rtt = sub.add_parser("rtt", help="one reused connection to a relay that answers after a delay: DATA vs BDAT")
     rtt.add_argument("--delay", type=float, default=0.02, help="seconds before each group of replies")

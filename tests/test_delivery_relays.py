@@ -63,6 +63,7 @@ def test_weights_share_the_messages_exactly(make_smtp_server):
     assert_consistent(listener, range(200))
     got_a, got_b = recipients(a), recipients(b)
     assert (len(got_a), len(got_b)) == (150, 50)
+    assert stats.sent_by_relay == {"a": 150, "b": 50}
     assert sorted(got_a + got_b) == sorted(item.recipients[0] for item in items)  # each once
     assert all(result.attempts == 1 for result in listener.finals().values())
 

@@ -199,7 +199,88 @@ def test_a_stream_send_with_one_relay_down_mails_everyone_once_with_one_attempt(
     assert outcome.exit_code == 0, outcome
     summary = json.loads(outcome.stdout)
     assert summary["counts"]["sent"] == 30 and not summary["counts"].get("deferred")
+    assert summary["sent_by_relay"] == {"dead": 0, "a": 30}
     assert sorted(received_addresses(a)) == addresses(30)
     for address in addresses(30):
         row = project.delivery(address)
         assert (row.status, row.attempts) == ("sent", 1), row
+
+
+def test_a_streams_source_addresses_and_helo_reach_the_server(tmp_path, make_smtp_server):
+    server = make_smtp_server(host="127.0.0.2")
+    project = Project(tmp_path, server)
+    project.configure(
+        send={"connections": 2, "max_per_connection": 3},
+        relays={"a": {"host": "127.0.0.2", "port": server.port, "security": "none", "timeout": 5}},
+        streams={
+            "transactional": {
+                "relays": ["a"],
+                "source_addresses": ["127.0.0.9", "127.0.0.10"],
+                "helo": "mta1.acme.example",
+            }
+        },
+    )
+    project.write_contacts(addresses(12))
+    outcome = project.send("--yes")
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(server)) == addresses(12)
+    assert {peer for peer, _ in server.greetings} == {"127.0.0.9", "127.0.0.10"}
+    assert {name for _, name in server.greetings} == {"mta1.acme.example"}
+    assert {message.peer for message in server.messages} == {"127.0.0.9", "127.0.0.10"}
+
+
+def test_an_unverified_relay_is_warned_about_by_its_own_name(tmp_path, make_smtp_server):
+    server = make_smtp_server(starttls=True)
+    project = Project(tmp_path, server)
+    project.configure(
+        relays={"lab": {"host": "127.0.0.1", "port": server.port, "security": "starttls", "tls_verify": False}},
+        streams={"transactional": {"relays": ["lab"]}},
+    )
+    project.write_contacts(addresses(1))
+    outcome = project.send("--yes")
+    assert outcome.exit_code == 0, outcome
+    assert "[relays.lab] tls_verify = false" in outcome.stderr and "[smtp] tls_verify" not in outcome.stderr
+
+
+def test_a_kill_9_mid_run_over_two_relays_sends_nobody_twice(tmp_path, make_smtp_server):
+    import signal
+    import time
+    from collections import Counter
+
+    from send_support import wait_for
+    from test_send_crash import STALL, finish, slow_down, speed_up
+
+    a = make_smtp_server(host="127.0.0.2")
+    b = make_smtp_server(host="127.0.0.3")
+    project = Project(tmp_path, a)
+    project.configure(
+        relays={
+            "a": {"host": "127.0.0.2", "port": a.port, "security": "none", "timeout": 5},
+            "b": {"host": "127.0.0.3", "port": b.port, "security": "none", "timeout": 5},
+        },
+        streams={"transactional": {"relays": ["a", "b"]}},
+    )
+    emails = addresses(16)
+    project.write_contacts(emails)
+    for server in (a, b):
+        slow_down(server)
+    process = project.spawn_send("--yes")
+    try:
+        wait_for(lambda: list(project.peek_statuses().values()).count("sent") >= 2, timeout=30)
+    finally:
+        process.kill()
+        finish(process)
+    assert process.returncode == -signal.SIGKILL
+    project.report("--campaign", "news")  # applies the killed run's journal
+    after_kill = project.peek_statuses()
+    assert len([s for s in after_kill.values() if s == "sent"]) < len(emails), "the run was not killed midway"
+    unknown = {address for address, status in after_kill.items() if status == "sending"}
+    time.sleep(STALL * 3)  # a transaction cut off by the kill may still complete at a server
+    for server in (a, b):
+        speed_up(server)
+    rerun = project.send("--yes", "--json")
+    assert rerun.exit_code == (1 if unknown else 0), rerun
+    both = Counter(received_addresses(a)) + Counter(received_addresses(b))
+    assert max(both.values()) == 1, both  # nobody twice, across both relays and both runs
+    assert set(emails) - unknown <= set(both)
+    assert received_addresses(a) and received_addresses(b)

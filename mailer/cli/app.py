@@ -425,6 +425,8 @@ def _print_summary(summary: Summary, reporter: Reporter, *, json_output: bool) -
     rows: list[tuple[str, Any]] = [(label, summary.counts[key]) for key, label in _SUMMARY_LABELS]
     if summary.estimate is not None and summary.estimate.messages:
         rows.append(("destinations", summary.estimate.describe()))
+    if summary.sent_by_relay:
+        rows.append(("sent by relay", ", ".join(f"{name} {count}" for name, count in summary.sent_by_relay.items())))
     reporter.print_summary(title, rows, problems, more)
 
 

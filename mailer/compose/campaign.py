@@ -128,6 +128,8 @@ class Summary:
     # them (mailer.send.estimate), for the summary.
     destinations: Counter[str] = field(default_factory=Counter)
     estimate: Any = None
+    # A send through several relays: how many messages each one accepted.
+    sent_by_relay: dict[str, int] | None = None
 
     def add_problem(self, problem: Problem) -> None:
         self.counts[problem.kind] += 1
@@ -174,6 +176,7 @@ class Summary:
             "error": self.stopped_by,
             "exit_code": int(self.exit_code),
             **({"estimate": self.estimate.to_dict()} if self.estimate is not None else {}),
+            **({"sent_by_relay": self.sent_by_relay} if self.sent_by_relay is not None else {}),
         }
 
 

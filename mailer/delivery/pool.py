@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -83,6 +83,7 @@ class DeliveryStats:
     retries: int = 0
     connections_opened: int = 0
     stale_reconnects: int = 0
+    sent_by_relay: dict[str, int] = field(default_factory=dict)  # relay name -> messages it accepted
     elapsed: float = 0.0
     interrupted: bool = False
 
@@ -563,6 +564,7 @@ class _Worker:
         self.attempts = 0
         self.connections = 0
         self.stale = 0
+        self.sent = 0
 
     def run(self) -> None:
         engine = self.engine
@@ -677,6 +679,7 @@ class _Worker:
                 outcome = TEMP
             self.attempts += 1
             if outcome == OK:
+                self.sent += 1
                 return engine.finish(job, Result(Status.SENT, True, attempt, code, text))
             if outcome == PERM:
                 return engine.finish(job, Result(Status.FAILED, True, attempt, code, text))
@@ -794,6 +797,7 @@ def deliver(
         stats.attempts += worker.attempts
         stats.connections_opened += worker.connections
         stats.stale_reconnects += worker.stale
+        stats.sent_by_relay[worker.lane.name] = stats.sent_by_relay.get(worker.lane.name, 0) + worker.sent
     stats.interrupted = stop.is_set()
     stats.elapsed = clock() - started
     if engine.fatal is not None:

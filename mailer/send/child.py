@@ -387,7 +387,12 @@ def _delivery_child(
                 ended.set()
                 break
             untouched += len(batch)
-        report = {"untouched": untouched, "waiting_retry": stats.waiting_retry, "unreachable": stats.unreachable}
+        report = {
+            "untouched": untouched,
+            "waiting_retry": stats.waiting_retry,
+            "unreachable": stats.unreachable,
+            "sent_by_relay": stats.sent_by_relay,
+        }
         events.send(("done", report))
     except BaseException as exc:  # every failure goes to the parent, which reports it
         import traceback

@@ -128,7 +128,9 @@ def run_send(
     for relay in relays:
         check_relay_settings(relay.smtp, relay.password, section=relay.section)
     unsubscribe = unsubscribe_warning(config.message, config.web)
-    tls_warnings = {warning for relay in relays if (warning := tls_verification_warning(relay.smtp))}
+    tls_warnings = {
+        warning for relay in relays if (warning := tls_verification_warning(relay.smtp, section=relay.section))
+    }
     for warning in [*sorted(tls_warnings), *([" ".join(unsubscribe)] if unsubscribe else [])]:
         reporter.warning(warning)
     for warning in getattr(signer, "warnings", []) or []:
@@ -304,6 +306,8 @@ def run_send(
         if result is not None:
             counts["not_attempted"] += result["untouched"] + delivery.unsent + dropped + resume.waiting
             counts["deferred"] += result["waiting_retry"]
+            if len(relays) > 1:
+                summary.sent_by_relay = dict(result["sent_by_relay"])
         else:
             counts["not_attempted"] += dropped + resume.waiting
     return summary

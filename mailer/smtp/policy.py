@@ -136,8 +136,9 @@ def make_ssl_context(smtp: SMTPConfig) -> ssl.SSLContext:
     return context
 
 
-def tls_verification_warning(smtp: SMTPConfig) -> str | None:
-    """The warning the CLI must show for these settings, or None."""
+def tls_verification_warning(smtp: SMTPConfig, *, section: str = "smtp") -> str | None:
+    """The warning the CLI must show for these settings, or None (``section``: the table
+    they come from, ``relays.NAME`` for a named relay)."""
     if not smtp.tls_verify and smtp.security in ("starttls", "tls"):
-        return TLS_VERIFY_DISABLED_WARNING
+        return TLS_VERIFY_DISABLED_WARNING.replace("[smtp]", f"[{section}]")
     return None
