@@ -134,6 +134,8 @@ def test_a_relay_that_comes_back_is_found_by_a_probe_and_gets_its_share_again(ma
         # Nothing was sent during the probe that found b back: every transaction b
         # saw carried a message of the list.
         assert len(b.messages) == len(got_b)
+        (error, still_down), *_ = stats.relay_troubles.values()
+        assert list(stats.relay_troubles) == ["b"] and not still_down and "connection refused" in error
     finally:
         for server in revived:
             server.stop()

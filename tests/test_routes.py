@@ -200,6 +200,9 @@ def test_a_stream_send_with_one_relay_down_mails_everyone_once_with_one_attempt(
     summary = json.loads(outcome.stdout)
     assert summary["counts"]["sent"] == 30 and not summary["counts"].get("deferred")
     assert summary["sent_by_relay"] == {"dead": 0, "a": 30}
+    assert f"relay dead could not be reached (cannot connect to 127.0.0.3:{dead_port}: connection refused)" in (
+        outcome.stderr
+    )
     assert sorted(received_addresses(a)) == addresses(30)
     for address in addresses(30):
         row = project.delivery(address)
@@ -284,3 +287,18 @@ def test_a_kill_9_mid_run_over_two_relays_sends_nobody_twice(tmp_path, make_smtp
     assert max(both.values()) == 1, both  # nobody twice, across both relays and both runs
     assert set(emails) - unknown <= set(both)
     assert received_addresses(a) and received_addresses(b)
+
+
+def test_a_stream_naming_an_unknown_relay_is_exit_2_before_anything_is_sent(tmp_path, make_smtp_server):
+    server = make_smtp_server(host="127.0.0.2")
+    project = Project(tmp_path, server)
+    project.configure(
+        relays={"a": {"host": "127.0.0.2", "port": server.port, "security": "none"}},
+        streams={"transactional": {"relays": ["a", "sess"]}},
+    )
+    project.write_contacts(addresses(3))
+    outcome = project.send("--yes")
+    assert outcome.exit_code == 2, outcome
+    assert "streams.transactional.relays" in outcome.stderr and "'sess', which is not defined" in outcome.stderr
+    assert "relays defined: a" in outcome.stderr and "Traceback" not in outcome.stderr
+    assert server.connections == 0 and not project.log_path.exists()

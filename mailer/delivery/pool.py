@@ -84,6 +84,9 @@ class DeliveryStats:
     connections_opened: int = 0
     stale_reconnects: int = 0
     sent_by_relay: dict[str, int] = field(default_factory=dict)  # relay name -> messages it accepted
+    # Several relays: each one that could not be reached at some point -> (its last
+    # error, whether it was still down at the end).
+    relay_troubles: dict[str, tuple[str, bool]] = field(default_factory=dict)
     elapsed: float = 0.0
     interrupted: bool = False
 
@@ -793,6 +796,10 @@ def deliver(
             stats.untouched += 1
     stats.waiting_retry += len(engine.retry_heap)
     stats.unreachable = engine.unreachable
+    if not engine.single:
+        stats.relay_troubles = {
+            lane.name: (lane.last_error.message, lane.down) for lane in engine.lanes if lane.last_error is not None
+        }
     for worker in workers:
         stats.attempts += worker.attempts
         stats.connections_opened += worker.connections

@@ -392,6 +392,7 @@ def _delivery_child(
             "waiting_retry": stats.waiting_retry,
             "unreachable": stats.unreachable,
             "sent_by_relay": stats.sent_by_relay,
+            "relay_troubles": stats.relay_troubles,
         }
         events.send(("done", report))
     except BaseException as exc:  # every failure goes to the parent, which reports it

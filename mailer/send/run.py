@@ -308,6 +308,16 @@ def run_send(
             counts["deferred"] += result["waiting_retry"]
             if len(relays) > 1:
                 summary.sent_by_relay = dict(result["sent_by_relay"])
+                for name, (error, still_down) in result["relay_troubles"].items():
+                    if still_down:
+                        reporter.warning(
+                            f"relay {name} could not be reached ({error}); its messages went to the other relays."
+                        )
+                    else:
+                        reporter.warning(
+                            f"relay {name} could not be reached for a while ({error}); its messages went to the "
+                            "other relays until a probe found it back."
+                        )
         else:
             counts["not_attempted"] += dropped + resume.waiting
     return summary
