@@ -238,3 +238,34 @@ def test_one_relay_with_a_rate_of_its_own(make_smtp_server):
     assert stats.sent == 20
     assert max_in_any_second(server.mail_times) <= 11
     assert time.monotonic() - started > 1.5  # 20 at 10/s: the relay's rate held, not a burst
+
+
+def test_a_message_that_needs_smtputf8_goes_to_a_relay_that_offers_it(make_smtp_server):
+    from mailer.core.outcomes import Outgoing
+
+    plain = make_smtp_server(host="127.0.0.2", smtputf8=False)
+    utf8 = make_smtp_server(host="127.0.0.3")
+    items = make_items(20)
+    items += [
+        Outgoing(
+            key=100 + n,
+            sender="news@example.com",
+            recipients=[f"zoë{n}@example.com"],
+            data=items[0].data,
+            message_id=f"<u{n}@example.com>",
+            smtputf8=True,
+        )
+        for n in range(10)
+    ]
+    stats, listener = run_relays([relay("plain", plain, weight=3), relay("utf8", utf8)], items)
+    assert stats.sent == 30 and stats.failed == 0
+    assert not any(address.startswith("zoë") for address in recipients(plain))
+    assert sorted(a for a in recipients(utf8) if a.startswith("zoë")) == sorted(
+        f"zoë{n}@example.com" for n in range(10)
+    )
+    assert all(result.attempts == 1 for result in assert_consistent(listener, [*range(20), *range(100, 110)]).values())
+
+    # No relay offers it: the message fails as with one relay, nothing sent.
+    other = make_smtp_server(host="127.0.0.4", smtputf8=False)
+    stats, listener = run_relays([relay("plain", plain), relay("other", other)], items[20:22])
+    assert stats.failed == 2 and "does not support SMTPUTF8" in listener.finals()[100].smtp_reply

@@ -169,6 +169,7 @@ class _Lane:
         "last_error",
         "limiter",
         "name",
+        "no_smtputf8",
         "open_connections",
         "probe_at",
         "probing",
@@ -200,6 +201,7 @@ class _Lane:
         self.probe_at = 0.0
         self.probing = False
         self.current = 0.0  # the weighted round robin's running credit
+        self.no_smtputf8 = False  # the relay did not offer SMTPUTF8 (RFC 6531)
 
 
 class _Engine:
@@ -305,13 +307,14 @@ class _Engine:
                 else:
                     self._place(job)
 
-    def _pick(self) -> _Lane | None:
+    def _pick(self, *, smtputf8: bool = False) -> _Lane | None:
         """The lane of the next new message: smooth weighted round robin over the lanes
-        that are up (each gets its weight's share exactly, interleaved), or None."""
+        that are up (each gets its weight's share exactly, interleaved), or None.
+        ``smtputf8``: only among the relays not known to lack SMTPUTF8."""
         best: _Lane | None = None
         total = 0.0
         for lane in self.lanes:
-            if lane.down:
+            if lane.down or (smtputf8 and lane.no_smtputf8):
                 continue
             lane.current += lane.weight
             total += lane.weight
@@ -335,6 +338,18 @@ class _Engine:
         else:
             lane.fresh.append(job)
         lane.ready.notify()
+
+    def hand_to_smtputf8_relay(self, lane: _Lane, job: _Job) -> bool:
+        """``lane``'s relay does not offer SMTPUTF8, which ``job`` needs: give the job to
+        another relay that is up and not known to lack it (False: there is none)."""
+        with self.lock:
+            lane.no_smtputf8 = True
+            other = self._pick(smtputf8=True)
+            if other is None:
+                return False
+            other.fresh.appendleft(job)
+            other.ready.notify()
+            return True
 
     def _notify_lanes(self) -> None:
         for lane in self.lanes:
@@ -646,6 +661,8 @@ class _Worker:
                 engine.connected(lane, True)
                 self.connections += 1
             if envelope.utf8 and not connection.smtputf8:
+                if not engine.single and not job.announced and engine.hand_to_smtputf8_relay(lane, job):
+                    return _HANDED_BACK
                 needy = next((a for a in (item.sender, *item.recipients) if not a.isascii()), item.recipients[0])
                 return engine.finish(
                     job,
