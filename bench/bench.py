@@ -5,6 +5,7 @@
     python bench/bench.py dry-run --contacts 1000000
     python bench/bench.py dry-run --contacts 20000 --dkim
     python bench/bench.py send --contacts 20000 [--sink smtp-sink|aiosmtpd] [--mailmerge] [--smtp-source]
+    python bench/bench.py send --contacts 100000 --store sqlite,postgres --rounds 2
     python bench/bench.py rtt --delay 0.02 --messages 200
     python bench/bench.py dkim --key rsa|ed25519 --messages 2000
     python bench/bench.py check --contacts 100000 --domains 5000 --latency 0.02
@@ -292,7 +293,91 @@ def _relays_config(ports: list[int], connections: int) -> str:
     return text + f"\n[streams.bench]\nrelays = [{names}]\n"
 
 
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class BenchCluster:
+    """A throwaway PostgreSQL 15 cluster on a free loopback port, as tests/pg_fixtures.py
+    makes one (as the postgres user when run as root), with the server's defaults but
+    fsync off on both sides of the comparison's durability: SQLite's log runs with
+    synchronous=NORMAL in WAL mode, so neither store waits for the disk per commit."""
+
+    def __init__(self) -> None:
+        if not (PG_BIN / "initdb").exists():
+            raise SystemExit(f"{PG_BIN}/initdb not found: apt-get install postgresql")
+        self.root = Path(tempfile.mkdtemp(prefix="mailer-bench-pg-"))
+        self.port = free_port()
+        self.data = self.root / "data"
+        if os.geteuid() == 0:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "bench", "--auth", "trust",
+                          "-E", "UTF8", "--locale", "C.UTF-8")  # fmt: skip
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
+                          "-o", options, "-w", "start")  # fmt: skip
+        self._databases = 0
+
+    def _as_postgres(self, *command: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(prefix + list(command), check=True, capture_output=True)
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"bench{self._databases}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="bench", dbname="postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+        return f"postgresql://bench@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def bench_send(args: argparse.Namespace) -> dict:
+    stores = [name.strip() for name in args.store.split(",")]
+    if set(stores) - {"sqlite", "postgres"}:
+        raise SystemExit("--store: sqlite, postgres, or both separated by a comma")
+    if stores == ["sqlite"] and args.rounds == 1:
+        return _bench_send_once(args, url=None)
+    cluster = BenchCluster() if "postgres" in stores else None
+    runs = []
+    try:
+        # Interleaved (sqlite, postgres, sqlite, postgres, ...) so that both see the same
+        # share of the load the other engineers put on the machine.
+        for round_number in range(args.rounds):
+            for store in stores:
+                load = os.getloadavg()[0]
+                url = cluster.new_database() if store == "postgres" and cluster is not None else None
+                result = _bench_send_once(args, url=url)
+                result.update(store=store, round=round_number + 1, load_average_before=round(load, 2),
+                              load_average_after=round(os.getloadavg()[0], 2))  # fmt: skip
+                print(json.dumps(result, ensure_ascii=False), file=sys.stderr, flush=True)
+                runs.append(result)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    summary: dict = {"mode": "send", "contacts": args.contacts, "stores": stores, "runs": runs,
+                     "command": f"python bench/bench.py send --contacts {args.contacts} --store {args.store} "
+                     f"--rounds {args.rounds}"}  # fmt: skip
+    for store in stores:
+        seconds = sorted(r["seconds"] for r in runs if r["store"] == store)
+        summary[f"{store}_median_seconds"] = seconds[len(seconds) // 2]
+    if len(stores) == 2:
+        summary["postgres_over_sqlite"] = round(
+            summary["postgres_median_seconds"] / summary["sqlite_median_seconds"], 2
+        )
+    return summary
+
+
+def _bench_send_once(args: argparse.Namespace, *, url: str | None) -> dict:
     port = free_port()
     sink, used = start_sink(args.sink, port)
     relay_ports = [free_port() for _ in range(args.relays)] if args.relays > 1 else []
@@ -303,6 +388,8 @@ def bench_send(args: argparse.Namespace) -> dict:
             write_contacts(work / "contacts.csv", args.contacts)
             (work / "bench.md.j2").write_text(TEMPLATE, encoding="utf-8")
             config = CONFIG.format(port=port, connections=args.connections)
+            if url is not None:
+                config += f'url = "{url}"\n'
             if relay_ports:
                 config += _relays_config(relay_ports, args.connections)
             if args.dkim:
@@ -629,6 +716,13 @@ def main() -> None:
         default=1,
         help="a stream of N relays, one sink each on 127.0.0.2, 127.0.0.3, ... (the connections split between them)",
     )
+    send.add_argument(
+        "--store",
+        default="sqlite",
+        help="the send log: sqlite, postgres (a cluster on loopback started for the run), or sqlite,postgres "
+        "(side by side, interleaved)",
+    )
+    send.add_argument("--rounds", type=int, default=1, help="with --store: runs of each store, interleaved")
     rtt = sub.add_parser("rtt", help="one reused connection to a relay that answers after a delay: DATA vs BDAT")
     rtt.add_argument("--delay", type=float, default=0.02, help="seconds before each group of replies")
     rtt.add_argument("--messages", type=int, default=200)

@@ -99,7 +99,7 @@ def test_all_ok_as_json(ready):
     assert outcome.exit_code == 0, outcome
     result = json.loads(outcome.stdout)
     assert result["version"] == 1 and result["ok"] is True
-    assert {c["section"] for c in result["checks"]} == {"config", "smtp", "dns"}
+    assert {c["section"] for c in result["checks"]} == {"config", "log", "smtp", "dns"}
     assert all(c["status"] == "ok" for c in result["checks"])
     assert all(set(c) == {"section", "name", "status", "detail", "fix"} for c in result["checks"])
 

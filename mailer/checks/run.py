@@ -122,6 +122,12 @@ def run_checks(
             for warning in signer.warnings:
                 yield Check("config", "DKIM key", "warn", warning)
 
+    from .store import check_send_log
+
+    log_checks = list(check_send_log(config.log))
+    yield from log_checks
+    log_usable = all(item.status != "fail" for item in log_checks)
+
     # [smtp] is probed when a campaign can use it: no stream is named like [message]
     # kind (so it is the default route), or a stream names no relay.
     smtp_used = config.stream(config.message.kind) is None or any(s.uses_smtp_section for s in config.streams)
@@ -190,7 +196,7 @@ def run_checks(
             yield Check("dns", f"{result.name} ({domain})", str(result.status), result.detail, result.fix)
 
     if contacts is not None:
-        yield from _check_contacts(contacts, config, resolver=resolver, on_progress=on_progress)
+        yield from _check_contacts(contacts, config, resolver=resolver, on_progress=on_progress, log_usable=log_usable)
 
 
 def _probe_named_relays(config: Config, *, ssl_context: ssl.SSLContext | None) -> Iterator[Check]:
@@ -240,6 +246,7 @@ def _check_contacts(
     *,
     resolver: dns.resolver.Resolver,
     on_progress: Callable[[int, int], None] | None,
+    log_usable: bool,
 ) -> Iterator[Check]:
     from .dns import check_recipient_domains
 
@@ -249,7 +256,8 @@ def _check_contacts(
     domains: dict[str, int] = {}
     suppressed = 0
     log = None
-    if config.log.url is not None or Path(config.log.path).exists():
+    # The suppression list is asked only of a send log that the log check could read.
+    if log_usable and (config.log.url is not None or Path(config.log.path).exists()):
         from ..store import open_store
 
         log = open_store(config.log, create=False)
@@ -297,7 +305,16 @@ def _check_contacts(
         f"{duplicates} duplicate addresses",
         "Duplicates are mailed once; remove them from the file to keep it clean." if duplicates else None,
     )
-    yield Check("contacts", "suppressed", "ok", f"{suppressed} addresses on the suppression list (send skips them)")
+    if log_usable:
+        yield Check("contacts", "suppressed", "ok", f"{suppressed} addresses on the suppression list (send skips them)")
+    else:
+        yield Check(
+            "contacts",
+            "suppressed",
+            "warn",
+            "not checked: the send log cannot be read (see log/send log)",
+            "Fix the send log, then run mailer check again.",
+        )
     verdicts = check_recipient_domains(domains, resolver=resolver, on_progress=on_progress)
     dead = [v for v in verdicts.values() if v.status == "fail"]
     unknown = [v for v in verdicts.values() if v.status == "warn"]

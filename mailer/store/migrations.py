@@ -13,18 +13,18 @@ from ..core.addresses import address_key
 from ..core.errors import SendLogError
 from ..core.tokens import recipient_tag
 
-__all__ = ["MIGRATIONS", "PG_MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "PG_MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
 
 # "MLR1": marks the file as a mailer send log (``PRAGMA application_id``).
-_APPLICATION_ID = 0x4D4C5231
+APPLICATION_ID = 0x4D4C5231
 
 # Each step takes the schema from version N to N + 1 and runs in the same transaction
 # as the ``user_version`` update. Never edit a released step; append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: deliveries, runs, suppressions.
     (
-        f"PRAGMA application_id = {_APPLICATION_ID}",
+        f"PRAGMA application_id = {APPLICATION_ID}",
         """
         CREATE TABLE deliveries (
             campaign    TEXT NOT NULL,
@@ -327,7 +327,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
                 hint="A newer mailer wrote it: upgrade mailer (pip install -U mailer), or use another [log] path.",
             )
         foreign_tables = version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-        if application_id not in (0, _APPLICATION_ID) or foreign_tables:
+        if application_id not in (0, APPLICATION_ID) or foreign_tables:
             raise SendLogError(
                 "this is a SQLite database, but not a mailer send log.",
                 path=str(path),

@@ -65,7 +65,7 @@ from .records import (
     delivery_from_row,
 )
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "connect", "read_schema_version"]
 
 
 _EVENT_SQL = """
@@ -140,6 +140,43 @@ def _scrub(text: str, password: str | None) -> str:
     return text
 
 
+def connect(config: LogConfig) -> tuple[psycopg.Connection[Any], _Target]:
+    """One autocommit connection to ``config.url``, and what to call the database in messages.
+
+    A server that cannot be reached, a bad password or a missing database is a
+    :class:`SendLogError` naming host, port and database, never the password.
+    """
+    if config.url is None:
+        raise ValueError("PostgreSQL needs [log] url")
+    target = _Target(config.url)
+    password = config.password
+    try:
+        conn = psycopg.connect(
+            config.url,
+            password=password,
+            connect_timeout=_CONNECT_TIMEOUT,
+            application_name="mailer",
+            autocommit=True,
+        )
+    except psycopg.Error as exc:
+        raise SendLogError(
+            f"cannot connect to {target}: {_scrub(str(exc), password)}.",
+            hint="Check that the server runs and is reachable, that the database exists "
+            f"(createdb {target.database}), and the user and password "
+            f"(PGPASSWORD or [log] password_env; user {target.user or '(default)'})."
+            + ("" if password or config.password_env else " No password was given."),
+        ) from None
+    return conn, target
+
+
+def read_schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The schema version of the send log in this database (None: no send log yet); reads only."""
+    if conn.execute("SELECT to_regclass('mailer_schema')").fetchone() == (None,):
+        return None
+    row = conn.execute("SELECT version FROM mailer_schema").fetchone()
+    return None if row is None else int(row[0])
+
+
 class _HeldLock(CampaignLock):
     """The local campaign lock plus the campaign's advisory lock in the database."""
 
@@ -186,26 +223,7 @@ class PostgresStore:
 
         With ``create=False`` a database without the schema is an error (for ``report``).
         """
-        if config.url is None:
-            raise ValueError("PostgresStore needs [log] url")
-        target = _Target(config.url)
-        password = config.password
-        try:
-            conn = psycopg.connect(
-                config.url,
-                password=password,
-                connect_timeout=_CONNECT_TIMEOUT,
-                application_name="mailer",
-                autocommit=True,
-            )
-        except psycopg.Error as exc:
-            raise SendLogError(
-                f"cannot connect to {target}: {_scrub(str(exc), password)}.",
-                hint="Check that the server runs and is reachable, that the database exists "
-                f"(createdb {target.database}), and the user and password "
-                f"(PGPASSWORD or [log] password_env; user {target.user or '(default)'})."
-                + ("" if password or config.password_env else " No password was given."),
-            ) from None
+        conn, target = connect(config)
         store = cls(config, conn, target)
         try:
             store._migrate(create=create)
