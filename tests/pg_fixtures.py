@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["PgCluster", "pg_cluster", "pg_url"]
+__all__ = ["PgCluster", "own_pg_cluster", "pg_cluster", "pg_url"]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PASSWORD = "pg-test-secret-7Qx"
@@ -34,6 +34,25 @@ class PgCluster:
     port: int
     user: str
     password: str
+    data: Path | None = None
+    options: str = ""
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``pg_ctl stop -m MODE``: immediate is a crash (backends killed, no shutdown checkpoint)."""
+        assert self.data is not None
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"), capture_output=True
+        )
+
+    def start(self) -> None:
+        """Start it again on the same port (after :meth:`stop`)."""
+        assert self.data is not None
+        log = str(self.data.parent / "log")
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", log, "-o", self.options, "-w", "start"),
+            check=True,
+            capture_output=True,
+        )
 
     def url(self, database: str) -> str:
         """A URL without the password (it is given through PGPASSWORD, as users are told to)."""
@@ -60,8 +79,7 @@ def _as_postgres(*args: str) -> list[str]:
     return list(args)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
+def _start_cluster() -> Iterator[PgCluster]:
     if not (PG_BIN / "initdb").exists() or not (PG_BIN / "pg_ctl").exists():
         pytest.skip(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing; .ci/run installs postgresql)")
     if os.geteuid() == 0:
@@ -87,18 +105,24 @@ def pg_cluster() -> Iterator[PgCluster]:
         capture_output=True,
     )  # fmt: skip
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=60"
-    subprocess.run(
-        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"),
-        check=True,
-        capture_output=True,
-    )
+    cluster = PgCluster("127.0.0.1", port, user, PASSWORD, data=data, options=options)
+    cluster.start()
     try:
-        yield PgCluster("127.0.0.1", port, user, PASSWORD)
+        yield cluster
     finally:
-        subprocess.run(
-            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"), capture_output=True
-        )
+        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    yield from _start_cluster()
+
+
+@pytest.fixture(scope="module")
+def own_pg_cluster() -> Iterator[PgCluster]:
+    """A cluster of the module's own, for tests that stop and restart the server."""
+    yield from _start_cluster()
 
 
 @pytest.fixture

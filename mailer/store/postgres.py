@@ -134,7 +134,7 @@ class _Target:
 
 
 def _scrub(text: str, password: str | None) -> str:
-    text = " ".join(text.split())
+    text = " ".join(text.split()).rstrip(".")  # the caller ends the sentence
     if password:
         text = text.replace(password, "***")
     return text
