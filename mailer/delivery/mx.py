@@ -235,4 +235,5 @@ class MXResolver:
                 for r in rrset
             )
             return _Cached(now + ttl, records=mx)
-        return _Cached(now + ttl, records=tuple(r.to_text() for r in rrset))
+        # An RRset has no order (dnspython's is a set): sorted, so that runs repeat.
+        return _Cached(now + ttl, records=tuple(sorted(r.to_text() for r in rrset)))
