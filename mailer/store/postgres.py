@@ -34,10 +34,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 import psycopg
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 from ..core.addresses import address_key, address_problem, domain_of
 from ..core.config import LogConfig
@@ -202,7 +205,10 @@ class PostgresStore:
     """The send log, run history and suppression list in one PostgreSQL database.
 
     Open it with :meth:`PostgresStore.open`; it is a context manager. One connection
-    shared by threads behind a lock; every write is committed before it returns.
+    shared by threads behind a lock (what a ``send`` needs: its advisory lock and claims
+    live on that session), or, opened with ``pool_size`` (``mailer serve``), a pool of
+    connections that concurrent requests use at once and that replaces a connection the
+    server dropped. Every write is committed before it returns.
     """
 
     def __init__(self, config: LogConfig, conn: psycopg.Connection[Any], target: _Target) -> None:
@@ -210,6 +216,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = conn
         self._target = target
         self._lock = threading.Lock()
+        self._pool: ConnectionPool[Any] | None = None
         # The journals and lock files of this database's campaigns, beside [log] path.
         digest = hashlib.sha256(f"{target.host}:{target.port}/{target.database}".encode()).hexdigest()[:10]
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{target.host}_{target.database}")[:40]
@@ -218,19 +225,51 @@ class PostgresStore:
     # --- opening, closing, migrating ---
 
     @classmethod
-    def open(cls, config: LogConfig, *, create: bool = True) -> PostgresStore:
+    def open(cls, config: LogConfig, *, create: bool = True, pool_size: int | None = None) -> PostgresStore:
         """Connect to ``config.url`` and create or migrate the schema.
 
         With ``create=False`` a database without the schema is an error (for ``report``).
+        With ``pool_size``, the store then works through a pool of up to that many
+        connections (for a long-running server with concurrent requests); the first
+        connection is still made alone, so that a bad URL or password gets its message.
         """
         conn, target = connect(config)
         store = cls(config, conn, target)
         try:
             store._migrate(create=create)
+            if pool_size:
+                store._use_pool(pool_size)
         except BaseException:
             store.close()
             raise
         return store
+
+    def _use_pool(self, size: int) -> None:
+        from psycopg_pool import ConnectionPool
+
+        assert self._config.url is not None
+        pool: ConnectionPool[Any] = ConnectionPool(
+            self._config.url,
+            kwargs={
+                "password": self._config.password,
+                "connect_timeout": _CONNECT_TIMEOUT,
+                "application_name": "mailer",
+                "autocommit": True,
+            },
+            min_size=1,
+            max_size=size,
+            # A connection the server dropped (restart, killed backend) is found before it
+            # is handed out, and replaced: a server does not answer 503 until restarted.
+            check=ConnectionPool.check_connection,
+            timeout=_CONNECT_TIMEOUT,
+            name="mailer",
+            open=False,
+        )
+        pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+        with self._lock:
+            conn, self._conn, self._pool = self._conn, None, pool
+        if conn is not None:
+            conn.close()
 
     def _error(self, exc: psycopg.Error) -> SendLogError:
         text = _scrub(str(exc), self._config.password)
@@ -243,7 +282,15 @@ class PostgresStore:
         return SendLogError(f"{self._target}: {text}.")
 
     def _run(self, work: Any) -> Any:
-        """Call ``work(conn)`` under the lock, turning database errors into ours."""
+        """Call ``work(conn)`` under the lock (or on a connection of the pool), turning
+        database errors into ours."""
+        pool = self._pool
+        if pool is not None:
+            try:
+                with pool.connection() as conn:
+                    return work(conn)
+            except psycopg.Error as exc:  # PoolTimeout included: no connection could be had
+                raise self._error(exc) from None
         with self._lock:
             conn = self._conn
             if conn is None:
@@ -314,6 +361,9 @@ class PostgresStore:
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         if conn is not None:
             try:
                 conn.close()

@@ -18,6 +18,9 @@ from ..core.tokens import TokenSigner
 
 __all__ = ["base_url_warning", "parse_listen", "serve"]
 
+# Connections of the PostgreSQL pool of `mailer serve` (one per request being written).
+_POOL_SIZE = 4
+
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 in brackets) as ``(host, port)``, or :class:`UsageError`."""
@@ -78,7 +81,9 @@ def serve(
     from ..store import open_store
     from .app import create_app
 
-    with open_store(config.log) as store:
+    # Requests write from Starlette's worker threads: with PostgreSQL, a few pooled
+    # connections let them commit at once (SQLite serialises its writers anyway).
+    with open_store(config.log, pool_size=_POOL_SIZE) as store:
         app = create_app(store, signer, opens=opens, clicks=clicks, on_error=lambda exc: warn(f"store error: {exc}"))
         server_config = uvicorn.Config(
             app,
