@@ -212,3 +212,46 @@ def test_version_4_database_migrates_with_recipient_tags(pg_url, tmp_path):
         assert store.clicks_by_link("c") == [("https://a", 2, 3), ("https://b", 1, 1)]
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT recipient_tag FROM deliveries WHERE status = 'invalid'").fetchone() == (None,)
+
+
+def _schema_of(url: str) -> tuple[list[tuple], list[str]]:
+    """The columns (table, name, type, nullable, default) and index definitions of a database."""
+    with psycopg.connect(url) as conn:
+        columns = conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY table_name, column_name"
+        ).fetchall()
+        indexes = [row[0] for row in conn.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'")]
+    return columns, sorted(indexes)
+
+
+@pytest.mark.parametrize("start", range(4, SCHEMA_VERSION))
+def test_every_earlier_version_migrates_to_the_schema_of_a_new_database(pg_url, pg_cluster, tmp_path, start):
+    """From an empty database and from each earlier version (PostgreSQL logs began at 4),
+    the same tables, columns and indexes; the rows of the earlier version are kept."""
+    from mailer.store.migrations import PG_MIGRATIONS
+
+    with open_store(LogConfig(path=tmp_path / "fresh", url=pg_url)):
+        pass
+    old = f"m{start}_" + pg_url.rsplit("/", 1)[1]
+    pg_cluster.admin(f"CREATE DATABASE {old}")
+    old_url = pg_cluster.url(old)
+    with psycopg.connect(old_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE mailer_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO mailer_schema VALUES (%s)", (start,))
+        for step in PG_MIGRATIONS[:start]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO deliveries (campaign, recipient, address, domain, status, first_at, updated_at) "
+            "VALUES ('c', 'ann@x.org', 'Ann@x.org', 'x.org', 'sent', 't', 't')"
+        )
+        conn.execute(
+            "INSERT INTO suppressions (address, reason, source, added_at) VALUES ('z@x.org', NULL, 'manual', 't')"
+        )
+    assert _schema_of(old_url) != _schema_of(pg_url)
+    with open_store(LogConfig(path=tmp_path / "old", url=old_url)) as store:
+        assert store.schema_version == SCHEMA_VERSION  # type: ignore[attr-defined]
+        assert store.statuses("c", ["ann@x.org"]) == [Status.SENT]
+        assert store.suppressed(["Z@x.org"]) == [True]
+    assert _schema_of(old_url) == _schema_of(pg_url)
