@@ -402,6 +402,7 @@ class _Session:
         for number, message in targets:
             parts = [f"UID {message.uid}"]
             body: bytes | None = None
+            section = "BODY[]"
             for name in names:
                 if name == "FLAGS":
                     parts.append("FLAGS " + _flags_text(message.flags))
@@ -410,8 +411,14 @@ class _Session:
                 elif name == "INTERNALDATE":
                     stamp = message.internal_date
                     parts.append(f'INTERNALDATE "{stamp.day:02d}-{_MONTHS[stamp.month - 1]}-{stamp:%Y %H:%M:%S} +0000"')
-                elif name in ("BODY.PEEK[]", "BODY[]", "RFC822"):
+                elif name in ("BODY.PEEK[]", "BODY[]", "RFC822") or name.startswith("BODY.PEEK[]<"):
                     body = message.raw
+                    section = "BODY[]"
+                    partial = re.fullmatch(r"BODY\.PEEK\[\]<(\d+)\.(\d+)>", name)
+                    if partial:
+                        offset, length = int(partial.group(1)), int(partial.group(2))
+                        body = body[offset : offset + length]
+                        section = f"BODY[]<{offset}>"
                     if name != "BODY.PEEK[]" and not self.read_only:
                         message.flags.add(r"\Seen")
                 elif name != "UID":
@@ -423,11 +430,13 @@ class _Session:
                         self.server.drop_times -= 1
                         self.server.bodies_sent = 0
                         self.send(
-                            f"* {number} FETCH ({' '.join(parts)} BODY[] {{{len(body)}}}\r\n".encode() + body[:10]
+                            f"* {number} FETCH ({' '.join(parts)} {section} {{{len(body)}}}\r\n".encode() + body[:10]
                         )
                         raise _Dropped
                     self.server.bodies_sent += 1
-                self.send(f"* {number} FETCH ({' '.join(parts)} BODY[] {{{len(body)}}}\r\n".encode() + body + b")\r\n")
+                self.send(
+                    f"* {number} FETCH ({' '.join(parts)} {section} {{{len(body)}}}\r\n".encode() + body + b")\r\n"
+                )
             else:
                 self.line(f"* {number} FETCH ({' '.join(parts)})")
         self.line(f"{tag} OK FETCH completed")

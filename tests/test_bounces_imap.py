@@ -250,6 +250,17 @@ def test_batches_are_also_bounded_in_bytes(make_imap_server, client_tls_context)
     assert max(uid_count(line) for line in lines) == 2 and sum(uid_count(line) for line in lines) == 10
 
 
+def test_a_huge_message_is_read_only_up_to_the_cap(make_imap_server, client_tls_context):
+    server = make_imap_server(implicit_tls=True)
+    small, huge, after = message(1), message(2, size=200_000), message(3)
+    for raw in (small, huge, after):
+        server.add_message(raw)
+    with open_source(server, client_tls_context, max_message_bytes=50_000) as source:
+        read = [m.raw for m in source]
+    assert read == [small, huge[:50_000], after]
+    assert "UID FETCH 2 (BODY.PEEK[]<0.50000>)" in server.commands
+
+
 def test_a_dropped_connection_is_reopened_and_nothing_is_read_twice(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True, drop_after=25)
     raws = fill(server, 60)

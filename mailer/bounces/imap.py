@@ -8,7 +8,7 @@ the SMTP side). Certificates are verified against the system's trust store.
 Messages are found with one ``UID SEARCH`` (``ALL`` or ``SINCE``) and fetched with
 ``BODY.PEEK[]`` (reading marks nothing) in batches of at most ``batch_size`` messages
 and about ``batch_bytes`` bytes (sizes asked first), so memory stays bounded whatever
-the mailbox holds. A message's ``ref`` is ``UIDVALIDITY:UID``: stable across runs for
+the mailbox holds; a message over ``max_message_bytes`` is read only up to that size. A message's ``ref`` is ``UIDVALIDITY:UID``: stable across runs for
 as long as the server keeps the mailbox's UIDVALIDITY (RFC 3501 2.3.1.1), which is
 what lets the send log count a bounce read twice once. A connection lost mid-way is
 reopened (a few times) and the batch fetched again; UIDVALIDITY changing meanwhile
@@ -255,7 +255,11 @@ def _reason(exc: BaseException, password: str) -> str:
     text = str(exc) or type(exc).__name__
     if text.startswith("b'") and text.endswith("'"):  # imapclient shows server text as bytes
         text = text[2:-1]
-    return text.replace(password, _Trace.REDACTED) if password else text
+    if password:
+        text = text.replace(password, _Trace.REDACTED)
+    # Server text is shown to the user: no control characters, no screenful.
+    text = "".join(character if character.isprintable() else " " for character in text)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 _CONNECTION_LOST = (imaplib.IMAP4.abort, OSError, EOFError)
@@ -418,12 +422,14 @@ class IMAPSource:
         since: dt.date | None,
         batch_size: int,
         batch_bytes: int,
+        max_message_bytes: int,
     ) -> None:
         self.location = connection.location
         self.mark = mark
         self.since = since
         self.batch_size = max(1, batch_size)
         self.batch_bytes = max(1, batch_bytes)
+        self.max_message_bytes = max(1, max_message_bytes)
         self._connection = connection
         self._client: IMAPClient | None = None
         self._validity = 0
@@ -496,8 +502,14 @@ class IMAPSource:
         )
         return result
 
-    def _batches(self, uids: list[int]) -> Iterator[list[int]]:
-        """Groups of UIDs of at most batch_size messages and about batch_bytes bytes."""
+    def _batches(self, uids: list[int]) -> Iterator[tuple[list[int], bool]]:
+        """Groups of UIDs of at most batch_size messages and about batch_bytes bytes.
+
+        A message larger than max_message_bytes comes alone, flagged to be fetched cut
+        at that size: a DSN or ARF report puts its machine-readable part before the
+        returned message, so the cut keeps what matters, and a hostile 2 GB message
+        costs no more memory than a large one.
+        """
         for start in range(0, len(uids), self.batch_size):
             chunk = uids[start : start + self.batch_size]
             sizes = self._fetch(chunk, ["RFC822.SIZE"])
@@ -507,22 +519,33 @@ class IMAPSource:
                 if uid not in sizes:
                     continue  # expunged by someone else meanwhile
                 size = int(sizes[uid].get(b"RFC822.SIZE", 0))
+                if size > self.max_message_bytes:
+                    if group:
+                        yield group, False
+                        group, total = [], 0
+                    yield [uid], True
+                    continue
                 if group and total + size > self.batch_bytes:
-                    yield group
+                    yield group, False
                     group, total = [], 0
                 group.append(uid)
                 total += size
             if group:
-                yield group
+                yield group, False
 
     def __iter__(self) -> Iterator[SourceMessage]:
         if self._client is None:
             self._open()
-        for group in self._batches(self._search()):
-            fetched = self._fetch(group, ["BODY.PEEK[]"])
+        for group, cut in self._batches(self._search()):
+            if cut:
+                fetched = self._fetch(group, [f"BODY.PEEK[]<0.{self.max_message_bytes}>"])
+                key = b"BODY[]<0>"
+            else:
+                fetched = self._fetch(group, ["BODY.PEEK[]"])
+                key = b"BODY[]"
             for uid in group:
                 data = fetched.get(uid)
-                raw = data.get(b"BODY[]") if data else None
+                raw = data.get(key) if data else None
                 if not isinstance(raw, bytes):
                     continue
                 self.messages_read += 1
@@ -574,6 +597,7 @@ def open_imap_source(
     ssl_context: ssl.SSLContext | None = None,
     batch_size: int = 100,
     batch_bytes: int = 16 * 1024 * 1024,
+    max_message_bytes: int = 10 * 1024 * 1024,
     timeout: float = 60.0,
     debug: Callable[[str], None] | None = None,
 ) -> IMAPSource:
@@ -603,7 +627,14 @@ def open_imap_source(
     )
     if trace is not None:
         trace.install()
-    source = IMAPSource(connection, mark=action, since=since, batch_size=batch_size, batch_bytes=batch_bytes)
+    source = IMAPSource(
+        connection,
+        mark=action,
+        since=since,
+        batch_size=batch_size,
+        batch_bytes=batch_bytes,
+        max_message_bytes=max_message_bytes,
+    )
     try:
         source._open()
         if action.kind == "move":
