@@ -21,9 +21,9 @@ from mailer.bounces.imap import (
     imap_password,
     open_imap_source,
     parse_imap_url,
-    parse_mark,
 )
-from mailer.core.errors import BounceSourceError, ExitCode
+from mailer.bounces.sources import BounceSource, SourceError, SourceOptions, open_source
+from mailer.core.errors import ExitCode
 
 USER = "bounces@acme.example"
 # Quotes, a backslash and a space: the LOGIN quoting must carry them, the trace must hide them.
@@ -66,10 +66,12 @@ def url(server: IMAPTestServer, *, scheme: str = "imaps", host: str = "127.0.0.1
     return f"{scheme}://bounces%40acme.example@{host}:{server.port}/{mailbox}"
 
 
-def open_source(server: IMAPTestServer, context: ssl.SSLContext | None, **options):
+def open_imap(server: IMAPTestServer, context: ssl.SSLContext | None, *, url_text: str | None = None, **options):
+    """open_imap_source with the test CA; SourceOptions fields and keyword arguments mixed."""
+    fields = {name: options.pop(name) for name in ("since", "mark_seen", "move_to", "password_env") if name in options}
     options.setdefault("password", PASSWORD)
-    target = options.pop("url", None) or url(server)
-    return open_imap_source(target, ssl_context=context, timeout=30, **options)
+    target = url_text or url(server)
+    return open_imap_source(target, SourceOptions(**fields), ssl_context=context, timeout=30, **options)
 
 
 def fetch_lines(server: IMAPTestServer) -> list[str]:
@@ -121,7 +123,7 @@ def test_url_parts_and_defaults():
     ],
 )
 def test_bad_urls_are_usage_errors(text, words):
-    with pytest.raises(BounceSourceError) as caught:
+    with pytest.raises(SourceError) as caught:
         parse_imap_url(text)
     assert words in str(caught.value)
     assert caught.value.exit_code == ExitCode.USAGE
@@ -129,7 +131,7 @@ def test_bad_urls_are_usage_errors(text, words):
 
 
 def test_a_password_in_the_url_is_refused_without_echoing_it():
-    with pytest.raises(BounceSourceError) as caught:
+    with pytest.raises(SourceError) as caught:
         parse_imap_url("imaps://ann:hunter2-secret@mail.example/INBOX")
     assert "holds a password" in str(caught.value)
     assert "hunter2" not in str(caught.value)
@@ -137,22 +139,27 @@ def test_a_password_in_the_url_is_refused_without_echoing_it():
 
 
 def test_mark_options():
-    assert parse_mark("none") == MarkAction("none")
-    assert parse_mark("SEEN") == MarkAction("seen")
-    assert parse_mark("move:Processed/Bounces") == MarkAction("move", "Processed/Bounces")
-    assert str(parse_mark("move:Done")) == "move:Done"
-    for bad in ("delete", "move:", "move: ", "flag"):
-        with pytest.raises(BounceSourceError) as caught:
-            parse_mark(bad)
+    assert MarkAction.from_options(SourceOptions()) == MarkAction("none")
+    assert MarkAction.from_options(SourceOptions(mark_seen=True)) == MarkAction("seen")
+    assert MarkAction.from_options(SourceOptions(move_to="Processed/Bounces")) == MarkAction(
+        "move", "Processed/Bounces"
+    )
+    for bad in (
+        SourceOptions(move_to=" "),
+        SourceOptions(move_to="A\r\nB"),
+        SourceOptions(mark_seen=True, move_to="X"),
+    ):
+        with pytest.raises(SourceError) as caught:
+            MarkAction.from_options(bad)
         assert caught.value.exit_code == ExitCode.USAGE
 
 
 def test_password_variable():
     assert imap_password({"MAILER_IMAP_PASSWORD": "s3"}) == "s3"
     assert imap_password({"OTHER": "s4"}, "OTHER") == "s4"
-    with pytest.raises(BounceSourceError, match="MAILER_IMAP_PASSWORD is not set"):
+    with pytest.raises(SourceError, match="MAILER_IMAP_PASSWORD is not set"):
         imap_password({})
-    with pytest.raises(BounceSourceError, match="OTHER is empty"):
+    with pytest.raises(SourceError, match="OTHER is empty"):
         imap_password({"OTHER": ""}, "OTHER")
 
 
@@ -164,7 +171,7 @@ def test_reads_every_message_over_tls_without_marking_it(make_imap_server, clien
     server = make_imap_server(implicit_tls=True)
     raws = fill(server, 5)
     validity = server.mailboxes["INBOX"].uid_validity
-    with open_source(server, client_tls_context) as source:
+    with open_imap(server, client_tls_context) as source:
         read = list(source)
     assert [m.raw for m in read] == raws
     assert [m.ref for m in read] == [f"{validity}:{uid}" for uid in range(1, 6)]
@@ -178,10 +185,10 @@ def test_reads_every_message_over_tls_without_marking_it(make_imap_server, clien
 def test_refs_are_stable_across_runs(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     fill(server, 3)
-    with open_source(server, client_tls_context) as source:
+    with open_imap(server, client_tls_context) as source:
         first = [m.ref for m in source]
     server.add_message(message(99))
-    with open_source(server, client_tls_context) as source:
+    with open_imap(server, client_tls_context) as source:
         second = [m.ref for m in source]
     assert second[:3] == first and len(second) == 4
 
@@ -189,7 +196,7 @@ def test_refs_are_stable_across_runs(make_imap_server, client_tls_context):
 def test_starttls(make_imap_server, client_tls_context):
     server = make_imap_server(starttls=True)
     raws = fill(server, 2)
-    with open_source(server, client_tls_context, url=url(server, scheme="imap")) as source:
+    with open_imap(server, client_tls_context, url_text=url(server, scheme="imap")) as source:
         assert [m.raw for m in source] == raws
     assert server.commands.index("STARTTLS") < next(i for i, c in enumerate(server.commands) if c.startswith("LOGIN"))
 
@@ -197,12 +204,12 @@ def test_starttls(make_imap_server, client_tls_context):
 def test_plain_imap_only_to_this_machine(make_imap_server):
     server = make_imap_server()
     raws = fill(server, 2)
-    with open_source(server, None, url=url(server, scheme="imap")) as source:
+    with open_imap(server, None, url_text=url(server, scheme="imap")) as source:
         assert [m.raw for m in source] == raws
     # "127.1" reaches the same loopback server, but is not a name mailer trusts as this
     # machine: the password must not go in clear.
-    with pytest.raises(BounceSourceError) as caught:
-        open_source(server, None, url=url(server, scheme="imap", host="127.1"))
+    with pytest.raises(SourceError) as caught:
+        open_imap(server, None, url_text=url(server, scheme="imap", host="127.1"))
     assert "offers no STARTTLS" in str(caught.value) and f"127.1:{server.port}" in str(caught.value)
     assert caught.value.exit_code == ExitCode.USAGE
     assert len(server.logins) == 1
@@ -210,8 +217,8 @@ def test_plain_imap_only_to_this_machine(make_imap_server):
 
 def test_an_untrusted_certificate_is_refused(make_imap_server):
     server = make_imap_server(implicit_tls=True)
-    with pytest.raises(BounceSourceError) as caught:
-        open_source(server, ssl.create_default_context())
+    with pytest.raises(SourceError) as caught:
+        open_imap(server, ssl.create_default_context())
     text = str(caught.value)
     assert "certificate cannot be verified" in text and f"127.0.0.1:{server.port}" in text
     assert "SSL_CERT_FILE" in text and caught.value.exit_code == ExitCode.USAGE
@@ -222,7 +229,7 @@ def test_since_filter(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     for day in (1, 5, 10, 20):
         server.add_message(message(day), internal_date=dt.datetime(2026, 11, day, 12, tzinfo=dt.UTC))
-    with open_source(server, client_tls_context, since=dt.date(2026, 11, 10)) as source:
+    with open_imap(server, client_tls_context, since=dt.date(2026, 11, 10)) as source:
         read = list(source)
     assert [m.raw for m in read] == [message(10), message(20)]
     assert "UID SEARCH SINCE 10-Nov-2026" in server.commands
@@ -231,7 +238,7 @@ def test_since_filter(make_imap_server, client_tls_context):
 def test_batches_bound_what_is_fetched_at_once(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     raws = fill(server, 1050)
-    with open_source(server, client_tls_context, batch_size=100) as source:
+    with open_imap(server, client_tls_context, batch_size=100) as source:
         read = list(source)
     assert [m.raw for m in read] == raws
     assert len({m.ref for m in read}) == 1050
@@ -244,7 +251,7 @@ def test_batches_bound_what_is_fetched_at_once(make_imap_server, client_tls_cont
 def test_batches_are_also_bounded_in_bytes(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     raws = fill(server, 10, size=50_000)
-    with open_source(server, client_tls_context, batch_size=100, batch_bytes=120_000) as source:
+    with open_imap(server, client_tls_context, batch_size=100, batch_bytes=120_000) as source:
         assert [m.raw for m in source] == raws
     lines = fetch_lines(server)
     assert max(uid_count(line) for line in lines) == 2 and sum(uid_count(line) for line in lines) == 10
@@ -255,16 +262,17 @@ def test_a_huge_message_is_read_only_up_to_the_cap(make_imap_server, client_tls_
     small, huge, after = message(1), message(2, size=200_000), message(3)
     for raw in (small, huge, after):
         server.add_message(raw)
-    with open_source(server, client_tls_context, max_message_bytes=50_000) as source:
-        read = [m.raw for m in source]
-    assert read == [small, huge[:50_000], after]
+    with open_imap(server, client_tls_context, max_message_bytes=50_000) as source:
+        read = list(source)
+    assert [m.raw for m in read] == [small, huge[:50_000], after]
+    assert [m.truncated for m in read] == [False, True, False]
     assert "UID FETCH 2 (BODY.PEEK[]<0.50000>)" in server.commands
 
 
 def test_a_dropped_connection_is_reopened_and_nothing_is_read_twice(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True, drop_after=25)
     raws = fill(server, 60)
-    with open_source(server, client_tls_context, batch_size=10) as source:
+    with open_imap(server, client_tls_context, batch_size=10) as source:
         read = list(source)
     assert [m.raw for m in read] == raws
     assert len(server.logins) == 2
@@ -274,7 +282,7 @@ def test_a_server_that_keeps_dropping_is_try_again_later(make_imap_server, clien
     server = make_imap_server(implicit_tls=True, drop_after=5, drop_times=100)
     fill(server, 40)
     read = []
-    with pytest.raises(BounceSourceError) as caught, open_source(server, client_tls_context, batch_size=10) as source:
+    with pytest.raises(SourceError) as caught, open_imap(server, client_tls_context, batch_size=10) as source:
         for item in source:
             read.append(item)
     text = str(caught.value)
@@ -291,7 +299,7 @@ def test_a_server_that_keeps_dropping_is_try_again_later(make_imap_server, clien
 def test_mark_seen_flags_only_the_processed_messages(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     fill(server, 4)
-    with open_source(server, client_tls_context, mark="seen") as source:
+    with open_imap(server, client_tls_context, mark_seen=True) as source:
         read = list(source)
         source.mark_processed([read[0].ref, read[2].ref, "0:3", "junk"])
     assert [r"\Seen" in m.flags for m in server.messages()] == [True, False, True, False]
@@ -310,32 +318,34 @@ def test_move_with_and_without_the_move_capability(make_imap_server, client_tls_
     server = make_imap_server(implicit_tls=True, **capabilities)
     server.create_mailbox("Processed")
     raws = fill(server, 4)
-    with open_source(server, client_tls_context, mark="move:Processed") as source:
+    with open_imap(server, client_tls_context, move_to="Processed") as source:
         read = list(source)
         source.mark_processed([read[0].ref, read[2].ref])
     assert [m.raw for m in server.messages("INBOX")] == [raws[1], raws[3]]
     assert [m.raw for m in server.messages("Processed")] == [raws[0], raws[2]]
-    assert all(r"\Deleted" not in m.flags for m in server.messages("Processed"))
+    assert all(m.flags == {r"\Seen"} for m in server.messages("Processed"))
     commands = server.commands[server.commands.index('SELECT "INBOX"') :]
     for command in expected:
         assert any(line.startswith(command) for line in commands), (command, commands)
     if not capabilities.get("move", True):
         assert not any(line.startswith("UID MOVE") for line in commands)
     # A second run reads only what was not moved.
-    with open_source(server, client_tls_context, mark="move:Processed") as source:
+    with open_imap(server, client_tls_context, move_to="Processed") as source:
         assert [m.raw for m in source] == [raws[1], raws[3]]
 
 
 def test_a_missing_move_folder_is_found_before_reading(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
     fill(server, 2)
-    with pytest.raises(BounceSourceError) as caught:
-        open_source(server, client_tls_context, mark="move:Nowhere")
-    assert "'Nowhere'" in str(caught.value) and "does not exist" in str(caught.value)
+    with pytest.raises(SourceError) as caught:
+        open_imap(server, client_tls_context, move_to="Nowhere")
+    assert (
+        "'Nowhere'" in str(caught.value) and "--move-to" in str(caught.value) and "does not exist" in str(caught.value)
+    )
     assert caught.value.exit_code == ExitCode.USAGE
     assert fetch_lines(server) == []
-    with pytest.raises(BounceSourceError, match="names the mailbox being read"):
-        open_source(server, client_tls_context, mark="move:INBOX")
+    with pytest.raises(SourceError, match="names the mailbox being read"):
+        open_imap(server, client_tls_context, move_to="INBOX")
 
 
 # --------------------------------------------------------------------------------------
@@ -344,8 +354,8 @@ def test_a_missing_move_folder_is_found_before_reading(make_imap_server, client_
 
 def test_bad_login(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True, bad_login=True)
-    with pytest.raises(BounceSourceError) as caught:
-        open_source(server, client_tls_context, password_env="ACME_IMAP_PASSWORD")
+    with pytest.raises(SourceError) as caught:
+        open_imap(server, client_tls_context, password_env="ACME_IMAP_PASSWORD")
     text = str(caught.value)
     assert f"IMAP server 127.0.0.1:{server.port}" in text and "'INBOX'" in text and USER in text
     assert "login was refused" in text and "AUTHENTICATIONFAILED" in text and "$ACME_IMAP_PASSWORD" in text
@@ -357,7 +367,7 @@ def test_unreachable_server():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(BounceSourceError) as caught:
+    with pytest.raises(SourceError) as caught:
         open_imap_source(f"imaps://ann@127.0.0.1:{port}/INBOX", password=PASSWORD, timeout=10)
     text = str(caught.value)
     assert f"IMAP server 127.0.0.1:{port}" in text and "cannot connect" in text and "'INBOX'" in text
@@ -366,8 +376,8 @@ def test_unreachable_server():
 
 def test_missing_mailbox(make_imap_server, client_tls_context):
     server = make_imap_server(implicit_tls=True)
-    with pytest.raises(BounceSourceError) as caught:
-        open_source(server, client_tls_context, url=url(server, mailbox="Bounces"))
+    with pytest.raises(SourceError) as caught:
+        open_imap(server, client_tls_context, url_text=url(server, mailbox="Bounces"))
     text = str(caught.value)
     assert f"127.0.0.1:{server.port}" in text and "'Bounces'" in text and "cannot be opened" in text
     assert PASSWORD not in text and caught.value.exit_code == ExitCode.USAGE
@@ -377,7 +387,7 @@ def test_the_debug_trace_never_shows_the_password(make_imap_server, client_tls_c
     server = make_imap_server(implicit_tls=True)
     fill(server, 3)
     lines: list[str] = []
-    with open_source(server, client_tls_context, mark="seen", debug=lines.append) as source:
+    with open_imap(server, client_tls_context, mark_seen=True, debug=lines.append) as source:
         source.mark_processed([m.ref for m in source])
     trace = "".join(lines)
     assert re.search(r"LOGIN .*\*{8}", trace)
@@ -387,6 +397,36 @@ def test_the_debug_trace_never_shows_the_password(make_imap_server, client_tls_c
     # And a refused login shows nothing more.
     lines.clear()
     refusing = make_imap_server(implicit_tls=True, bad_login=True)
-    with pytest.raises(BounceSourceError):
-        open_source(refusing, client_tls_context, debug=lines.append)
+    with pytest.raises(SourceError):
+        open_imap(refusing, client_tls_context, debug=lines.append)
     assert lines and "Tr0ub4dor" not in "".join(lines)
+
+
+def test_the_password_comes_from_the_named_variable(make_imap_server, client_tls_context):
+    server = make_imap_server(implicit_tls=True)
+    fill(server, 1)
+    with open_imap(server, client_tls_context, password=None, environ={"MAILER_IMAP_PASSWORD": PASSWORD}) as source:
+        assert len(list(source)) == 1
+    env = {"ACME_IMAP": PASSWORD, "MAILER_IMAP_PASSWORD": "wrong"}
+    with open_imap(server, client_tls_context, password=None, environ=env, password_env="ACME_IMAP") as source:
+        assert len(list(source)) == 1
+    with pytest.raises(SourceError, match="ACME_IMAP is not set") as caught:
+        open_imap(server, client_tls_context, password=None, environ={}, password_env="ACME_IMAP")
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert server.logins == [(USER, PASSWORD), (USER, PASSWORD)]
+
+
+def test_open_source_dispatches_imap_urls(make_imap_server, monkeypatch):
+    server = make_imap_server()
+    raws = fill(server, 3)
+    monkeypatch.setenv("ACME_IMAP", PASSWORD)
+    source = open_source(url(server, scheme="imap"), SourceOptions(password_env="ACME_IMAP", mark_seen=True))
+    try:
+        assert isinstance(source, BounceSource)
+        assert source.name == f"imap://{USER}@127.0.0.1:{server.port}/INBOX"
+        read = list(source)
+        assert [m.raw for m in read] == raws
+        source.mark_processed([read[1].ref])
+    finally:
+        source.close()
+    assert [r"\Seen" in m.flags for m in server.messages()] == [False, True, False]

@@ -8,17 +8,19 @@ the SMTP side). Certificates are verified against the system's trust store.
 Messages are found with one ``UID SEARCH`` (``ALL`` or ``SINCE``) and fetched with
 ``BODY.PEEK[]`` (reading marks nothing) in batches of at most ``batch_size`` messages
 and about ``batch_bytes`` bytes (sizes asked first), so memory stays bounded whatever
-the mailbox holds; a message over ``max_message_bytes`` is read only up to that size. A message's ``ref`` is ``UIDVALIDITY:UID``: stable across runs for
-as long as the server keeps the mailbox's UIDVALIDITY (RFC 3501 2.3.1.1), which is
-what lets the send log count a bounce read twice once. A connection lost mid-way is
-reopened (a few times) and the batch fetched again; UIDVALIDITY changing meanwhile
-stops the run, since the UIDs no longer mean the same messages.
+the mailbox holds; a message over ``max_message_bytes`` is read only up to that size
+(``truncated``). A message's ``ref`` is ``UIDVALIDITY:UID``: stable across runs for
+as long as the server keeps the mailbox's UIDVALIDITY (RFC 3501 2.3.1.1). A
+connection lost mid-way is reopened (a few times) and the batch fetched again;
+UIDVALIDITY changing meanwhile stops the run, since the UIDs no longer mean the same
+messages.
 
-What :meth:`IMAPSource.mark_processed` does is the user's choice (:class:`MarkAction`):
-nothing (the default; the mailbox is opened read-only with EXAMINE), the ``\\Seen``
-flag, or a move to another folder with ``UID MOVE`` (RFC 6851), or, where MOVE is not
-offered, ``UID COPY`` + ``\\Deleted`` + ``UID EXPUNGE`` (RFC 4315) or, without
-UIDPLUS, a plain ``EXPUNGE`` (which also removes any other message of the mailbox
+What :meth:`IMAPSource.mark_processed` does follows the command's options
+(:class:`MarkAction`): nothing (the default; the mailbox is opened read-only with
+EXAMINE), the ``\\Seen`` flag (``--mark-seen``), or (``--move-to FOLDER``) ``\\Seen``
+and a move to FOLDER with ``UID MOVE`` (RFC 6851), or, where MOVE is not offered,
+``UID COPY`` + ``\\Deleted`` + ``UID EXPUNGE`` (RFC 4315) or, without UIDPLUS, a
+plain ``EXPUNGE`` (which also removes any other message of the mailbox
 already flagged ``\\Deleted``: that is what deleting means there).
 
 The password is never in an error, and the ``--debug`` trace (imapclient's protocol
@@ -31,6 +33,7 @@ import datetime as dt
 import functools
 import imaplib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,9 +44,9 @@ from urllib.parse import unquote, urlsplit
 from imapclient import DELETED, SEEN, IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from ..core.errors import BounceSourceError, ExitCode
+from ..core.errors import ExitCode
 from ..smtp.policy import is_loopback_address, is_loopback_host
-from .sources import SourceMessage
+from .sources import MAX_MESSAGE_BYTES, SourceError, SourceMessage, SourceOptions
 
 __all__ = [
     "DEFAULT_PASSWORD_ENV",
@@ -53,7 +56,6 @@ __all__ = [
     "imap_password",
     "open_imap_source",
     "parse_imap_url",
-    "parse_mark",
 ]
 
 #: The variable the IMAP password is read from, unless ``--password-env`` names another.
@@ -104,11 +106,11 @@ def parse_imap_url(url: str) -> IMAPLocation:
     The user and mailbox are percent-decoded (``bounces%40acme.example`` for an address
     as user name; a bare ``@`` in the user works too: the last ``@`` ends it). No
     mailbox means ``INBOX``. A password in the URL, query parameters, RFC 5092 ``;``
-    parts and control characters are refused (:class:`BounceSourceError`, exit 2).
+    parts and control characters are refused (:class:`SourceError`, exit 2).
     """
 
-    def refuse(message: str, hint: str | None = None) -> BounceSourceError:
-        return BounceSourceError(message, source=None, hint=hint)
+    def refuse(message: str, hint: str | None = None) -> SourceError:
+        return SourceError(message, hint=hint)
 
     shown = url if not _has_control(url) else repr(url)
     try:
@@ -162,36 +164,31 @@ class MarkAction:
     kind: Literal["none", "seen", "move"]
     folder: str | None = None
 
-    def __str__(self) -> str:
-        return f"move:{self.folder}" if self.kind == "move" else self.kind
-
-
-def parse_mark(text: str) -> MarkAction:
-    """``none`` | ``seen`` | ``move:FOLDER`` -> :class:`MarkAction` (exit 2 otherwise)."""
-    value = text.strip()
-    if value.lower() in ("none", "seen"):
-        return MarkAction(value.lower())  # type: ignore[arg-type]
-    if value.lower().startswith("move:"):
-        folder = value[5:]
-        if not folder.strip() or _has_control(folder):
-            raise BounceSourceError(f"--mark {text!r} names no usable folder.", hint="Write --mark move:FOLDER.")
-        return MarkAction("move", folder)
-    raise BounceSourceError(
-        f"--mark {text!r} is not understood.",
-        hint="Use none (leave messages as they are), seen (flag them \\Seen) or move:FOLDER.",
-    )
+    @classmethod
+    def from_options(cls, options: SourceOptions) -> MarkAction:
+        """``--move-to FOLDER`` -> move, ``--mark-seen`` -> seen, neither -> none."""
+        if options.move_to is not None:
+            if options.mark_seen:
+                raise SourceError(
+                    "--mark-seen and --move-to both given.",
+                    hint="Choose one (a message moved by --move-to is flagged \\Seen there too).",
+                )
+            if not options.move_to.strip() or _has_control(options.move_to):
+                raise SourceError(f"--move-to {options.move_to!r} names no usable folder.")
+            return cls("move", options.move_to)
+        return cls("seen") if options.mark_seen else cls("none")
 
 
 def imap_password(environ: Mapping[str, str], variable: str | None = None) -> str:
     """The IMAP password from ``variable`` (default ``MAILER_IMAP_PASSWORD``).
 
-    Unset or empty: :class:`BounceSourceError` naming the variable, never a value.
+    Unset or empty: :class:`SourceError` naming the variable, never a value.
     """
     name = variable or DEFAULT_PASSWORD_ENV
     password = environ.get(name)
     if not password:
         state = "not set" if password is None else "empty"
-        raise BounceSourceError(
+        raise SourceError(
             f"the IMAP password variable {name} is {state}.",
             hint=f"Export it first: read -rs {name} && export {name} (the password is never written to a file).",
         )
@@ -245,8 +242,8 @@ class _Trace(logging.Handler):
 # The connection
 
 
-def _error(location: IMAPLocation, message: str, hint: str | None = None, *, later: bool = False) -> BounceSourceError:
-    error = BounceSourceError(f"{location.where()}: {message}", source=location.url, hint=hint)
+def _error(location: IMAPLocation, message: str, hint: str | None = None, *, later: bool = False) -> SourceError:
+    error = SourceError(f"{location.where()}: {message}", hint=hint)
     if later:
         error.exit_code = ExitCode.TEMPFAIL
     return error
@@ -335,7 +332,7 @@ class _Connection:
                 later=False,
             ) from None
 
-    def _certificate_error(self, exc: ssl.SSLCertVerificationError) -> BounceSourceError:
+    def _certificate_error(self, exc: ssl.SSLCertVerificationError) -> SourceError:
         return _error(
             self.location,
             f"its TLS certificate cannot be verified ({exc.verify_message or exc}).",
@@ -448,6 +445,11 @@ class IMAPSource:
         self._validity = 0
         self._reconnects_left = _RECONNECTS
         self.messages_read = 0
+
+    @property
+    def name(self) -> str:
+        """The URL, as the user wrote it in substance (there is never a password in it)."""
+        return self.location.url
 
     # ------------------------------------------------------------ connection
 
@@ -562,7 +564,7 @@ class IMAPSource:
                 if not isinstance(raw, bytes):
                     continue
                 self.messages_read += 1
-                yield SourceMessage(ref=f"{self._validity}:{uid}", raw=raw)
+                yield SourceMessage(ref=f"{self._validity}:{uid}", raw=raw, truncated=cut)
             del fetched
 
     # ------------------------------------------------------------ marking
@@ -589,6 +591,8 @@ class IMAPSource:
     def _move(self, client: IMAPClient, uids: list[int]) -> None:
         folder = self.mark.folder
         assert folder is not None
+        # Seen first, as a Maildir --move-to does: the folder holds what was handled.
+        client.add_flags(uids, [SEEN], silent=True)
         if client.has_capability("MOVE"):
             client.move(uids, folder)
             return
@@ -602,37 +606,43 @@ class IMAPSource:
 
 def open_imap_source(
     url: str,
+    options: SourceOptions | None = None,
     *,
-    password: str,
-    since: dt.date | None = None,
-    mark: MarkAction | str = "none",
-    password_env: str = DEFAULT_PASSWORD_ENV,
+    password: str | None = None,
+    environ: Mapping[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     batch_size: int = 500,
     batch_bytes: int = 16 * 1024 * 1024,
-    max_message_bytes: int = 10 * 1024 * 1024,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
     timeout: float = 60.0,
     debug: Callable[[str], None] | None = None,
 ) -> IMAPSource:
     """Connect, log in and open the mailbox of ``url``; the :class:`IMAPSource` of it.
 
-    Every problem found here (bad URL, unreachable host, TLS, refused login, missing
-    mailbox, missing ``move:`` folder) is a :class:`BounceSourceError` with exit code 2
-    naming host:port, user and mailbox, never the password. ``password_env`` only names
-    the variable in hints. ``ssl_context`` replaces the verifying default (tests pass
-    one that trusts their CA). ``debug`` receives the protocol trace, line by line.
+    ``options`` are the command's (``--since``, ``--mark-seen``, ``--move-to``,
+    ``--password-env``). The password is ``password`` when given, else read from the
+    variable ``options.password_env`` of ``environ`` (the process environment).
+    Every problem found here (bad URL, unset variable, unreachable host, TLS, refused
+    login, missing mailbox or ``--move-to`` folder) is a :class:`SourceError` (exit 2)
+    naming host:port, user and mailbox, never the password. ``ssl_context`` replaces
+    the verifying default (tests pass one that trusts their CA). ``debug`` receives the
+    protocol trace, line by line.
     """
+    options = options or SourceOptions()
     location = parse_imap_url(url)
-    action = parse_mark(mark) if isinstance(mark, str) else mark
+    action = MarkAction.from_options(options)
+    if action.kind == "move" and action.folder == location.mailbox:
+        raise _error(location, f"--move-to {action.folder} names the mailbox being read.", "Name another folder.")
+    if password is None:
+        password = imap_password(os.environ if environ is None else environ, options.password_env)
+    since = options.since
     if isinstance(since, dt.datetime):
         since = since.date()
-    if action.kind == "move" and action.folder == location.mailbox:
-        raise _error(location, f"--mark move:{action.folder} names the mailbox being read.", "Name another folder.")
     trace = _Trace(debug, password) if debug is not None else None
     connection = _Connection(
         location,
         password=password,
-        password_env=password_env,
+        password_env=options.password_env,
         ssl_context=ssl_context or ssl.create_default_context(),
         timeout=timeout,
         read_only=action.kind == "none",
@@ -659,7 +669,7 @@ def open_imap_source(
             if not exists:
                 raise _error(
                     location,
-                    f"the folder {action.folder!r} (of --mark move:{action.folder}) does not exist.",
+                    f"the folder {action.folder!r} (of --move-to) does not exist.",
                     "Create it in your mail client first; mailer does not create folders.",
                 )
     except BaseException:

@@ -12,7 +12,6 @@ from typing import TypedDict, Unpack
 
 __all__ = [
     "AttachmentError",
-    "BounceSourceError",
     "ConfigError",
     "ConnectionSetupError",
     "ContactsError",
@@ -179,16 +178,3 @@ class RowError(MailerError):
     """
 
     exit_code = ExitCode.PARTIAL
-
-
-class BounceSourceError(MailerError):
-    """A bounce source (mbox file, Maildir folder, IMAP mailbox) that cannot be read.
-
-    ``source`` names it as the user wrote it (never with a password). Found before
-    anything is read, it is a usage error; a connection lost mid-way is "try again
-    later" (what was read and recorded stays recorded).
-    """
-
-    def __init__(self, message: str, *, source: str | None = None, **kwargs: Unpack[_Where]) -> None:
-        super().__init__(message, **kwargs)
-        self.source = source
