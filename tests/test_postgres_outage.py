@@ -73,6 +73,8 @@ def test_cluster_stopped_mid_run_is_exit_75_and_the_rerun_sends_the_rest_once(
     database = own_url.rsplit("/", 1)[1]
     assert f"error: lost the connection to PostgreSQL at 127.0.0.1:{port}, database '{database}'" in stderr, stderr
     assert "What was sent is in the local delivery journal" in stderr
+    assert "kept in the local delivery journal, and a re-run (once the database is back) applies them" in stderr
+    assert "every outcome is in the send log" not in stderr  # it is not: the server went away
     assert own_pg_cluster.password not in stdout + stderr
     stopped_at = len(received_addresses(smtp_server))
     assert stopped_at < len(emails), "the run went on handing out work without its database"

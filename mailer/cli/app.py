@@ -289,9 +289,14 @@ def send(
         if _state["debug"] and summary.debug_traceback:
             sys.stderr.write("in the delivery process:\n" + summary.debug_traceback)
         sent = summary.counts["sent"]
+        after = (
+            "the outcomes the send log could not take are kept in the local delivery journal, and a re-run "
+            "(once the database is back) applies them and resumes."
+            if summary.stopped_by_lost_store
+            else "every outcome is in the send log (`mailer report`), and a re-run resumes."
+        )
         reporter.error(
-            f"{summary.stopped_by} The run stopped after {sent} message{'' if sent == 1 else 's'} "
-            "had been sent; every outcome is in the send log (`mailer report`), and a re-run resumes."
+            f"{summary.stopped_by} The run stopped after {sent} message{'' if sent == 1 else 's'} had been sent; {after}"
         )
     _print_summary(summary, reporter, json_output=json_output)
     raise typer.Exit(code=int(summary.exit_code))

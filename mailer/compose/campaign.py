@@ -123,6 +123,8 @@ class Summary:
     # disk filled): the run still has counts, and its exit code says what they mean.
     stopped_by: str | None = None
     stopped_exit_code: ExitCode | None = None
+    # The send log's server went away (PostgreSQL): the outcomes since are in the local journal only.
+    stopped_by_lost_store: bool = False
     debug_traceback: str | None = None
     # A dry run's messages by destination domain, and what the stream's limits make of
     # them (mailer.send.estimate), for the summary.

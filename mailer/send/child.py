@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from ..bounces.rules import is_bounce
 from ..core.config import parse_rate
-from ..core.errors import ExitCode, MailerError, ProcessEndedError
+from ..core.errors import ExitCode, MailerError, ProcessEndedError, StoreUnavailableError
 from ..core.outcomes import DeliveryEvent, Outgoing, Result, Status
 from ..delivery.pool import RateSource, deliver
 from ..delivery.routes import Relay
@@ -206,7 +206,8 @@ class DeliveryProcess:
             ) from None
         kind, payload = message
         if kind == "error":
-            error = MailerError(payload["message"])
+            # The send log's server went away: the same type here, so the run says where outcomes are.
+            error = (StoreUnavailableError if payload.get("lost_store") else MailerError)(payload["message"])
             error.exit_code = ExitCode(payload["exit_code"])
             error.debug_traceback = payload["traceback"]
             raise error
@@ -399,4 +400,6 @@ def _delivery_child(
         import traceback
 
         code = getattr(exc, "exit_code", ExitCode.TEMPFAIL)
-        events.send(("error", {"message": str(exc), "exit_code": int(code), "traceback": traceback.format_exc()}))
+        payload = {"message": str(exc), "exit_code": int(code), "traceback": traceback.format_exc()}
+        payload["lost_store"] = isinstance(exc, StoreUnavailableError)
+        events.send(("error", payload))

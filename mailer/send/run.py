@@ -23,7 +23,7 @@ from ..compose.campaign import Campaign, Problem, Summary, unsubscribe_warning
 from ..compose.contacts import Contact, ContactReader
 from ..compose.seen import SeenAddresses
 from ..core.addresses import address_key
-from ..core.errors import MailerError, TemporaryDeliveryError, UsageError
+from ..core.errors import MailerError, StoreUnavailableError, TemporaryDeliveryError, UsageError
 from ..core.outcomes import Outgoing, Skip, Status
 from ..delivery.routes import Route, relays_of, select_route
 from ..smtp.policy import check_relay_settings, tls_verification_warning
@@ -345,6 +345,7 @@ def _account_for_stop(
         counts["not_attempted"] += delivery.unsent
     summary.stopped_by = str(error)
     summary.stopped_exit_code = error.exit_code
+    summary.stopped_by_lost_store = isinstance(error, StoreUnavailableError)
     summary.debug_traceback = getattr(error, "debug_traceback", None)
 
 
