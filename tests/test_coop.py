@@ -15,12 +15,21 @@ from collections import Counter
 from pathlib import Path
 
 import psycopg
+import pytest
 from send_support import Project, addresses, received_addresses, wait_for
 from test_send_crash import finish, slow_down
 
 from mailer.core.config import LogConfig
+from mailer.core.outcomes import Status
+from mailer.send.journal import JournalWriter
 from mailer.store import open_store
-from mailer.store.pg_work import CampaignWork, chunk_lines_for, contacts_fingerprint
+from mailer.store.pg_work import (
+    CampaignWork,
+    LostClaimError,
+    chunk_lines_for,
+    contacts_fingerprint,
+    record_held_events,
+)
 
 LEASE = "2s"
 
@@ -221,3 +230,99 @@ def test_sqlite_keeps_one_run_per_campaign(smtp_server, tmp_path):
     finally:
         first.kill()
         finish(first)
+
+
+def test_a_run_whose_chunk_was_taken_over_is_refused_its_sending(pg_url, tmp_path):
+    contacts = tmp_path / "c.csv"
+    contacts.write_text("email\n" + "".join(f"{a}\n" for a in addresses(20)), encoding="utf-8")
+    fingerprint, lines = contacts_fingerprint(contacts)
+    first = addresses(1)[0]
+    with open_store(LogConfig(path=tmp_path / "x", url=pg_url)) as store:
+        runs = [store.start_run("news", template=None, contacts=None) for _ in range(2)]
+        stalled = CampaignWork.join(store, "news", runs[0], fingerprint=fingerprint, lines=lines, contacts=None,
+                                    lease=4)  # fmt: skip
+        stalled.abandon()  # no more heartbeats: as if the run hung
+        assert stalled.claim(position=0) == [0]
+        other = CampaignWork.join(store, "news", runs[1], fingerprint=fingerprint, lines=lines, contacts=None,
+                                  lease=30)  # fmt: skip
+        try:
+            assert other.claim(position=0) == [1], "a live lease is never taken"
+            wait_for(lambda: other.claim(position=0) == [0], timeout=30, interval=0.2)
+            event = (first, "sending", None, None, "<1@x>", 2)
+            refused = record_held_events(store, "news", [event], run_id=runs[0], chunk_lines=stalled.chunk_lines,
+                                         journal=(runs[0], 100))  # fmt: skip
+            assert refused == {first}
+            assert store.statuses("news", [first]) == [None]
+            assert store.journal_applied(runs[0]) == 100  # the batch still moves its journal on
+            kept = record_held_events(store, "news", [event], run_id=runs[1], chunk_lines=other.chunk_lines,
+                                      journal=(runs[1], 50))  # fmt: skip
+            assert kept == set()
+            assert store.statuses("news", [first]) == [Status.SENDING]
+        finally:
+            other.finish(complete=False)
+
+
+def test_a_durable_sending_waits_for_its_commit_and_raises_when_refused(pg_url, tmp_path):
+    refusing = {"lost@x.org"}
+    applied: list[list] = []
+
+    def apply(events, offset):
+        applied.append(list(events))
+        return {event[0] for event in events if event[0] in refusing and event[1] == "sending"}
+
+    with open_store(LogConfig(path=tmp_path / "x", url=pg_url)) as store:
+        run = store.start_run("news", template=None, contacts=None)
+        path = tmp_path / "run.journal"
+        writer = JournalWriter(store, "news", run, path=path, apply=apply, durable_sending=True)
+        try:
+            writer.append(("kept@x.org", "sending", None, None, "<1@x>", 2))
+            assert applied and applied[-1][-1][0] == "kept@x.org", "on record before append() returns"
+            with pytest.raises(LostClaimError) as caught:
+                writer.append(("lost@x.org", "sending", None, None, "<2@x>", 3))
+            assert caught.value.exit_code == 75
+            writer.append(("kept@x.org", "sent", 250, "250 ok", "<1@x>", None))  # outcomes still go on
+        finally:
+            writer.close()
+        assert [event[0] for batch in applied for event in batch][-1] == "kept@x.org"
+        assert not path.exists()
+
+
+def test_a_run_with_a_limit_stops_claiming_and_gives_the_rest_back(smtp_server, tmp_path, pg_url):
+    (project,) = hosts(tmp_path, smtp_server, pg_url, 1)
+    emails = addresses(40)
+    project.write_contacts(emails)
+    limited = project.run("send", str(project.contacts_path), str(project.template_path), "--yes", "--json",
+                          "--limit", "7")  # fmt: skip
+    assert limited.exit_code == 0, limited
+    assert json.loads(limited.stdout)["counts"]["sent"] == 7
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM work_chunks WHERE run_id IS NOT NULL").fetchone() == (0,)
+    rest = project.run("send", str(project.contacts_path), str(project.template_path), "--yes", "--json")
+    assert rest.exit_code == 0, rest
+    assert Counter(received_addresses(smtp_server)) == Counter(emails)
+
+
+def test_a_batch_naming_a_recipient_twice_or_with_a_bounce_is_applied_in_order(pg_url, tmp_path):
+    contacts = tmp_path / "c.csv"
+    contacts.write_text("email\n" + "".join(f"{a}\n" for a in addresses(20)), encoding="utf-8")
+    fingerprint, lines = contacts_fingerprint(contacts)
+    ann, bob = addresses(2)
+    with open_store(LogConfig(path=tmp_path / "x", url=pg_url)) as store:
+        run = store.start_run("news", template=None, contacts=None)
+        work = CampaignWork.join(store, "news", run, fingerprint=fingerprint, lines=lines, contacts=None, lease=30)
+        try:
+            assert work.claim(position=0) == [0]
+            retried = [(ann, "sending", None, None, "<1@x>", 2), (ann, "deferred", 451, "451 later", "<1@x>", None),
+                       (ann, "sending", None, None, "<1@x>", 2)]  # fmt: skip
+            assert record_held_events(store, "news", retried, run_id=run, chunk_lines=work.chunk_lines,
+                                      journal=(run, 10)) == set()  # fmt: skip
+            assert store.statuses("news", [ann]) == [Status.SENDING]
+            assert store.report("news").unknown_outcome[0].attempts == 2
+            bounced = [(bob, "sending", None, None, "<2@x>", 3), (bob, "failed", 550, "550 5.1.1 no such user",
+                                                                  "<2@x>", None)]  # fmt: skip
+            record_held_events(store, "news", bounced, run_id=run, chunk_lines=work.chunk_lines, journal=(run, 20))
+            assert store.statuses("news", [bob]) == [Status.FAILED]
+            assert store.suppressed([bob]) == [True]
+            assert store.journal_applied(run) == 20
+        finally:
+            work.finish(complete=False)

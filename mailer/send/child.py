@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import threading
@@ -32,18 +31,10 @@ SendKey = tuple[str, int]
 class Cooperation:
     """How the delivery process of one of several cooperating runs (PostgreSQL) differs:
     its own journal file, ``sending`` committed before each transaction for chunks the
-    run still holds, the campaign's rate shared with the other runs, a short queue (so
-    that a run holds few messages the others could be sending)."""
+    run still holds, and the campaign's rate shared with the other runs."""
 
     journal_path: Path
     chunk_lines: int
-    connections: int = 1
-
-    @property
-    def queue_size(self) -> int:
-        """Messages the delivery process holds: a few per connection keep each busy, and
-        what a run holds is what the others cannot be sending."""
-        return max(16, 4 * self.connections)
 
 
 class _Counters:
@@ -99,16 +90,9 @@ class DeliveryProcess:
         debug: bool = False,
         cooperation: Cooperation | None = None,
     ) -> None:
-        self.cooperation = cooperation
         self.shared = _Counters(FORK)
+        self.fed = 0
         items_reader, self.items = FORK.Pipe(duplex=False)
-        if cooperation is not None:
-            # The pipe's buffer (64 KiB) would hold a hundred messages more that this run
-            # has claimed and the others cannot send: one page holds a few.
-            try:
-                fcntl.fcntl(self.items.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-            except OSError:
-                pass
         self.events, events_writer = FORK.Pipe(duplex=False)
         self.process = FORK.Process(
             target=_delivery_child,
@@ -138,6 +122,12 @@ class DeliveryProcess:
     def counts(self) -> dict[str, int]:
         return self.shared.as_dict()
 
+    def backlog(self) -> int:
+        """Messages sent over to the delivery process whose first transaction has not started."""
+        counts = self.shared.as_dict()
+        started = sum(counts[name] for name in ("sent", "failed", "deferred", "unknown", "in_flight", "retrying"))
+        return max(0, self.fed - started)
+
     def stop(self) -> None:
         """Ask the child to stop handing out messages (in flight ones finish)."""
         if self.process.pid and self.process.is_alive():
@@ -154,8 +144,7 @@ class DeliveryProcess:
         child is told to stop and given the end marker, so that :meth:`wait` gets its
         report, then the error goes on to the caller; :attr:`unsent` has the count.
         """
-        count = self.BATCH if self.cooperation is None else min(self.BATCH, self.cooperation.queue_size // 2)
-        batch: Batch[tuple[Any, ...]] = Batch(count=count, size=self.BATCH_BYTES)
+        batch: Batch[tuple[Any, ...]] = Batch(count=self.BATCH, size=self.BATCH_BYTES)
         self.fed = 0
         try:
             for item in outgoing:
@@ -336,7 +325,6 @@ def _delivery_child(
         with ExitStack() as stores:
             log = stores.enter_context(open_store(config.log))
             limiter: RateSource | None = None
-            queue_size = 1000
             if cooperation is None:
                 journal = JournalWriter(log, campaign, run_id)
             else:
@@ -352,7 +340,12 @@ def _delivery_child(
                     )
 
                 journal = JournalWriter(
-                    log, campaign, run_id, path=cooperation.journal_path, apply=apply, durable_sending=True
+                    log,
+                    campaign,
+                    run_id,
+                    path=cooperation.journal_path,
+                    apply=apply,
+                    durable_sending=True,
                 )
                 rate = parse_rate(config.send.rate)
                 if rate:
@@ -360,7 +353,6 @@ def _delivery_child(
                     limiter = SharedRate(
                         cast(PostgresStore, stores.enter_context(open_store(config.log))), campaign, rate
                     )
-                queue_size = cooperation.queue_size
             try:
                 stats = deliver(
                     received(),
@@ -373,7 +365,6 @@ def _delivery_child(
                     ssl_context=ssl_context,
                     trace=_write_stderr if debug else None,
                     limiter=limiter,
-                    queue_size=queue_size,
                 )
             finally:
                 journal.close()

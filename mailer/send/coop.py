@@ -2,8 +2,8 @@
 
 Every run reads the whole contact file (duplicates are found across chunks, as in a
 single run) and mails only the rows of chunks it holds (:mod:`mailer.store.pg_work`).
-It claims one chunk at a time, when it has none ahead of where it reads, those ahead
-first; a chunk behind (given up by a run that stopped, or left by one that died) is
+It claims one chunk at a time, when it has none ahead of where it reads and its relay
+has started most of what it holds, those ahead first; a chunk behind (given up by a run that stopped, or left by one that died) is
 read in another pass over the file. At the end of the file a run with nothing left to
 claim waits while other runs still read theirs — one of them may die and leave its
 chunks to be taken — and ends when every unfinished chunk belongs to a live run that
@@ -24,6 +24,8 @@ __all__ = ["Claims"]
 _QUIET = 0.5
 # At the end of the file, how often to look for work left by others.
 _POLL = 0.5
+# While the relay works through this run's backlog, how often to look before claiming more.
+_BACKLOG_POLL = 0.01
 
 
 class Claims:
@@ -34,11 +36,15 @@ class Claims:
         work: CampaignWork,
         *,
         stopped: Callable[[], bool],
+        backlog: Callable[[], int] = lambda: 0,
+        max_backlog: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self.work = work
         self.stopped = stopped
+        self.backlog = backlog
+        self.max_backlog = max_backlog
         self.clock = clock
         self.sleep = sleep
         self.ahead: set[int] = set()  # claimed chunks still to be read in this pass
@@ -60,6 +66,11 @@ class Claims:
         return chunk in self.ahead
 
     def _claim(self, position: int) -> None:
+        # Claim when the relay has nearly caught up: what a run holds (rendered, queued)
+        # is what the others cannot send, and a run would otherwise claim as fast as it
+        # renders, far ahead of its relay.
+        while self.backlog() > self.max_backlog and not self.stopped():
+            self.sleep(_BACKLOG_POLL)
         got = self.work.claim(position=position)
         self.claimed += len(got)
         if not got:

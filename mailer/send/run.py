@@ -211,7 +211,6 @@ def run_send(
             cooperation = Cooperation(
                 journal_path=run_journal_path(log, campaign.name, run_id),
                 chunk_lines=work.chunk_lines,
-                connections=config.send.connections,
             )
         # Fork before the progress display starts its thread: a child must not inherit
         # a lock (stderr's, say) that a thread of ours held at that instant.
@@ -234,7 +233,17 @@ def run_send(
         progress = _ProgressThread(delivery, reporter)
         result: dict[str, Any] | None = None
         stopped_by: MailerError | None = None
-        claims = Claims(work, stopped=lambda: interrupted["signal"] is not None) if work is not None else None
+        claims = None
+        if work is not None:
+            # Once --limit is reached this run takes no more of the list (the rest is the others').
+            # A new chunk only once the relay has started most of what this run holds: a
+            # run never sits on much of the list that the others could be sending.
+            claims = Claims(
+                work,
+                stopped=lambda: interrupted["signal"] is not None or counts["over_limit"] > 0,
+                backlog=delivery.backlog,
+                max_backlog=max(4 * config.send.connections, 2 * work.chunk_lines),
+            )
         try:
             outgoing = _outgoing(campaign, log, summary, resume=resume, claims=claims)
             stream = signing.signed(outgoing) if signing else outgoing

@@ -23,6 +23,7 @@ clock, so the runs together never go faster than the rate however many there are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -322,50 +323,100 @@ def record_held_events(
     chunk_lines: int,
     journal: tuple[int, int],
 ) -> set[str]:
-    """Apply a journal batch in one transaction, the ``sending`` events only for chunks this
-    run still holds (their leases renewed); returns the recipients whose ``sending`` was
-    refused (another run holds their chunk now: they must not be sent)."""
+    """Apply a journal batch, the ``sending`` events only for chunks this run still holds;
+    returns the recipients whose ``sending`` was refused (another run holds their chunk
+    now: they must not be sent).
+
+    Each ``sending`` waits for this commit, so it costs one statement (one round trip):
+    the rows go in as arrays, the chunks are share-locked for the statement (a claim
+    skips a locked chunk; one that committed first makes the row refused), and the
+    journal offset is set by the same statement. A batch that names a recipient twice
+    (an outcome, then a retry's ``sending``) is applied event by event, in order."""
     from .postgres import _EVENT_SQL, _SUPPRESSION_SQL, _now
 
-    chunks = sorted({chunk_of(e[5], chunk_lines) for e in events if e[1] == Status.SENDING and e[5] is not None})
     now = _now()
+    rows = []
+    for recipient, status, smtp_code, smtp_reply, message_id, line in events:
+        if status != Status.SENDING and status not in RESULT_STATUSES:
+            raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
+        key = address_key(recipient)
+        chunk = chunk_of(line, chunk_lines) if status == Status.SENDING and line is not None else None
+        rows.append((key, recipient.strip(), domain_of(key), str(status), smtp_code, smtp_reply, message_id, line,
+                     recipient_tag(key), chunk))  # fmt: skip
+    sending = {row[0]: event[0] for row, event in zip(rows, events) if row[3] == Status.SENDING}
+    chunks = sorted({row[9] for row in rows if row[9] is not None})
+    bounces = list(bounces_of(events))
+    repeated = len({row[0] for row in rows}) < len(rows)
 
-    def work(conn: psycopg.Connection[Any]) -> set[str]:
+    def one_statement(conn: psycopg.Connection[Any]) -> set[str]:
+        columns = list(zip(*rows)) if rows else [()] * 10
+        found = conn.execute(
+            _held_events_sql(),
+            {"campaign": campaign, "run": run_id, "chunks": chunks, "now": now, "applied": journal[1],
+             "journal_run": journal[0], "keys": list(columns[0]), "addresses": list(columns[1]),
+             "domains": list(columns[2]), "statuses": list(columns[3]), "codes": list(columns[4]),
+             "replies": list(columns[5]), "message_ids": list(columns[6]), "lines": list(columns[7]),
+             "tags": list(columns[8]), "row_chunks": list(columns[9])},
+        ).fetchall()  # fmt: skip
+        kept = {key for (key,) in found}
+        return {address for key, address in sending.items() if key not in kept}
+
+    def in_order(conn: psycopg.Connection[Any]) -> set[str]:
         with conn.transaction(), conn.cursor() as cursor:
             held: set[int] = set()
             if chunks:
-                rows = cursor.execute(
-                    "UPDATE work_chunks SET lease_until = greatest(lease_until, now() + make_interval(secs => 1)) "
-                    "WHERE campaign = %s AND run_id = %s AND chunk = ANY(%s) AND NOT done RETURNING chunk",
+                found = cursor.execute(
+                    "SELECT chunk FROM work_chunks WHERE campaign = %s AND run_id = %s AND chunk = ANY(%s) "
+                    "AND NOT done FOR SHARE",
                     (campaign, run_id, chunks),
                 ).fetchall()
-                held = {int(chunk) for (chunk,) in rows}
+                held = {int(chunk) for (chunk,) in found}
             refused: set[str] = set()
             values = []
-            for recipient, status, smtp_code, smtp_reply, message_id, line in events:
-                if status != Status.SENDING and status not in RESULT_STATUSES:
-                    raise ValueError(f"a delivery event is sending, sent, failed or deferred, not {status!r}")
-                if status == Status.SENDING and line is not None and chunk_of(line, chunk_lines) not in held:
-                    refused.add(recipient)
+            for row, event in zip(rows, events):
+                if row[9] is not None and row[9] not in held:
+                    refused.add(event[0])
                     continue
-                if recipient in refused:
-                    continue
-                key = address_key(recipient)
-                values.append(
-                    (campaign, key, recipient.strip(), domain_of(key), str(status), smtp_code, smtp_reply, message_id,
-                     line, now, now, recipient_tag(key))
-                )  # fmt: skip
-            kept = [e for e in events if e[0] not in refused]
-            suppressions = [(address_key(a), reason, "bounce", now) for a, reason in bounces_of(kept)]
+                values.append((campaign, *row[:4], *row[4:8], now, now, row[8]))
             if values:
                 cursor.executemany(_EVENT_SQL, values)
+            kept = [event for event in events if event[0] not in refused or event[1] != Status.SENDING]
+            suppressions = [(address_key(a), reason, "bounce", now) for a, reason in bounces_of(kept)]
             if suppressions:
                 cursor.executemany(_SUPPRESSION_SQL, suppressions)
             cursor.execute("UPDATE runs SET journal_applied = %s WHERE id = %s", (journal[1], journal[0]))
             return refused
 
-    refused: set[str] = store._run(work)
+    refused: set[str] = store._run(in_order if repeated or bounces else one_statement)
     return refused
+
+
+@functools.cache
+def _held_events_sql() -> str:
+    from .postgres import _EVENT_SQL
+
+    conflict = _EVENT_SQL[_EVENT_SQL.index("ON CONFLICT") :]
+    return f"""
+    WITH held AS (
+        SELECT chunk FROM work_chunks
+        WHERE campaign = %(campaign)s AND run_id = %(run)s AND chunk = ANY(%(chunks)s::int[]) AND NOT done
+        FOR SHARE
+    ), batch AS (
+        SELECT * FROM unnest(%(keys)s::text[], %(addresses)s::text[], %(domains)s::text[], %(statuses)s::text[],
+                             %(codes)s::int[], %(replies)s::text[], %(message_ids)s::text[], %(lines)s::int[],
+                             %(tags)s::bigint[], %(row_chunks)s::int[])
+            AS t(recipient, address, domain, status, smtp_code, smtp_reply, message_id, line, tag, chunk)
+    ), applied AS (
+        UPDATE runs SET journal_applied = %(applied)s WHERE id = %(journal_run)s
+    )
+    INSERT INTO deliveries AS d (campaign, recipient, address, domain, status, attempts, smtp_code, smtp_reply,
+                                 message_id, line, first_at, updated_at, recipient_tag)
+    SELECT %(campaign)s, recipient, address, domain, status, 1, smtp_code, smtp_reply, message_id, line,
+           %(now)s, %(now)s, tag
+        FROM batch WHERE chunk IS NULL OR chunk IN (SELECT chunk FROM held)
+    {conflict}
+    RETURNING d.recipient
+    """
 
 
 class SharedRate:

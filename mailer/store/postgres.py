@@ -10,10 +10,11 @@ batches: no round trip per contact.
 The schema version lives in ``mailer_schema``; the steps are those of
 :mod:`mailer.store.migrations`, in PostgreSQL's dialect (:data:`PG_MIGRATIONS`).
 
-The delivery journal and the campaign lock file are local files (beside ``[log] path``);
-the campaign lock is also taken in the database (a session advisory lock), so a second
-run of the campaign on another machine is refused too. The server drops that lock when
-the holder's connection ends, even when the holder is killed.
+The delivery journals and the campaign lock files are local files (beside ``[log] path``).
+Sends of one campaign cooperate (:mod:`mailer.store.pg_work`: claims, leases, the shared
+rate); the campaign lock, also a session advisory lock in the database (dropped by the
+server when the holder's connection ends, even when it is killed), guards only what
+needs one holder: applying the journal an earlier, single-run send left.
 
 Errors: a server that cannot be reached, a bad password or a missing database is a
 :class:`SendLogError` naming host, port and database (exit 2, before anything is sent);
@@ -667,7 +668,7 @@ class PostgresStore:
             who = f" (run started {holder[2]} by pid {holder[1]} on {holder[0]})" if holder else ""
             raise LockedError(
                 f"campaign {campaign!r} is being sent by another mailer using {self._target}{who}.",
-                hint="Wait for it to finish; runs of one campaign do not yet share the work.",
+                hint="Wait for it to finish.",
             )
         return _HeldLock(local, self, key)
 
