@@ -123,7 +123,10 @@ class DeliveryProcess:
         return self.shared.as_dict()
 
     def backlog(self) -> int:
-        """Messages sent over to the delivery process whose first transaction has not started."""
+        """Messages sent over to the delivery process whose first transaction has not started
+        (0 once the process has ended: nothing will start them)."""
+        if not self.process.is_alive():
+            return 0
         counts = self.shared.as_dict()
         started = sum(counts[name] for name in ("sent", "failed", "deferred", "unknown", "in_flight", "retrying"))
         return max(0, self.fed - started)

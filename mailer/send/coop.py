@@ -70,6 +70,7 @@ class Claims:
         # is what the others cannot send, and a run would otherwise claim as fast as it
         # renders, far ahead of its relay.
         while self.backlog() > self.max_backlog and not self.stopped():
+            self.work.check_heartbeat()  # a database gone: stop here, not wait forever
             self.sleep(_BACKLOG_POLL)
         got = self.work.claim(position=position)
         self.claimed += len(got)

@@ -262,9 +262,12 @@ class CampaignWork:
                 params,
             )
 
-    def _raise_heartbeat_error(self) -> None:
+    def check_heartbeat(self) -> None:
+        """Raise the heartbeat's error, if it had one (the database is unusable)."""
         if self.heartbeat_error is not None:
             raise self.heartbeat_error
+
+    _raise_heartbeat_error = check_heartbeat
 
     # --- the end of the run ---
 
