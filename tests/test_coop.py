@@ -176,8 +176,11 @@ def test_suppression_is_shared_by_runs_on_every_host(smtp_server, tmp_path, pg_u
     for code, _summary, stderr in results:
         assert code == 0, stderr
     assert sorted(received_addresses(smtp_server)) == sorted(e for e in emails if e != emails[7])
-    assert sum(summary["counts"].get("suppressed", 0) for _, summary, _ in results) == 1
+    # Counted by the run whose chunk held it (and again by a run that started after the
+    # first had finished the whole list: that run's new pass settles every row).
+    assert sum(summary["counts"].get("suppressed", 0) for _, summary, _ in results) >= 1
     assert statuses(pg_url)[emails[7]] == "suppressed"
+    assert projects[0].report("--campaign", "news")["by_status"]["suppressed"] == 1
 
 
 def test_another_contact_file_for_a_campaign_being_sent_is_an_error_that_says_so(smtp_server, tmp_path, pg_url):
