@@ -430,3 +430,23 @@ def test_open_source_dispatches_imap_urls(make_imap_server, monkeypatch):
     finally:
         source.close()
     assert [r"\Seen" in m.flags for m in server.messages()] == [False, True, False]
+
+
+@pytest.mark.parametrize("move", [True, False])
+def test_marking_while_reading_as_the_bounces_command_does(make_imap_server, client_tls_context, move):
+    # process_bounces marks each batch it recorded while the source is still being read.
+    server = make_imap_server(implicit_tls=True, move=move)
+    server.create_mailbox("Processed")
+    raws = fill(server, 95)
+    read, pending = [], []
+    with open_imap(server, client_tls_context, move_to="Processed", batch_size=10) as source:
+        for item in source:
+            read.append(item)
+            pending.append(item.ref)
+            if len(pending) == 7:
+                source.mark_processed(pending)
+                pending = []
+        source.mark_processed(pending)
+    assert [m.raw for m in read] == raws
+    assert server.messages("INBOX") == []
+    assert sorted(m.raw for m in server.messages("Processed")) == sorted(raws)
