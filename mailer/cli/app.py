@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigOption",
     "app",
+    "bounces",
     "check",
     "handle_errors",
     "init",
@@ -652,6 +653,100 @@ def suppress_import(
     reporter.console.print(
         f"added {result.added}, already present {result.already_present}, invalid {len(result.invalid)}"
     )
+
+
+# --- bounces -------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def bounces(
+    sources: Annotated[
+        list[str], typer.Argument(help="mbox files, Maildir folders, or imaps://user@host/MAILBOX URLs.")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the counts as one JSON object.")] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only messages delivered on or after this day (YYYY-MM-DD, UTC).")
+    ] = None,
+    mark_seen: Annotated[
+        bool, typer.Option("--mark-seen", help="Flag recorded reports as seen (Maildir: move to cur/; IMAP: \\Seen).")
+    ] = False,
+    move_to: Annotated[
+        str | None, typer.Option("--move-to", help="Move recorded reports into this folder (Maildir++ or IMAP).")
+    ] = None,
+    password_env: Annotated[
+        str, typer.Option("--password-env", help="The variable holding the IMAP password.")
+    ] = "MAILER_IMAP_PASSWORD",
+    config_path: ConfigOption = None,
+) -> None:
+    """Read bounce (DSN) and complaint (ARF) reports, record them in the send log, and
+    suppress hard bounces, complaints and addresses that soft-bounced in
+    [bounces] soft_bounce_limit campaigns in a row. Reading a mailbox again counts nothing twice.
+
+    Examples:
+
+      mailer bounces /var/mail/bounces
+
+      mailer bounces ~/Maildir/.Bounces --mark-seen --json
+
+      mailer bounces imaps://bounces@imap.example.com/INBOX --since 2026-12-01 --move-to Processed
+    """
+    import json
+
+    from ..bounces.run import process_bounces
+    from ..bounces.sources import SourceOptions, open_source
+    from ..store import open_store
+    from .output import print_bounce_summary
+
+    config = load_config(config_path)
+    options = SourceOptions(
+        since=_parse_day(since, "--since"), mark_seen=mark_seen, move_to=move_to, password_env=password_env
+    )
+    reporter = Reporter()
+    opened = []
+    try:
+        for spec in sources:  # every source is checked before anything is recorded
+            opened.append(open_source(spec, options))
+        signer = _bounce_signer(config, reporter)
+        with open_store(config.log) as log:
+            summary = process_bounces(log, opened, signer=signer, soft_bounce_limit=config.bounces.soft_bounce_limit)
+    finally:
+        for source in opened:
+            source.close()
+    if summary.broken:
+        reporter.warning(f"{summary.broken} message(s) looked like reports but could not be read; they were skipped.")
+    if json_output:
+        typer.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+    else:
+        print_bounce_summary(summary)
+
+
+def _parse_day(value: str | None, option: str) -> Any:
+    if value is None:
+        return None
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(
+            f"{option} {value!r} is not a day.", hint="Write it as YYYY-MM-DD, for example 2026-12-01."
+        ) from None
+
+
+def _bounce_signer(config: Any, reporter: Reporter) -> Any:
+    """The [web] key's signer, which checks VERP tokens; None (tokens then name only the
+    address, not the campaign) when there is no [web] or its variable is unset."""
+    if config.web is None:
+        return None
+    from ..core.tokens import TokenSigner, WebSecretError
+
+    try:
+        return TokenSigner.from_environment(config.web.secret_env, config.web.previous_secret_envs)
+    except WebSecretError:
+        reporter.warning(
+            f"{config.web.secret_env} is not set: VERP tokens are matched by address only, "
+            "the campaign by Message-ID or the latest send."
+        )
+        return None
 
 
 # --- check ---------------------------------------------------------------------------

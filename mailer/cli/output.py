@@ -281,3 +281,35 @@ def _print_engagement(engagement: Any, console: Console) -> None:
                 escape(link.url), str(link.unique_clicks), str(link.clicks), f"{link.click_through * 100:.2f} %"
             )
         console.print(links)
+
+
+_BOUNCE_ROWS = (
+    ("read", "messages read"),
+    ("reports", "bounce and complaint reports"),
+    ("hard", "hard bounces (suppressed)"),
+    ("soft", "soft bounces"),
+    ("policy", "policy rejections (not suppressed)"),
+    ("complaints", "complaints (suppressed)"),
+    ("suppressed", "addresses suppressed"),
+    ("soft_streaks", "  of them for soft bounces in a row"),
+    ("duplicates", "already recorded (read before)"),
+    ("unattributed", "matched to no send"),
+    ("foreign", "not reports (left alone)"),
+    ("broken", "unreadable reports (skipped)"),
+)
+
+
+def print_bounce_summary(summary: Any, *, console: Console | None = None) -> None:
+    """`mailer bounces`: a table on stdout on a terminal, else one ``count name`` line each."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    values = summary.to_dict()
+    if not console.is_terminal:
+        for key, _label in _BOUNCE_ROWS:
+            console.print(f"{key} {values[key]}")
+        return
+    table = Table(show_lines=False, title="mailer bounces")
+    table.add_column("", justify="right")
+    table.add_column("")
+    for key, label in _BOUNCE_ROWS:
+        table.add_row(str(values[key]), label)
+    console.print(table)

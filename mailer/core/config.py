@@ -27,6 +27,7 @@ from .streams import DirectConfig, DirectDomainConfig, RelayConfig, StreamConfig
 __all__ = [
     "DEFAULT_CONFIG_NAME",
     "MAX_CONNECTIONS",
+    "BouncesConfig",
     "Config",
     "DKIMConfig",
     "DNSConfig",
@@ -222,6 +223,14 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class BouncesConfig:
+    """``[bounces]``: ``soft_bounce_limit`` soft bounces in that many campaigns in a row
+    (no campaign without one in between) put an address on the suppression list."""
+
+    soft_bounce_limit: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is None when no file was read."""
 
@@ -234,6 +243,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     web: WebConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     relays: tuple[RelayConfig, ...] = ()
     streams: tuple[StreamConfig, ...] = ()
     direct: DirectConfig = field(default_factory=DirectConfig)
@@ -306,6 +316,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "secret_env": ((str,), "secret_env"),
         "previous_secret_envs": ((list,), "previous_secret_envs"),
         "listen": ((str,), "listen"),
+    },
+    "bounces": {
+        "soft_bounce_limit": ((int,), "soft_bounce_limit"),
     },
     "tracking": {
         "opens": ((bool,), "opens"),
@@ -510,6 +523,8 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
 
     web = _parse_web(sections["web"], fail) if "web" in sections else None
     tracking = _parse_tracking(sections.get("tracking", {}), web, fail)
+    bounces = BouncesConfig(**sections.get("bounces", {}))
+    check_range("bounces.soft_bounce_limit", bounces.soft_bounce_limit, 1, 100)
 
     return Config(
         path=path,
@@ -521,6 +536,7 @@ def parse_config(data: dict[str, Any], *, path: Path | None) -> Config:
         dns=dns,
         web=web,
         tracking=tracking,
+        bounces=bounces,
         relays=relays,
         streams=streams,
         direct=direct,

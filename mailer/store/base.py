@@ -20,7 +20,16 @@ from typing import Protocol, Self, TextIO
 
 from ..core.outcomes import DeliveryEvent, Status
 from .locks import CampaignLock
-from .records import CampaignSummary, FeedbackEvent, ImportResult, Report, Run, SkippedRow, Suppression
+from .records import (
+    CampaignSummary,
+    FeedbackEvent,
+    ImportResult,
+    RecipientHistory,
+    Report,
+    Run,
+    SkippedRow,
+    Suppression,
+)
 
 __all__ = ["SendStore"]
 
@@ -113,6 +122,16 @@ class SendStore(Protocol):
 
     def find_by_message_ids(self, message_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """The ``(campaign, address)`` each logged Message-ID was sent to (brackets optional)."""
+        ...
+
+    def known_feedback_refs(self, refs: Sequence[str]) -> set[str]:
+        """Which of these event refs are already recorded (of any kind)."""
+        ...
+
+    def bounce_history(self, addresses: Sequence[str]) -> dict[str, RecipientHistory]:
+        """For each address (keyed by ``address_key``) that the log has sent to: its sends in
+        every campaign, oldest first, and the campaigns it soft-bounced in (two queries for
+        the whole batch, through the recipient-tag index)."""
         ...
 
     # --- runs, the campaign lock and the journal offset ---

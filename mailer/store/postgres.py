@@ -61,6 +61,7 @@ from .records import (
     FeedbackKind,
     ImportResult,
     InvalidEntry,
+    RecipientHistory,
     ReplyCount,
     Report,
     Run,
@@ -598,6 +599,48 @@ class PostgresStore:
             for given in wanted[message_id]:
                 found[given] = (campaign, address)
         return found
+
+    def known_feedback_refs(self, refs: Sequence[str]) -> set[str]:
+        asked = sorted(set(refs))
+        if not asked:
+            return set()
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT ref FROM feedback WHERE kind = ANY(%s) AND ref = ANY(%s)",
+                (sorted(_FEEDBACK_KINDS), asked),
+            ).fetchall()
+        )
+        return {ref for (ref,) in rows}
+
+    def bounce_history(self, addresses: Sequence[str]) -> dict[str, RecipientHistory]:
+        keys = sorted({address_key(address) for address in addresses})
+        if not keys:
+            return {}
+        tags = [recipient_tag(key) for key in keys]
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
+            rows = conn.execute(
+                "SELECT recipient, campaign, status, first_at FROM deliveries "
+                "WHERE recipient_tag = ANY(%s) AND status NOT IN ('invalid', 'suppressed') "
+                "ORDER BY first_at, campaign",
+                (tags,),
+            ).fetchall()
+            bounced = conn.execute(
+                "SELECT recipient, campaign FROM feedback WHERE recipient = ANY(%s) AND kind = 'bounced_soft'",
+                (keys,),
+            ).fetchall()
+            return rows, bounced
+
+        rows, bounced = self._run(read)
+        wanted = set(keys)
+        sends: dict[str, list[tuple[str, str, str]]] = {}
+        for recipient, campaign, status, first_at in rows:
+            if recipient in wanted:
+                sends.setdefault(recipient, []).append((campaign, status, first_at))
+        soft: dict[str, set[str]] = {}
+        for recipient, campaign in bounced:
+            soft.setdefault(recipient, set()).add(campaign)
+        return {key: RecipientHistory(tuple(rows), frozenset(soft.get(key, ()))) for key, rows in sends.items()}
 
     # --- runs, the campaign lock and the journal offset ---
 

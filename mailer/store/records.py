@@ -21,6 +21,7 @@ __all__ = [
     "FeedbackKind",
     "ImportResult",
     "InvalidEntry",
+    "RecipientHistory",
     "ReplyCount",
     "Report",
     "Run",
@@ -63,6 +64,9 @@ class FeedbackKind(StrEnum):
     CLICKED = "clicked"
     BOUNCED_HARD = "bounced_hard"
     BOUNCED_SOFT = "bounced_soft"
+    # A permanent failure that is not about the mailbox (blocked, spam, policy): never a
+    # reason to suppress, nor part of a soft-bounce streak (mailer.bounces.run).
+    BOUNCED_POLICY = "bounced_policy"
     COMPLAINED = "complained"
 
 
@@ -84,6 +88,17 @@ class FeedbackEvent:
     source: str = "web"
     ref: str | None = None
     at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientHistory:
+    """What ``mailer bounces`` needs to know of one address: ``sends`` are its
+    ``(campaign, status, first_at)`` rows in every campaign, oldest first (``invalid``
+    and ``suppressed`` rows left out); ``soft_bounced`` the campaigns with a
+    ``bounced_soft`` event for it."""
+
+    sends: tuple[tuple[str, str, str], ...] = ()
+    soft_bounced: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .records import (
     FeedbackKind,
     ImportResult,
     InvalidEntry,
+    RecipientHistory,
     ReplyCount,
     Report,
     Run,
@@ -590,6 +591,50 @@ class SendLog:
                     for given in wanted[message_id]:
                         found[given] = (campaign, address)
         return found
+
+    def known_feedback_refs(self, refs: Sequence[str]) -> set[str]:
+        """Which of these event refs are already recorded (of any kind)."""
+        asked = sorted(set(refs))
+        kinds = sorted(_FEEDBACK_KINDS)
+        found: set[str] = set()
+        for start in range(0, len(asked), _BULK):
+            chunk = asked[start : start + _BULK]
+            # kind IN (...) lets SQLite use the (kind, ref) unique index.
+            sql = (
+                f"SELECT ref FROM feedback WHERE kind IN ({', '.join('?' * len(kinds))}) "
+                f"AND ref IN ({', '.join('?' * len(chunk))})"
+            )
+            with self._guard as conn:
+                found.update(ref for (ref,) in conn.execute(sql, kinds + chunk))
+        return found
+
+    def bounce_history(self, addresses: Sequence[str]) -> dict[str, RecipientHistory]:
+        """Sends and soft-bounced campaigns of each address, in bulk (see SendStore)."""
+        keys = sorted({address_key(address) for address in addresses})
+        sends: dict[str, list[tuple[str, str, str]]] = {}
+        soft: dict[str, set[str]] = {}
+        for start in range(0, len(keys), _BULK):
+            chunk = keys[start : start + _BULK]
+            tags = [recipient_tag(key) for key in chunk]
+            wanted = set(chunk)
+            marks = ", ".join("?" * len(chunk))
+            with self._guard as conn:
+                rows = conn.execute(
+                    "SELECT recipient, campaign, status, first_at FROM deliveries "
+                    f"WHERE recipient_tag IN ({marks}) AND status NOT IN ('invalid', 'suppressed') "
+                    "ORDER BY first_at, campaign",
+                    tags,
+                ).fetchall()
+                bounced = conn.execute(
+                    f"SELECT recipient, campaign FROM feedback WHERE recipient IN ({marks}) AND kind = 'bounced_soft'",
+                    chunk,
+                ).fetchall()
+            for recipient, campaign, status, first_at in rows:
+                if recipient in wanted:
+                    sends.setdefault(recipient, []).append((campaign, status, first_at))
+            for recipient, campaign in bounced:
+                soft.setdefault(recipient, set()).add(campaign)
+        return {key: RecipientHistory(tuple(rows), frozenset(soft.get(key, ()))) for key, rows in sends.items()}
 
     def journal_applied(self, run_id: int) -> int | None:
         """How far the run's delivery journal is applied (None: not at all yet)."""
