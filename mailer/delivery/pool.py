@@ -89,6 +89,7 @@ class DeliveryStats:
     relay_troubles: dict[str, tuple[str, bool]] = field(default_factory=dict)
     elapsed: float = 0.0
     interrupted: bool = False
+    peak_sessions: int = 0  # direct delivery: the most SMTP sessions open at once
 
     @property
     def by_status(self) -> dict[str, int]:
