@@ -450,3 +450,137 @@ def test_marking_while_reading_as_the_bounces_command_does(make_imap_server, cli
     assert [m.raw for m in read] == raws
     assert server.messages("INBOX") == []
     assert sorted(m.raw for m in server.messages("Processed")) == sorted(raws)
+
+
+# --------------------------------------------------------------------------------------
+# Through the CLI: `mailer bounces imaps://...`
+
+
+def postfix_dsn(recipient: str, original_message_id: str, *, status: str = "5.1.1", number: int = 0) -> bytes:
+    """A bounce as Postfix writes it: multipart/report with message/delivery-status."""
+    text = (
+        "From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\n"
+        "To: news@acme.example\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Message-ID: <dsn-{number}-{status}@mx.example.net>\r\n"
+        "Date: Wed, 02 Dec 2026 14:00:00 +0000\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="BOUNDARY"\r\n'
+        "\r\n"
+        "--BOUNDARY\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        "I'm sorry to have to inform you that your message could not\r\n"
+        "be delivered to one or more recipients.\r\n\r\n"
+        "--BOUNDARY\r\n"
+        "Content-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.net\r\n"
+        "Arrival-Date: Wed, 02 Dec 2026 13:59:58 +0000\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\n"
+        f"Original-Recipient: rfc822;{recipient}\r\n"
+        "Action: failed\r\n"
+        f"Status: {status}\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} <{recipient}>: Recipient address rejected: User unknown\r\n\r\n"
+        "--BOUNDARY\r\n"
+        "Content-Type: text/rfc822-headers\r\n\r\n"
+        "From: Acme News <news@acme.example>\r\n"
+        f"To: {recipient}\r\n"
+        "Subject: News\r\n"
+        f"Message-ID: {original_message_id}\r\n\r\n"
+        "--BOUNDARY--\r\n"
+    )
+    return text.encode("ascii")
+
+
+@pytest.fixture
+def sent_project(tmp_path, smtp_server):
+    from send_support import Project
+
+    project = Project(tmp_path, smtp_server)
+    project.write_contacts(["ann@example.com", "bob@example.com", "cat@example.com"])
+    outcome = project.send("--yes")
+    assert outcome.exit_code == 0, outcome
+    return project
+
+
+def bounces_cli(project, *args: str, password: str | None = PASSWORD, tls_files=None):
+    env = {"MAILER_IMAP_PASSWORD": password}
+    if tls_files is not None:  # the product verifies against the system store: point it at the test CA
+        env.update({"SSL_CERT_FILE": str(tls_files.ca), "SSL_CERT_DIR": None})
+    return project.cli("bounces", *args, env=env)
+
+
+def test_cli_reads_dsns_from_imap_and_suppresses_once(sent_project, make_imap_server, tls_files):
+    import json
+
+    project = sent_project
+    server = make_imap_server(implicit_tls=True)
+    server.create_mailbox("Processed")
+    ann_id = project.delivery("ann@example.com").message_id
+    bob_id = project.delivery("bob@example.com").message_id
+    server.add_message(postfix_dsn("ann@example.com", ann_id, number=1))
+    server.add_message(postfix_dsn("bob@example.com", bob_id, status="4.2.2", number=2))
+    server.add_message(message(3))  # a human's mail: stays where it is
+
+    first = bounces_cli(project, url(server), "--json", "--mark-seen", tls_files=tls_files)
+    assert first.exit_code == 0, first
+    counts = json.loads(first.stdout)
+    assert counts["read"] == 3 and counts["hard"] == 1 and counts["soft"] == 1 and counts["suppressed"] == 1
+    listed = project.cli("suppress", "list")
+    assert "ann@example.com" in listed.stdout and "bob@example.com" not in listed.stdout
+    assert [r"\Seen" in m.flags for m in server.messages()] == [True, True, False]
+
+    again = bounces_cli(project, url(server), "--json", "--move-to", "Processed", tls_files=tls_files)
+    assert again.exit_code == 0, again
+    counts = json.loads(again.stdout)
+    assert counts["read"] == 3 and counts["hard"] == 0 and counts["soft"] == 0 and counts["suppressed"] == 0
+    assert counts["duplicates"] == 2
+    assert [m.raw for m in server.messages("INBOX")] == [message(3)]
+    assert len(server.messages("Processed")) == 2
+
+    third = bounces_cli(project, url(server), "--json", "--move-to", "Processed", tls_files=tls_files)
+    assert third.exit_code == 0, third
+    assert json.loads(third.stdout)["read"] == 1
+
+
+@pytest.mark.parametrize("case", ["bad login", "unreachable", "missing mailbox", "no password", "untrusted"])
+def test_cli_errors_are_exit_2_naming_the_server(sent_project, make_imap_server, tls_files, case):
+    project = sent_project
+    server = make_imap_server(implicit_tls=True, bad_login=case == "bad login")
+    target = url(server, mailbox="Bounces" if case == "missing mailbox" else "INBOX")
+    if case == "unreachable":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        target = f"imaps://ann@127.0.0.1:{port}/INBOX"
+    outcome = bounces_cli(
+        project,
+        target,
+        "--debug",
+        password=None if case == "no password" else PASSWORD,
+        tls_files=None if case == "untrusted" else tls_files,
+    )
+    assert outcome.exit_code == 2, outcome
+    expected = {
+        "bad login": "login was refused",
+        "unreachable": "cannot connect",
+        "missing mailbox": "'Bounces'",
+        "no password": "MAILER_IMAP_PASSWORD is not set",
+        "untrusted": "certificate cannot be verified",
+    }[case]
+    assert expected in outcome.stderr
+    if case != "no password":
+        assert "IMAP server 127.0.0.1:" in outcome.stderr
+    for form in (PASSWORD, "Tr0ub4dor"):
+        assert form not in outcome.stderr and form not in outcome.stdout
+
+
+def test_cli_debug_shows_the_imap_conversation_without_the_password(sent_project, make_imap_server, tls_files):
+    project = sent_project
+    server = make_imap_server(implicit_tls=True)
+    server.add_message(message(1))
+    outcome = bounces_cli(project, url(server), "--mark-seen", "--debug", tls_files=tls_files)
+    assert outcome.exit_code == 0, outcome
+    assert re.search(r"imap: > LOGIN bounces@acme.example \*{8}", outcome.stderr)
+    assert 'SELECT "INBOX"' in outcome.stderr and "UID FETCH" in outcome.stderr
+    for form in (PASSWORD, "Tr0ub4dor", '\\"&\\"'):
+        assert form not in outcome.stderr and form not in outcome.stdout

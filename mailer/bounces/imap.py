@@ -204,7 +204,7 @@ class _Trace(logging.Handler):
 
     REDACTED = "********"
 
-    def __init__(self, write: Callable[[str], None], password: str) -> None:
+    def __init__(self, write: Callable[[str], object], password: str) -> None:
         super().__init__(logging.DEBUG)
         self._write = write
         self.muted = False
@@ -615,7 +615,7 @@ def open_imap_source(
     batch_bytes: int = 16 * 1024 * 1024,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     timeout: float = 60.0,
-    debug: Callable[[str], None] | None = None,
+    debug: Callable[[str], object] | None = None,
 ) -> IMAPSource:
     """Connect, log in and open the mailbox of ``url``; the :class:`IMAPSource` of it.
 
@@ -626,9 +626,10 @@ def open_imap_source(
     login, missing mailbox or ``--move-to`` folder) is a :class:`SourceError` (exit 2)
     naming host:port, user and mailbox, never the password. ``ssl_context`` replaces
     the verifying default (tests pass one that trusts their CA). ``debug`` receives the
-    protocol trace, line by line.
+    protocol trace, line by line (default: ``options.debug``).
     """
     options = options or SourceOptions()
+    debug = debug if debug is not None else options.debug
     location = parse_imap_url(url)
     action = MarkAction.from_options(options)
     if action.kind == "move" and action.folder == location.mailbox:

@@ -41,7 +41,7 @@ import calendar
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -90,12 +90,14 @@ class SourceOptions:
 
     ``since``: only messages delivered on or after this day (UTC); ``mark_seen`` /
     ``move_to``: what to do with processed messages (see the module docstring);
-    ``password_env``: the variable with the IMAP password (IMAP only)."""
+    ``password_env``: the variable with the IMAP password (IMAP only); ``debug``:
+    where ``--debug`` writes the IMAP conversation (password removed), line by line."""
 
     since: date | None = None
     mark_seen: bool = False
     move_to: str | None = None
     password_env: str = "MAILER_IMAP_PASSWORD"
+    debug: Callable[[str], object] | None = None
 
 
 @runtime_checkable

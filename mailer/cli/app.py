@@ -698,7 +698,11 @@ def bounces(
 
     config = load_config(config_path)
     options = SourceOptions(
-        since=_parse_day(since, "--since"), mark_seen=mark_seen, move_to=move_to, password_env=password_env
+        since=_parse_day(since, "--since"),
+        mark_seen=mark_seen,
+        move_to=move_to,
+        password_env=password_env,
+        debug=sys.stderr.write if _state["debug"] else None,
     )
     reporter = Reporter()
     opened = []
