@@ -313,6 +313,7 @@ class _Engine:
 
     async def _close(self, session: AsyncSession) -> None:
         self.open_sessions -= 1
+        self.sessions.release()
         await session.close()
 
     def _next_ready(self, queue: _DomainQueue) -> _Job | None:
@@ -354,28 +355,30 @@ class _Engine:
             tls = "opportunistic"
         errors: list[str] = []
         source = destination.next_source(settings.source_addresses)
-        async with self.sessions:
-            for host in queue.route.hosts:
-                for address in host.addresses:
-                    try:
-                        session = await open_session(
-                            host.name,
-                            address,
-                            settings.port,
-                            helo=settings.helo,
-                            source=source,
-                            timeout=settings.timeout,
-                            tls="required" if tls == "required" else "opportunistic",
-                        )
-                    except SessionError as exc:
-                        errors.append(exc.message)
-                        if exc.code == 421 or is_too_many_connections(exc.code, exc.message):
-                            destination.back_off(self.clock(), pause=settings.backoff_pause, reason=exc.message)
-                        continue
-                    self.stats.connections_opened += 1
-                    self.open_sessions += 1
-                    self.peak_sessions = max(self.peak_sessions, self.open_sessions)
-                    return session
+        # The run-wide cap holds while the session is open: released in _close().
+        await self.sessions.acquire()
+        for host in queue.route.hosts:
+            for address in host.addresses:
+                try:
+                    session = await open_session(
+                        host.name,
+                        address,
+                        settings.port,
+                        helo=settings.helo,
+                        source=source,
+                        timeout=settings.timeout,
+                        tls="required" if tls == "required" else "opportunistic",
+                    )
+                except SessionError as exc:
+                    errors.append(exc.message)
+                    if exc.code == 421 or is_too_many_connections(exc.code, exc.message):
+                        destination.back_off(self.clock(), pause=settings.backoff_pause, reason=exc.message)
+                    continue
+                self.stats.connections_opened += 1
+                self.open_sessions += 1
+                self.peak_sessions = max(self.peak_sessions, self.open_sessions)
+                return session
+        self.sessions.release()
         # Every MX host failed: the first waiting job takes the failure as an attempt.
         job = self._next_ready(queue) or (queue.jobs.popleft() if queue.jobs else None)
         if job is not None:
