@@ -47,6 +47,9 @@ ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "sender"}
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _SINGLE_ADDRESS = re.compile(r"^\s*(.*?)\s*<([^<>]*)>\s*$", re.DOTALL)
 _NEEDS_ENCODING = re.compile(r"=\?|\S{900,}")
+# A display name that formataddr writes as it is (no quoting, no encoded-words): ASCII
+# letters, digits, single inner spaces and the atext symbols of RFC 5322 §3.2.3 but "=".
+_PLAIN_DISPLAY = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/?^_`{|}~-]+)*")
 _MAX_LINE = 78  # RFC 5322 §2.1.1 "SHOULD" limit; the hard limit is 998
 _CACHE_LIMIT = 1024
 _ATTACHMENT_CACHE_BYTES = 1 << 20
@@ -263,6 +266,20 @@ class MessageBuilder:
         if cached is not None:
             return cached
         single = _SINGLE_ADDRESS.match(value)
+        if (
+            # The per-contact To: of most templates, "Name <address>" with a plain ASCII
+            # name and the contact's own address: the line the steps below would write,
+            # without them (tests/test_compose_differential.py compares the two).
+            single is not None
+            and expected == 1
+            and contact is not None
+            and not contact.smtputf8
+            and single.group(2).strip() == contact.email
+            and _PLAIN_DISPLAY.fullmatch(single.group(1))
+        ):
+            line = f"{name}: {single.group(1)} <{contact.envelope}>"
+            if len(line) + 1 <= _MAX_LINE:
+                return line, [contact.envelope], False
         if single and (
             expected == 1 or (expected is None and "<" not in single.group(1) and ">" not in single.group(1))
         ):
