@@ -249,3 +249,40 @@ def test_a_marketing_send_with_web_gets_a_signed_one_click_unsubscribe(tmp_path:
     # Without the key the send is refused before anything is built, naming the variable.
     outcome = project.send("--dry-run", env={"MAILER_WEB_SECRET": ""})
     assert outcome.exit_code == 2 and "MAILER_WEB_SECRET" in outcome.stderr, outcome
+
+
+def test_a_store_that_cannot_be_written_gets_a_503_page_that_reveals_nothing(tmp_path: Path) -> None:
+    # A real store that fails: the log is closed under the running app (as when its file or
+    # server went away), so every write raises; the app must answer 503, never 200.
+    log = SendLog.open(tmp_path / "log.sqlite3")
+    errors: list[BaseException] = []
+    app = create_app(log, TokenSigner(SECRET), opens=True, on_error=errors.append)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        log.close()
+        token = TokenSigner(SECRET).unsubscribe_token("spring", "jane@example.com")
+        status, headers, body = request(f"{base}/u/{token}", method="POST", body=b"List-Unsubscribe=One-Click")
+        assert status == 503, body
+        assert b"try again" in body and b"jane" not in body.lower() and b"example" not in body.lower()
+        assert b"sqlite" not in body.lower() and b"Error" not in body and b"Traceback" not in body
+        assert headers["content-type"].startswith("text/html")
+        assert len(errors) == 1
+        status, _, body = request(f"{base}/o/{TokenSigner(SECRET).open_token('spring', 'jane@example.com')}")
+        assert status == 503 and b"jane" not in body.lower()
+        # The page still loads (it writes nothing), and the health check answers.
+        assert request(f"{base}/u/{token}")[0] == 200
+        assert request(f"{base}/healthz")[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    with SendLog.open(tmp_path / "log.sqlite3", create=False) as reopened:
+        assert reopened.suppressed(["jane@example.com"]) == [False]
+        assert reopened.list_feedback() == []
