@@ -41,9 +41,16 @@ VERP = "bounces+d3q6x4zzd5nbs7xqwm2rjyxq4eoymw6a@acme.example"
         (lambda: fx.exchange_ndr(ANN, MID, VERP, status="5.7.1"), "dsn", BounceKind.POLICY, "5.7.1"),
         (lambda: fx.gmail_dsn(ANN, MID, VERP), "dsn", BounceKind.HARD, "5.1.1"),
         (lambda: fx.gmail_dsn(ANN, MID, VERP, status="5.7.26"), "dsn", BounceKind.POLICY, "5.7.26"),
-        # Yahoo says 5.0.0 and gives the reason as a bare 554 text, which the rules of
-        # is_hard_bounce do not call "no such mailbox" (554 without an enhanced code).
-        (lambda: fx.yahoo_dsn(ANN, MID, VERP), "dsn", BounceKind.POLICY, "5.0.0"),
+        # Yahoo says 5.0.0 and gives the reason as a bare 554 text: its "dd This user
+        # doesn't have a yahoo.com account" is "no such mailbox" by is_hard_bounce's rule.
+        (lambda: fx.yahoo_dsn(ANN, MID, VERP), "dsn", BounceKind.HARD, "5.0.0"),
+        (lambda: fx.yahoo_dsn(ANN, MID, VERP).replace(b"Status: 5.0.0\n", b""), "dsn", BounceKind.HARD, None),
+        (
+            lambda: fx.yahoo_dsn(ANN, MID, VERP).replace(b"account (", b"account, blocked as spam ("),
+            "dsn",
+            BounceKind.POLICY,
+            "5.0.0",
+        ),
         (lambda: fx.outlook_jmrp(ANN, MID, VERP), "arf", BounceKind.COMPLAINT, None),
         (lambda: fx.qmail_bounce(ANN, MID, VERP), "heuristic", BounceKind.HARD, "5.1.1"),
     ],

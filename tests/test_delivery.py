@@ -321,6 +321,8 @@ def test_temporary_failures_end_deferred_after_the_last_retry(smtp_server):
     "stage,reply,hard",
     [
         ("rcpt", "550 5.1.1 <user0@example.com>: Recipient address rejected: User unknown", True),
+        ("rcpt", "554 delivery error: dd This user doesn't have a yahoo.com account (user0@example.com) [0]", True),
+        ("rcpt", "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using Spamhaus", False),
         ("data", "552 5.3.4 Message too big", False),
         ("mail", "553 5.7.1 Sender address rejected: not owned by user", False),
     ],
@@ -950,6 +952,14 @@ def test_classify_exception():
         (552, "5.2.2 mailbox full", False),
         (450, "4.1.1 user unknown (for now)", False),
         (550, "5.7.26 unauthenticated email is not accepted", False),
+        # Yahoo's "no such mailbox": a bare 554, no enhanced code.
+        (554, "delivery error: dd This user doesn't have a yahoo.com account (a@yahoo.com) [0] - mta4.yahoo.com", True),
+        (554, "delivery error: dd This user doesn't have an aol.com account (a@aol.com) [0] - mta1", True),
+        (554, "5.7.1 delivery error: dd This user doesn't have a yahoo.com account", False),  # the code decides
+        (554, "delivery error: dd This user doesn't have a yahoo.com account; IP blocked as spam", False),
+        (554, "delivery error: dd Sorry your message to a@yahoo.com cannot be delivered", False),
+        (554, "This user doesn't exist", False),  # a bare 554 is still not "no such user" by its text
+        (452, "dd This user doesn't have a yahoo.com account", False),
     ],
 )
 def test_is_hard_bounce(code, text, hard):

@@ -24,6 +24,10 @@ _UNKNOWN_USER_TEXT = re.compile(
     r"|recipient not found|invalid recipient|unknown recipient",
     re.IGNORECASE,
 )
+# Yahoo's "no such mailbox" is a bare 554 (no enhanced code), so only this exact text of
+# theirs counts; a reply that also speaks of policy stays a policy rejection.
+_NO_ACCOUNT_TEXT = re.compile(r"\bdd this user doesn['\u2019]t have an? [a-z0-9.-]{1,64} account\b", re.IGNORECASE)
+_POLICY_TEXT = re.compile(r"block|spam|policy|reputation|blacklist|denied", re.IGNORECASE)
 
 
 def is_hard_bounce(code: int, reply_text: str) -> bool:
@@ -32,8 +36,10 @@ def is_hard_bounce(code: int, reply_text: str) -> bool:
     Such addresses belong on the suppression list. With an enhanced status code
     (RFC 3463) the code decides: 5.1.x "addressing" statuses, except 5.1.7 / 5.1.8
     which blame the *sender's* address, and 5.2.1 "mailbox disabled". Without one,
-    550 / 551 / 553 with a "no such user"-type text. Policy rejections (5.7.x: spam,
-    blocked IP) are never hard bounces, whatever their text says.
+    550 / 551 / 553 with a "no such user"-type text, or Yahoo's bare 554 "dd This user
+    doesn't have a yahoo.com account" (unless it also speaks of a block or spam).
+    Policy rejections (5.7.x: spam, blocked IP) are never hard bounces, whatever their
+    text says.
     """
     if code not in (550, 551, 553, 554):
         return False
@@ -45,6 +51,8 @@ def is_hard_bounce(code: int, reply_text: str) -> bool:
         if subject == "1":
             return detail not in ("7", "8")
         return subject == "2" and detail == "1"
+    if _NO_ACCOUNT_TEXT.search(reply_text):
+        return not _POLICY_TEXT.search(reply_text)
     return code != 554 and bool(_UNKNOWN_USER_TEXT.search(reply_text))
 
 
