@@ -738,16 +738,17 @@ def _parse_day(value: str | None, option: str) -> Any:
 
 def _bounce_signer(config: Any, reporter: Reporter) -> Any:
     """The [web] key's signer, which checks VERP tokens; None (tokens then name only the
-    address, not the campaign) when there is no [web] or its variable is unset."""
+    address, not the campaign) when there is no [web] or its key is unset or invalid."""
     if config.web is None:
         return None
     from ..core.tokens import TokenSigner, WebSecretError
 
     try:
         return TokenSigner.from_environment(config.web.secret_env, config.web.previous_secret_envs)
-    except WebSecretError:
+    except WebSecretError as error:
+        # The error names the variable and what is wrong with it (unset, too short), never the key.
         reporter.warning(
-            f"{config.web.secret_env} is not set: VERP tokens are matched by address only, "
+            f"{error.message.removesuffix('.')}: VERP tokens are matched by address only, "
             "the campaign by Message-ID or the latest send."
         )
         return None
