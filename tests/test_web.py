@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from send_support import Project
+from send_support import Project, received_addresses
 
 from mailer.core.tokens import TokenKind, TokenSigner
 from mailer.store.sqlite import SendLog
@@ -223,6 +223,31 @@ def test_plain_http_base_url_warns_except_on_loopback() -> None:
     assert base_url_warning("http://[::1]:8025") is None
     warning = base_url_warning("http://mail.acme.example")
     assert warning is not None and "RFC 8058" in warning and "https://" in warning
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real-send"])
+@pytest.mark.parametrize(
+    ("base_url", "warns"),
+    [("http://mail.acme.example", True), ("http://127.0.0.1:8025", False), ("https://mail.acme.example", False)],
+    ids=["plain-http", "loopback", "https"],
+)
+def test_send_warns_once_on_stderr_for_a_plain_http_base_url(
+    tmp_path: Path, smtp_server, base_url: str, warns: bool, dry_run: bool
+) -> None:
+    project = Project(tmp_path, smtp_server)
+    project.configure(web={"base_url": base_url}, message={"kind": "marketing"})
+    project.write_contacts(["jane@example.com", "joe@example.com"])
+    outcome = project.send("--dry-run" if dry_run else "--yes", "--campaign", "spring", env=ENV)
+    assert outcome.exit_code == 0, outcome
+    if dry_run:
+        assert outcome.stdout.count("List-Unsubscribe: <") == 2, outcome
+    else:
+        assert sorted(received_addresses(smtp_server)) == ["jane@example.com", "joe@example.com"]
+    warning = f"warning: [web] base_url {base_url} is plain HTTP"
+    assert outcome.stderr.count(warning) == (1 if warns else 0), outcome
+    assert outcome.stderr.count("RFC 8058") == (1 if warns else 0), outcome
+    # stdout is the product (the dry run's mbox): never a warning in it.
+    assert "plain HTTP" not in outcome.stdout and "warning:" not in outcome.stdout, outcome
 
 
 def test_a_marketing_send_with_web_gets_a_signed_one_click_unsubscribe(tmp_path: Path) -> None:

@@ -358,11 +358,16 @@ def _dry_run(
     campaign: Campaign, reporter: Reporter, *, format: str, output: Path | None, force: bool, signer: Any
 ) -> Summary:
     from ..send.signing import Signing
+    from ..web.serve import base_url_warning
 
     summary = Summary(campaign_name=campaign.name, dry_run=True, contacts=campaign.contacts_name)
     out = None if output is not None else sys.stdout.buffer
     if out is not None and reporter.is_terminal and sys.stdout.isatty() and not reporter.quiet:
         reporter.warning("writing the dry run to the terminal; pipe it (| less) or redirect it (> review.mbox).")
+    web = campaign.config.web
+    plain_http = base_url_warning(web.base_url) if web is not None else None
+    if plain_http:
+        reporter.warning(plain_http)
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
     # Before the progress display starts its thread: the signing pool forks.

@@ -30,6 +30,7 @@ from ..smtp.policy import check_relay_settings, tls_verification_warning
 from ..store import open_store
 from ..store.base import SendStore
 from ..store.records import SkippedRow
+from ..web.serve import base_url_warning
 from .child import Cooperation, DeliveryProcess, SendKey
 from .coop import Claims
 from .estimate import estimate_send
@@ -131,7 +132,12 @@ def run_send(
     tls_warnings = {
         warning for relay in relays if (warning := tls_verification_warning(relay.smtp, section=relay.section))
     }
-    for warning in [*sorted(tls_warnings), *([" ".join(unsubscribe)] if unsubscribe else [])]:
+    plain_http = base_url_warning(config.web.base_url) if config.web is not None else None
+    for warning in [
+        *sorted(tls_warnings),
+        *([" ".join(unsubscribe)] if unsubscribe else []),
+        *([plain_http] if plain_http else []),
+    ]:
         reporter.warning(warning)
     for warning in getattr(signer, "warnings", []) or []:
         reporter.warning(warning)
