@@ -49,7 +49,7 @@ security = "none"
 timeout = 30
 
 [send]
-rate = "unlimited"
+rate = "{send_rate}"
 connections = 8
 max_per_connection = 1000
 retries = 3
@@ -138,7 +138,9 @@ def bench_serve(args: argparse.Namespace) -> dict:
             write_contacts(work / "contacts.csv", args.contacts)
             (work / "news.txt.j2").write_text(TEMPLATE, encoding="utf-8")
             log = f'url = "{url}"' if url else 'path = "bench.sqlite3"'
-            (work / "mailer.toml").write_text(CONFIG.format(port=port, log=log), encoding="utf-8")
+            (work / "mailer.toml").write_text(
+                CONFIG.format(port=port, log=log, send_rate=args.send_rate), encoding="utf-8"
+            )
             signer = TokenSigner(SECRET)
             # Every other contact, so the tokens are spread over the list the send works through.
             addresses = [f"user{i}@example{i % 5000}.com" for i in range(0, args.contacts, 2)][: args.tokens]
@@ -203,7 +205,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
                 "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
                 "cpus": os.cpu_count(),
                 "command": f"python bench/serve_bench.py --store {args.store} --contacts {args.contacts} "
-                f"--tokens {args.tokens} --clients {args.clients} --seconds {args.seconds}",
+                f"--tokens {args.tokens} --clients {args.clients} --seconds {args.seconds} --send-rate {args.send_rate}",
             }
     finally:
         for process in (send, serve):
@@ -224,6 +226,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50, help="concurrent connections")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (one keeps wrk off the server's core)")
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument(
+        "--send-rate",
+        default="unlimited",
+        help="[send] rate of the send running meanwhile (default unlimited: it takes what CPU it can)",
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of sending before the load starts")
     print(json.dumps(bench_serve(parser.parse_args()), indent=2))
 
