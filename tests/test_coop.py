@@ -207,6 +207,17 @@ def test_another_contact_file_for_a_campaign_being_sent_is_an_error_that_says_so
     assert len(received_addresses(smtp_server)) == 10
 
 
+def test_contacts_from_standard_input_work_in_a_cooperating_run(smtp_server, tmp_path, pg_url):
+    # A cooperating run reads its list twice (fingerprint, then send): standard input is spooled first.
+    (project,) = hosts(tmp_path, smtp_server, pg_url, 1)
+    emails = addresses(3)
+    project.write_contacts(emails)
+    text = project.contacts_path.read_text(encoding="utf-8")
+    outcome = project.cli("send", "-", str(project.template_path), "--yes", input=text)
+    assert outcome.exit_code == 0, outcome
+    assert sorted(received_addresses(smtp_server)) == sorted(emails)
+
+
 def test_a_bad_lease_is_a_config_error_naming_the_key(tmp_path, pg_url):
     project = Project(tmp_path, None, log={"url": pg_url, "lease": "soon"})
     outcome = project.cli("suppress", "list")
