@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from send_support import Project
+from web_support import chromium_flags
 
 from mailer.report import render_report_html
 from mailer.store.records import DomainCount, ReplyCount, Report, TimeCount
@@ -149,17 +150,7 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path):
     subprocess.run(
         [
             "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={png}",
-            "--window-size=900,1400",
+            *chromium_flags(tmp_path / "profile", f"--screenshot={png}", "--window-size=900,1400"),
             page_path.as_uri(),
         ],
         check=True,

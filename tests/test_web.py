@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import quopri
 import re
-import socket
-import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from send_support import Project, received_addresses
+from web_support import app_server, serving
 
 from mailer.core.tokens import TokenKind, TokenSigner
 from mailer.store.sqlite import SendLog
@@ -49,28 +45,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Project, str]]:
     project.configure(web={"base_url": "https://mail.acme.example"})
     with SendLog.open(project.log_path):
         pass
-    process = project.spawn("serve", "--listen", "127.0.0.1:0", env=ENV)
-    try:
-        line = ""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                break
-            if process.poll() is not None:
-                raise AssertionError(f"mailer serve ended: {line}{process.stderr.read()}")
-        else:
-            raise AssertionError("mailer serve did not start")
-        yield project, found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        for stream in (process.stdout, process.stderr):
-            stream.close()
+    with serving(project, ENV, timeout=20) as base:
+        yield project, base
 
 
 def suppressed(project: Project, address: str) -> bool:
@@ -176,19 +152,10 @@ def test_serve_without_the_key_exits_2_naming_the_variable(tmp_path: Path) -> No
 def tracking_server(tmp_path: Path) -> Iterator[tuple[SendLog, str]]:
     log = SendLog.open(tmp_path / "log.sqlite3")
     app = create_app(log, TokenSigner(SECRET), opens=True, clicks=True)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
     try:
-        yield log, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with app_server(app) as base:
+            yield log, base
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         log.close()
 
 
@@ -282,16 +249,7 @@ def test_a_store_that_cannot_be_written_gets_a_503_page_that_reveals_nothing(tmp
     log = SendLog.open(tmp_path / "log.sqlite3")
     errors: list[BaseException] = []
     app = create_app(log, TokenSigner(SECRET), opens=True, on_error=errors.append)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    with app_server(app) as base:
         log.close()
         token = TokenSigner(SECRET).unsubscribe_token("spring", "jane@example.com")
         status, headers, body = request(f"{base}/u/{token}", method="POST", body=b"List-Unsubscribe=One-Click")
@@ -305,9 +263,6 @@ def test_a_store_that_cannot_be_written_gets_a_503_page_that_reveals_nothing(tmp
         # The page still loads (it writes nothing), and the health check answers.
         assert request(f"{base}/u/{token}")[0] == 200
         assert request(f"{base}/healthz")[0] == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     with SendLog.open(tmp_path / "log.sqlite3", create=False) as reopened:
         assert reopened.suppressed(["jane@example.com"]) == [False]
         assert reopened.list_feedback() == []

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from send_support import Project
+from web_support import chromium_flags, serving
 
 from mailer.core.tokens import TokenKind, TokenSigner
 from mailer.store.sqlite import SendLog
@@ -31,17 +30,6 @@ SECRET = "b" * 43
 ENV = {"MAILER_WEB_SECRET": SECRET}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# Nothing may leave loopback: no first-run, sync, component or QUIC traffic of its own.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def start_browser(profile: Path, *, width: int, height: int, phone: bool = False) -> webdriver.Chrome:
@@ -52,7 +40,7 @@ def start_browser(profile: Path, *, width: int, height: int, phone: bool = False
     options = webdriver.ChromeOptions()
     # Both paths given: selenium's driver manager is never asked to look anything up.
     options.binary_location = CHROMIUM
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
+    for flag in chromium_flags(profile, f"--window-size={width},{height}"):
         options.add_argument(flag)
     if phone:
         # A headless window is at least 500 px wide; a phone's viewport (and its meta
@@ -85,28 +73,8 @@ def unsubscribe_url(tmp_path: Path) -> Iterator[tuple[Project, str]]:
     assert claims is not None and claims.campaign == "spring"
     with SendLog.open(project.log_path):
         pass
-    process = project.spawn("serve", "--listen", "127.0.0.1:0", env=ENV)
-    try:
-        deadline = time.monotonic() + 30
-        base = None
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            listening = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if listening:
-                base = listening.group(1)
-                break
-            if process.poll() is not None:
-                raise AssertionError(f"mailer serve ended: {line}{process.stderr.read()}")
-        assert base is not None, "mailer serve did not start"
+    with serving(project, ENV) as base:
         yield project, f"{base}/u/{token}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        for stream in (process.stdout, process.stderr):
-            stream.close()
 
 
 def suppression_of(project: Project, address: str):

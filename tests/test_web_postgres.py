@@ -4,15 +4,13 @@ and the server's connections killed between two requests."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 from send_support import Project
 from test_web import ENV, SECRET, request
+from web_support import serving
 
 from mailer.core.tokens import TokenSigner
 
@@ -23,27 +21,8 @@ ONE_CLICK = {"body": b"List-Unsubscribe=One-Click", "headers": {"Content-Type": 
 def served_pg(tmp_path, pg_url):
     project = Project(tmp_path, log={"url": pg_url})
     project.configure(web={"base_url": "https://mail.acme.example"})
-    process = project.spawn("serve", "--listen", "127.0.0.1:0", env=ENV)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                break
-            if process.poll() is not None:
-                raise AssertionError(f"mailer serve ended: {line}{process.stderr.read()}")
-        else:
-            raise AssertionError("mailer serve did not start")
-        yield pg_url, found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        for stream in (process.stdout, process.stderr):
-            stream.close()
+    with serving(project, ENV) as base:
+        yield pg_url, base
 
 
 def unsubscribe(base: str, address: str) -> int:
