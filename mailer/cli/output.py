@@ -27,6 +27,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..core.addresses import display_domain
+
 __all__ = ["PLAIN_PROGRESS_INTERVAL", "Reporter", "count_data_rows", "print_checks", "print_report"]
 
 
@@ -193,16 +195,6 @@ def print_checks(checks: list[Any], *, console: Console | None = None) -> None:
     console.print(table)
 
 
-def _display_domain(domain: str) -> str:
-    """A domain as its users write it: ``xn--bcher-kva.example`` -> ``bücher.example``."""
-    if "xn--" not in domain:
-        return domain
-    try:
-        return domain.encode("ascii").decode("idna")
-    except UnicodeError:
-        return domain
-
-
 def print_report(report: Any, *, engagement: Any = None, console: Console | None = None) -> None:
     """`mailer report` as tables on stdout."""
     console = console or Console(highlight=False, soft_wrap=True)
@@ -222,7 +214,7 @@ def print_report(report: Any, *, engagement: Any = None, console: Console | None
         domains.add_column("by status")
         for row in report.by_domain[:25]:
             domains.add_row(
-                escape(_display_domain(row.domain)),
+                escape(display_domain(row.domain)),
                 str(row.total),
                 ", ".join(f"{k} {v}" for k, v in row.by_status.items()),
             )

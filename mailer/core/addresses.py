@@ -21,6 +21,7 @@ __all__ = [
     "address_key",
     "address_problem",
     "check_address",
+    "display_domain",
     "domain_of",
 ]
 
@@ -111,6 +112,16 @@ def domain_of(key: str) -> str:
     """The domain of an address key (after the last ``@``), or "" when there is none."""
     _local, at, domain = key.rpartition("@")
     return domain if at else ""
+
+
+def display_domain(domain: str) -> str:
+    """A domain as its users write it: ``xn--bcher-kva.example`` -> ``bücher.example``."""
+    if "xn--" not in domain:
+        return domain
+    try:
+        return domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        return domain
 
 
 def address_problem(address: str) -> str | None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from ..core.addresses import display_domain
 from ..core.errors import UsageError
 from ..store.records import Report, TimeCount
 from .engagement import Engagement
@@ -65,15 +66,6 @@ td.reply { word-break: break-word; max-width: 36rem; }
 def _e(value: object) -> str:
     """``value`` as text safe in an element's content and in a quoted attribute."""
     return html.escape(str(value), quote=True)
-
-
-def _display_domain(domain: str) -> str:
-    if "xn--" not in domain:
-        return domain
-    try:
-        return domain.encode("ascii").decode("idna")
-    except UnicodeError:
-        return domain
 
 
 # --- charts ---------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def render_report_html(
     if report.by_domain:
         top = report.by_domain[:_TOP_DOMAINS]
         statuses = [s for s in _STATUS_COLOURS if any(s in d.by_status for d in top)]
-        rows = [(_display_domain(d.domain) or "(no domain)", d.by_status) for d in top]
+        rows = [(display_domain(d.domain) or "(no domain)", d.by_status) for d in top]
         chart = _stacked_bar_chart("chart-domains", "Outcomes by recipient domain", rows)
         table = _table(
             "outcomes by recipient domain",
