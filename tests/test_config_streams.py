@@ -12,6 +12,7 @@ from mailer.core.config import DirectConfig, load_config, parse_duration
 from mailer.core.errors import ConfigError
 
 CONTACTS = "email,name\nann@example.com,Ann\n"
+RULE = '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1h"\n'
 TEMPLATE = "From: a@acme.example\nSubject: Hi {{ name }}\n\nHello\n"
 
 FULL = """\
@@ -187,6 +188,56 @@ def test_bad_durations(text):
             "same destination",
         ),
         ('[direct.domains]\n"gmail.com" = 3\n', 'direct.domains."gmail.com"', "must be a table"),
+        # [[direct.rules]]
+        ('[[direct.rules]]\naction = "suspend"\nduration = "1h"\n', "direct.rules[1].match", "is missing"),
+        (RULE + '[[direct.rules]]\nmatch = "x"\naction = "suspend"\n', "direct.rules[2].duration", "is missing"),
+        (
+            '[[direct.rules]]\nmatch = "(unclosed"\naction = "suspend"\nduration = "1h"\n',
+            "direct.rules[1].match",
+            "not a regular expression",
+        ),
+        ('[[direct.rules]]\nmatch = ""\naction = "suspend"\nduration = "1h"\n', "direct.rules[1].match", "1 to 500"),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "bounce"\nduration = "1h"\n',
+            "direct.rules[1].action",
+            '"suspend" or "throttle"',
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1 hour"\n',
+            "direct.rules[1].duration",
+            "not a duration",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1h"\nrate = "1/s"\n',
+            "direct.rules[1]",
+            "throttle rules only",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "throttle"\nduration = "1h"\nrate = "fast"\n',
+            "direct.rules[1].rate",
+            "not a rate",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "throttle"\nduration = "1h"\nconnections = 0\n',
+            "direct.rules[1].connections",
+            "from 1 to",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1h"\ntrigger = "often"\n',
+            "direct.rules[1].trigger",
+            "not a trigger",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1h"\ntrigger = "0/h"\n',
+            "direct.rules[1].trigger",
+            "at least one",
+        ),
+        (
+            '[[direct.rules]]\nmatch = "x"\naction = "suspend"\nduration = "1h"\nwhen = "now"\n',
+            "direct.rules[1].when",
+            "unknown key",
+        ),
+        ('[direct]\nrules = ["x"]\n', "direct.rules[1]", "[[direct.rules]]"),
     ],
 )
 def test_bad_stream_config_names_the_file_and_the_key(project, run_cli, toml, key, what):
@@ -200,6 +251,33 @@ def test_bad_stream_config_names_the_file_and_the_key(project, run_cli, toml, ke
         load_config("mailer.toml")
     assert caught.value.path == "mailer.toml"
     assert caught.value.key == key
+
+
+def test_config_reply_rules_come_before_the_built_in_ones_with_their_triggers(project):
+    from mailer.delivery.shaping import REPLY_RULES, reply_rules
+
+    project.config(
+        "[[direct.rules]]\n"
+        'match = "421 .*please slow down"\naction = "throttle"\nduration = "30m"\nconnections = 2\n'
+        'rate = "60/min"\ntrigger = "3/h"\n'
+        "[[direct.rules]]\n"
+        'match = "554 5.7.1 .*blocked"\naction = "suspend"\nduration = "2h"\n'
+    )
+    config = load_config("mailer.toml")
+    slow, blocked = config.direct.rules
+    assert (slow.action, slow.duration_seconds, slow.connections, slow.rate_per_second) == ("throttle", 1800, 2, 1.0)
+    assert slow.trigger_count_and_period == (3, 3600.0)
+    assert (blocked.action, blocked.duration_seconds, blocked.trigger_count_and_period) == ("suspend", 7200, (1, 0.0))
+    rules = reply_rules(config.direct)
+    assert rules[2:] == REPLY_RULES
+    assert (rules[0].pattern, rules[0].threshold, rules[0].period, rules[0].rate) == (slow.match, 3, 3600.0, 1.0)
+    assert "#2" in rules[1].source and rules[1].threshold == 1
+    assert reply_rules(load_config_text(project, "")) == REPLY_RULES
+
+
+def load_config_text(project, text: str):
+    project.config(text)
+    return load_config("mailer.toml").direct
 
 
 def test_a_password_pasted_into_a_relay_password_env_is_not_shown(project, run_cli):

@@ -303,3 +303,42 @@ def test_shaper_shares_provider_limits_by_mx_suffix_and_config_overrides() -> No
     suffix = Shaper(domains=[DomainLimit("mx.corp.test", connections=1)])
     a = suffix.destination("one.test", ["in1.mx.corp.test"])
     assert suffix.destination("two.test", ["in2.mx.corp.test"]) is a and a.connections == 1
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 3])
+def test_a_config_rule_with_a_trigger_acts_only_after_that_many_matching_replies(
+    dns_server, servers, threshold: int
+) -> None:
+    from mailer.delivery.shaping import REPLY_RULES, ReplyRule
+
+    slow = servers("127.0.0.3")
+    slow.set_fault("*", "mail", "451 4.3.2 please slow down, sender")  # no built-in rule matches this
+    dns_server.set_zone({("slow.test", "MX"): ["10 mx.slow.test."], ("mx.slow.test", "A"): ["127.0.0.3"]})
+    rule = ReplyRule(r"please slow down", "suspend", 7200.0, threshold=threshold, period=3600.0)
+    items = [message(f"s{i}@slow.test") for i in range(5)]
+    recorder, _ = run(
+        dns_server, items, port=servers.port(), max_wait=30.0, shaper=Shaper(connections_per_domain=1),
+        rules=(rule, *REPLY_RULES),
+    )  # fmt: skip
+    assert {r.status for r in recorder.final.values()} == {Status.DEFERRED} and len(recorder.final) == 5
+    # Each matching reply before the trigger was a transaction; the last one suspended the
+    # domain for two hours (past max_wait), so the rest were deferred without another MAIL.
+    assert len(slow.mail_times) == threshold
+    assert all("please slow down" in r.smtp_reply for r in recorder.final.values())
+
+
+def test_a_trigger_counts_only_the_matches_within_its_period() -> None:
+    from mailer.delivery.shaping import Destination, ReplyRule
+
+    rule = ReplyRule(r"slow down", "throttle", 600.0, connections=1, rate=0.5, threshold=3, period=60.0)
+    destination = Destination("slow.test", connections=4, rate=None)
+    assert not destination.apply(rule, 0.0, reason="451 slow down")
+    assert not destination.apply(rule, 30.0, reason="451 slow down")
+    # The first match is a minute old at 61 s: two within the period, not three.
+    assert not destination.apply(rule, 61.0, reason="451 slow down")
+    assert destination.connection_limit(61.0) == 4 and destination.rate_limit(61.0) is None
+    assert destination.apply(rule, 62.0, reason="451 slow down")  # 30, 61, 62
+    assert destination.connection_limit(62.0) == 1 and destination.rate_limit(62.0) == 0.5
+    assert destination.connection_limit(662.0) == 4  # the throttle ended
+    # After acting, the count starts again.
+    assert not destination.apply(rule, 700.0, reason="451 slow down")

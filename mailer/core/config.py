@@ -22,7 +22,7 @@ import tomli_w
 
 from . import streams as _streams
 from .errors import ConfigError
-from .streams import DirectConfig, DirectDomainConfig, RelayConfig, StreamConfig, parse_duration
+from .streams import DirectConfig, DirectDomainConfig, DirectRuleConfig, RelayConfig, StreamConfig, parse_duration
 
 __all__ = [
     "DEFAULT_CONFIG_NAME",
@@ -33,6 +33,7 @@ __all__ = [
     "DNSConfig",
     "DirectConfig",
     "DirectDomainConfig",
+    "DirectRuleConfig",
     "LogConfig",
     "MessageConfig",
     "RelayConfig",

@@ -1,4 +1,4 @@
-"""``[relays.NAME]``, ``[streams.NAME]``, ``[direct]`` and ``[direct.domains."X"]``.
+"""``[relays.NAME]``, ``[streams.NAME]``, ``[direct]``, ``[direct.domains."X"]`` and ``[[direct.rules]]``.
 
 A *stream* says how one kind of mail leaves: through its named relays (a weighted
 choice among them) or, with ``direct = true``, straight to each recipient domain's MX
@@ -29,12 +29,14 @@ __all__ = [
     "DIRECT_TLS_MODES",
     "DirectConfig",
     "DirectDomainConfig",
+    "DirectRuleConfig",
     "RelayConfig",
     "StreamConfig",
     "parse_direct",
     "parse_duration",
     "parse_relays",
     "parse_streams",
+    "parse_trigger",
 ]
 
 #: ``[direct] tls``: "mta-sts" (RFC 8461 where published, opportunistic elsewhere),
@@ -56,6 +58,11 @@ _TOKEN = "{token}"
 # config loading does not pull in the cryptography package).
 _VERP_TOKEN_LENGTH = 32
 _MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
+# ``[[direct.rules]] trigger``: "N/period", N matching replies within the period.
+_TRIGGER = re.compile(r"^\s*(\d{1,6})\s*/\s*(s|min|m|h|hour|d|day)\s*$")
+_TRIGGER_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_RULE_ACTIONS = ("suspend", "throttle")
+_MAX_RULE_PATTERN = 500  # characters: a reply-text pattern, not a program
 
 Fail = Callable[..., "ConfigError"]
 CheckKeys = Callable[[str, Any, dict[str, tuple[tuple[type, ...], str]]], dict[str, Any]]
@@ -73,6 +80,20 @@ def parse_duration(text: str) -> float:
     if not 0 < seconds <= _MAX_DURATION or not math.isfinite(seconds):
         raise ValueError(f"{text!r} is out of range; a duration may be more than 0s and at most 365d")
     return seconds
+
+
+def parse_trigger(text: str) -> tuple[int, float]:
+    """``"5/h"`` (five matching replies within an hour) as ``(5, 3600.0)``.
+
+    Raises ``ValueError`` with a human reason otherwise.
+    """
+    match = _TRIGGER.match(text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a trigger; write N/s, N/min, N/h or N/day (for example 5/h)")
+    count = int(match.group(1))
+    if count < 1:
+        raise ValueError(f"{text!r} must count at least one reply")
+    return count, _TRIGGER_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -138,6 +159,40 @@ class DirectDomainConfig:
 
 
 @dataclass(frozen=True)
+class DirectRuleConfig:
+    """``[[direct.rules]]``: a reply rule of the config's own, tried before the built-in ones.
+
+    ``match``: a regular expression searched (case-insensitively) in a destination's
+    deferral reply; ``action``: "suspend" (no new transaction for ``duration``) or
+    "throttle" (at most ``connections`` connections and ``rate`` for ``duration``);
+    ``trigger``: "N/period", act only once N replies of that destination matched within
+    the period (default: at the first)."""
+
+    match: str
+    action: str
+    duration: str
+    connections: int = 1
+    rate: str | None = None
+    trigger: str | None = None
+
+    @property
+    def duration_seconds(self) -> float:
+        return parse_duration(self.duration)
+
+    @property
+    def rate_per_second(self) -> float | None:
+        if self.rate is None:
+            return None
+        from .config import parse_rate
+
+        return parse_rate(self.rate) or None
+
+    @property
+    def trigger_count_and_period(self) -> tuple[int, float]:
+        return parse_trigger(self.trigger) if self.trigger is not None else (1, 0.0)
+
+
+@dataclass(frozen=True)
 class DirectConfig:
     """``[direct]``: the settings of direct delivery (used by streams with ``direct = true``).
 
@@ -151,6 +206,7 @@ class DirectConfig:
     connections_per_domain: int = 4
     rate_per_domain: str | None = None
     domains: tuple[DirectDomainConfig, ...] = field(default_factory=tuple)
+    rules: tuple[DirectRuleConfig, ...] = field(default_factory=tuple)
 
     @property
     def queue_lifetime_seconds(self) -> float:
@@ -192,6 +248,15 @@ _DIRECT_SCHEMA: dict[str, tuple[tuple[type, ...], str]] = {
     "connections_per_domain": ((int,), "connections_per_domain"),
     "rate_per_domain": ((str,), "rate_per_domain"),
     "domains": ((dict,), "domains"),
+    "rules": ((list,), "rules"),
+}
+_DIRECT_RULE_SCHEMA: dict[str, tuple[tuple[type, ...], str]] = {
+    "match": ((str,), "match"),
+    "action": ((str,), "action"),
+    "duration": ((str,), "duration"),
+    "connections": ((int,), "connections"),
+    "rate": ((str,), "rate"),
+    "trigger": ((str,), "trigger"),
 }
 _DIRECT_DOMAIN_SCHEMA: dict[str, tuple[tuple[type, ...], str]] = {
     "connections": ((int,), "connections"),
@@ -420,6 +485,10 @@ def parse_direct(values: Any, *, fail: Fail, check_keys: CheckKeys) -> DirectCon
         _check_connections(f"{prefix}.connections", entry.get("connections"), fail)
         _check_rate(f"{prefix}.rate", entry.get("rate"), fail)
         domains.append(DirectDomainConfig(name=name, connections=entry.get("connections"), rate=entry.get("rate")))
+    rules = tuple(
+        _parse_rule(index, table, fail=fail, check_keys=check_keys)
+        for index, table in enumerate(checked.get("rules", []), 1)
+    )
     return DirectConfig(
         port=port,
         tls=tls,
@@ -427,4 +496,47 @@ def parse_direct(values: Any, *, fail: Fail, check_keys: CheckKeys) -> DirectCon
         connections_per_domain=connections,
         rate_per_domain=checked.get("rate_per_domain"),
         domains=tuple(domains),
+        rules=rules,
+    )
+
+
+def _parse_rule(index: int, table: Any, *, fail: Fail, check_keys: CheckKeys) -> DirectRuleConfig:
+    """One ``[[direct.rules]]`` table (``index``: its place in the file, from 1)."""
+    prefix = f"direct.rules[{index}]"
+    if not isinstance(table, dict):
+        raise fail(prefix, "must be a table (match = ..., action = ..., duration = ...); write it as [[direct.rules]].")
+    entry = check_keys(prefix, table, _DIRECT_RULE_SCHEMA)
+    for key in ("match", "action", "duration"):
+        if key not in entry:
+            raise fail(f"{prefix}.{key}", "is missing; a rule needs match, action and duration.")
+    pattern = entry["match"]
+    if not pattern.strip() or len(pattern) > _MAX_RULE_PATTERN:
+        raise fail(f"{prefix}.match", f"must be a regular expression of 1 to {_MAX_RULE_PATTERN} characters.")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise fail(f"{prefix}.match", f"is not a regular expression ({exc}).") from None
+    action = entry["action"]
+    if action not in _RULE_ACTIONS:
+        raise fail(f"{prefix}.action", f'must be "suspend" or "throttle", not {action!r}.')
+    try:
+        parse_duration(entry["duration"])
+    except ValueError as exc:
+        raise fail(f"{prefix}.duration", f"is invalid: {exc}.") from None
+    if action == "suspend" and ("connections" in entry or "rate" in entry):
+        raise fail(prefix, "is a suspend rule: connections and rate belong to throttle rules only.")
+    _check_connections(f"{prefix}.connections", entry.get("connections"), fail)
+    _check_rate(f"{prefix}.rate", entry.get("rate"), fail)
+    if entry.get("trigger") is not None:
+        try:
+            parse_trigger(entry["trigger"])
+        except ValueError as exc:
+            raise fail(f"{prefix}.trigger", f"is invalid: {exc}.") from None
+    return DirectRuleConfig(
+        match=pattern,
+        action=action,
+        duration=entry["duration"],
+        connections=entry.get("connections", 1),
+        rate=entry.get("rate"),
+        trigger=entry.get("trigger"),
     )

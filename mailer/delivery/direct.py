@@ -412,8 +412,8 @@ class _Engine:
         else:
             now = self.clock()
             rule = match_reply_rule(text, self.settings.rules)
-            if rule is not None:
-                destination.apply(rule, now, reason=f"{code} {text}".strip())
+            if rule is not None and not destination.apply(rule, now, reason=f"{code} {text}".strip()):
+                rule = None  # its trigger is not reached yet
             if code == 421 or is_too_many_connections(code, text):
                 destination.back_off(now, pause=self.settings.backoff_pause, reason=f"{code} {text}".strip())
             reputation = is_reputation_deferral(code, text)

@@ -16,15 +16,22 @@ domain (``[direct.domains."gmail.com"]``) replaces its numbers.
 Reply rules (the idea of KumoMTA's "automation" rules; the patterns here are the reply
 codes the providers document) match a deferral's text and either *throttle* the
 destination (fewer connections, a lower rate) or *suspend* it (no new transaction) for
-a time. Rules are data: a config may add its own.
+a time, at the first matching reply or once a rule's trigger (N matching replies within
+a period) is reached. Rules are data: a config adds its own (``[[direct.rules]]``,
+:func:`reply_rules`), tried before the built-in ones.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.streams import DirectConfig
 
 __all__ = [
     "PROVIDERS",
@@ -35,6 +42,7 @@ __all__ = [
     "Shaper",
     "is_reputation_deferral",
     "match_reply_rule",
+    "reply_rules",
 ]
 
 
@@ -131,7 +139,9 @@ class ReplyRule:
     """A deferral text pattern and what it does to its destination for ``duration`` seconds.
 
     ``action`` "suspend": no new transaction until then; "throttle": at most
-    ``connections`` connections and ``rate`` messages/s until then."""
+    ``connections`` connections and ``rate`` messages/s until then. ``threshold`` and
+    ``period``: act only once ``threshold`` replies of one destination matched within
+    ``period`` seconds (the default, 1: at the first)."""
 
     pattern: str
     action: str  # "suspend" | "throttle"
@@ -139,6 +149,8 @@ class ReplyRule:
     connections: int = 1
     rate: float | None = None
     source: str = ""
+    threshold: int = 1
+    period: float = 0.0
 
     def matches(self, text: str) -> bool:
         return re.search(self.pattern, text, re.IGNORECASE) is not None
@@ -190,6 +202,26 @@ def match_reply_rule(text: str, rules: Sequence[ReplyRule] = REPLY_RULES) -> Rep
     return next((rule for rule in rules if rule.matches(text)), None)
 
 
+def reply_rules(direct: DirectConfig) -> tuple[ReplyRule, ...]:
+    """The config's ``[[direct.rules]]`` (in the file's order), then the built-in rules."""
+    own = []
+    for index, rule in enumerate(direct.rules, 1):
+        threshold, period = rule.trigger_count_and_period
+        own.append(
+            ReplyRule(
+                rule.match,
+                rule.action,
+                rule.duration_seconds,
+                connections=rule.connections,
+                rate=rule.rate_per_second,
+                source=f"[[direct.rules]] #{index} of the config",
+                threshold=threshold,
+                period=period,
+            )
+        )
+    return (*own, *REPLY_RULES)
+
+
 def is_reputation_deferral(code: int | None, text: str) -> bool:
     """421 or an enhanced code 4.7.x: the receiver does not welcome this sender address now."""
     return code == 421 or re.search(r"\b4\.7\.\d{1,3}\b", text) is not None
@@ -219,6 +251,8 @@ class Destination:
     peak_active: int = 0
     reason: str = ""  # why it is paused or throttled
     _opened: int = field(default=0, repr=False)
+    # For rules with a trigger: when this destination's replies matched each of them.
+    _matched: dict[ReplyRule, deque[float]] = field(default_factory=dict, repr=False)
 
     def connection_limit(self, now: float) -> int:
         if now < self.throttle_until:
@@ -245,8 +279,17 @@ class Destination:
         self.paused_until = max(self.paused_until, now + pause)
         self.reason = reason
 
-    def apply(self, rule: ReplyRule, now: float, *, reason: str) -> None:
-        """What a matched reply rule does to this destination."""
+    def apply(self, rule: ReplyRule, now: float, *, reason: str) -> bool:
+        """What a matched reply rule does to this destination; False while its trigger
+        (``threshold`` matches within ``period``) is not reached yet."""
+        if rule.threshold > 1:
+            times = self._matched.setdefault(rule, deque())
+            times.append(now)
+            while times and times[0] <= now - rule.period:
+                times.popleft()
+            if len(times) < rule.threshold:
+                return False
+            times.clear()  # the next action takes a full count again
         self.reason = reason
         if rule.action == "suspend":
             self.paused_until = max(self.paused_until, now + rule.duration)
@@ -254,6 +297,7 @@ class Destination:
             self.throttle_until = max(self.throttle_until, now + rule.duration)
             self.throttled_connections = rule.connections
             self.throttled_rate = rule.rate
+        return True
 
     def next_source(self, sources: Sequence[str]) -> str | None:
         """The source address for a new connection: in turn, skipping the one that last got a
