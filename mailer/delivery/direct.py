@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,9 @@ class DirectSettings:
     queue_size: int = 20000
     rules: tuple[ReplyRule, ...] = REPLY_RULES
     tls_for_domain: Callable[[str], str] | None = None  # MTA-STS seam: the mode for one domain
+    # The campaign's rate over all destinations: awaited just before each transaction
+    # (after the destination's own slot); None: no limit beyond the destinations'.
+    pace: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -142,10 +145,13 @@ class _Engine:
 
     # ---------------------------------------------------------------- feeding
 
-    async def feed(self, items: Iterator[Outgoing[Any]]) -> None:
-        for count, item in enumerate(items, 1):
+    async def feed(self, items: AsyncIterator[Outgoing[Any]]) -> None:
+        count = 0
+        async for item in items:
             if self.stop.is_set() or self.fatal is not None:
+                self.stats.untouched += 1  # taken from the feed, never queued
                 break
+            count += 1
             self.stats.items += 1
             self.held += 1
             queue = self.queues.get(_domain_of(item))
@@ -286,6 +292,11 @@ class _Engine:
                 wait = destination.take_slot(self.clock())
                 if wait > 0:
                     await self.sleep(wait)
+                if self.settings.pace is not None:
+                    await self.settings.pace()
+                if self.stop.is_set():
+                    queue.jobs.appendleft(job)  # not started: counted with the others below
+                    break
                 kept = await self._transact(queue, destination, session, job)
                 if not kept or session.transactions >= destination.per_connection:
                     await self._close(session)
@@ -425,8 +436,13 @@ class _Engine:
         return not session.broken
 
 
+async def _as_async(items: Iterable[Outgoing[Any]]) -> AsyncIterator[Outgoing[Any]]:
+    for item in items:
+        yield item
+
+
 async def deliver_direct_async(
-    items: Iterable[Outgoing[Any]],
+    items: Iterable[Outgoing[Any]] | AsyncIterable[Outgoing[Any]],
     *,
     settings: DirectSettings,
     listener: DeliveryListener,
@@ -437,7 +453,10 @@ async def deliver_direct_async(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
 ) -> DeliveryStats:
-    """Deliver ``items`` straight to their recipients' MX hosts (see the module docstring)."""
+    """Deliver ``items`` straight to their recipients' MX hosts (see the module docstring).
+
+    ``items`` may be an asynchronous iterable: a feed that waits for its next message
+    (the send's pipe, read in a thread) must not block the loop the sessions run on."""
     engine = _Engine(
         settings=settings,
         listener=listener,
@@ -450,7 +469,7 @@ async def deliver_direct_async(
     )
     started = clock()
     try:
-        await engine.feed(iter(items))
+        await engine.feed(aiter(items) if isinstance(items, AsyncIterable) else _as_async(items))
     finally:
         if engine.fatal is not None:
             engine.stop.set()

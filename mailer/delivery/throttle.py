@@ -112,6 +112,20 @@ class RateLimiter:
             if cancel is not None and cancel.is_set():
                 return None
 
+    def try_acquire(self) -> float:
+        """Take a slot if one is free now (0.0), else say how many seconds until one may be.
+
+        For callers that wait without blocking a thread (the direct engine's event loop):
+        ``while (wait := limiter.try_acquire()) > 0: await asyncio.sleep(wait)``.
+        """
+        with self._lock:
+            now = self._clock()
+            wait = self._wait(now)
+            if wait <= 0:
+                self._take(now)
+                return 0.0
+            return wait
+
     def _wait(self, now: float) -> float:
         """How long before a slot is free at ``now`` (0: free now); lock held."""
         if not self.interval:

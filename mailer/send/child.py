@@ -1,4 +1,5 @@
-"""The delivery process: the SMTP pool and its journal in a forked child."""
+"""The delivery process: the SMTP pool (or, for a direct stream, the direct engine) and its
+journal in a forked child."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..bounces.rules import is_bounce
 from ..core.config import parse_rate
 from ..core.errors import ExitCode, MailerError, ProcessEndedError, StoreUnavailableError
 from ..core.outcomes import DeliveryEvent, Outgoing, Result, Status
-from ..delivery.pool import RateSource, deliver
+from ..delivery.pool import DeliveryStats, RateSource, deliver
 from ..delivery.routes import Relay
 from ..store import open_store
 from .forking import FORK, Batch, become_child, start_child
 from .journal import JournalWriter
+
+if TYPE_CHECKING:
+    from ..delivery.direct import DirectSettings
 
 __all__ = ["Cooperation", "DeliveryProcess", "SendKey"]
 
@@ -89,7 +93,10 @@ class DeliveryProcess:
         helo: str | None = None,
         debug: bool = False,
         cooperation: Cooperation | None = None,
+        direct: DirectSettings | None = None,
     ) -> None:
+        """``direct``: a direct stream's settings; the child then runs the direct engine
+        (:mod:`mailer.send.direct_child`) instead of the pool over ``relays``."""
         self.shared = _Counters(FORK)
         self.fed = 0
         items_reader, self.items = FORK.Pipe(duplex=False)
@@ -110,6 +117,7 @@ class DeliveryProcess:
                 helo,
                 debug,
                 cooperation,
+                direct,
             ),
             name="mailer-delivery",
             daemon=True,
@@ -292,6 +300,7 @@ def _delivery_child(
     helo: str | None = None,
     debug: bool = False,
     cooperation: Cooperation | None = None,
+    direct: DirectSettings | None = None,
 ) -> None:
     """Body of the delivery process (runs after fork; reports through ``events``)."""
     # The fork copied the parent's end of the items pipe: without closing it here, a
@@ -356,22 +365,40 @@ def _delivery_child(
                     limiter = SharedRate(
                         cast(PostgresStore, stores.enter_context(open_store(config.log))), campaign, rate
                     )
+            stats: DeliveryStats
+            feed = None
             try:
-                stats = deliver(
-                    received(),
-                    relays=relays,
-                    send=config.send,
-                    source_addresses=source_addresses,
-                    helo=helo,
-                    listener=_ChildRecorder(journal, shared),
-                    stop=stop,
-                    ssl_context=ssl_context,
-                    trace=_write_stderr if debug else None,
-                    limiter=limiter,
-                )
+                if direct is not None:
+                    from .direct_child import PipeFeed, deliver_from_pipe
+
+                    feed = PipeFeed(items, stop=stop)
+                    stats = deliver_from_pipe(
+                        feed,
+                        config=config,
+                        settings=direct,
+                        listener=_ChildRecorder(journal, shared),
+                        stop=stop,
+                        limiter=limiter,
+                    )
+                else:
+                    stats = deliver(
+                        received(),
+                        relays=relays,
+                        send=config.send,
+                        source_addresses=source_addresses,
+                        helo=helo,
+                        listener=_ChildRecorder(journal, shared),
+                        stop=stop,
+                        ssl_context=ssl_context,
+                        trace=_write_stderr if debug else None,
+                        limiter=limiter,
+                    )
             finally:
                 journal.close()
-        untouched = stats.untouched + left_in_batch[0]
+        untouched = stats.untouched + (feed.left_in_batch if feed is not None else left_in_batch[0])
+        if feed is not None:
+            untouched += feed.drain()
+            ended.set()
         # Stopped early: take what the parent still sends, so that it never blocks on a full pipe.
         while not ended.is_set():
             try:

@@ -119,12 +119,13 @@ def run_send(
     ``debug``: the SMTP conversation goes to stderr (AUTH and the password redacted)."""
     config = campaign.config
     route = route or select_route(config)
+    # A direct stream has no relay: the delivery process runs the direct engine instead
+    # (mailer.send.direct_child), to each recipient domain's MX hosts.
+    direct = None
     if route.direct:
-        raise UsageError(
-            f"stream {route.stream!r} delivers directly (direct = true), which this version cannot do yet; "
-            "nothing was sent.",
-            hint="Pick a stream with relays (--stream NAME), or remove --stream to send through [smtp].",
-        )
+        from .direct_child import direct_settings
+
+        direct = direct_settings(config, route)
     relays = relays_of(route, passwords={relay.name: relay.smtp.password() for relay in route.relays})
     for relay in relays:
         check_relay_settings(relay.smtp, relay.password, section=relay.section)
@@ -230,6 +231,7 @@ def run_send(
             helo=route.helo,
             debug=debug,
             cooperation=cooperation,
+            direct=direct,
         )
         # DKIM signing costs several times what rendering does: on a machine with more
         # than one core, worker processes sign while this one renders.
