@@ -201,3 +201,34 @@ def test_ctrl_c_finishes_the_transactions_in_flight_and_exits_130(tmp_path, dns_
     rerun = project.send("--yes")
     assert rerun.exit_code == 0, rerun
     assert sorted(received_addresses(alpha) + received_addresses(beta)) == sorted(emails)
+
+
+def test_a_reply_rule_of_the_config_suspends_its_destination_in_a_real_send(tmp_path, dns_server, servers) -> None:
+    slow = servers("127.0.0.2")
+    calm = servers("127.0.0.3")
+    slow.set_fault("*", "mail", "451 4.3.2 please slow down, sender")  # no built-in rule knows this text
+    dns_server.set_zone(mx_zone({"slow.example.com": "127.0.0.2", "calm.example.com": "127.0.0.3"}))
+    project = direct_project(
+        tmp_path,
+        dns_server,
+        servers.port(),
+        direct={
+            "connections_per_domain": 1,
+            "rules": [{"match": "please slow down", "action": "suspend", "duration": "2h"}],
+        },
+        send={"retries": 2, "retry_backoff": 0.1},
+    )
+    project.write_contacts([f"s{i}@slow.example.com" for i in range(4)] + [f"c{i}@calm.example.com" for i in range(3)])
+
+    outcome = project.run("send", str(project.contacts_path), str(project.template_path), "--yes", "--json")
+
+    assert outcome.exit_code == 75, outcome  # deferred ones remain
+    counts = json.loads(outcome.stdout)["counts"]
+    assert (counts["sent"], counts["deferred"]) == (3, 4), counts
+    # The first reply suspended slow.example.com for two hours (longer than the run waits):
+    # its other messages were deferred without a MAIL; without the rule each would have
+    # been tried three times (retries = 2).
+    assert len(slow.mail_times) == 1
+    assert sorted(received_addresses(calm)) == [f"c{i}@calm.example.com" for i in range(3)]
+    statuses = project.statuses()
+    assert {statuses[f"s{i}@slow.example.com"] for i in range(4)} == {"deferred"}

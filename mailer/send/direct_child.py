@@ -36,7 +36,7 @@ from ..delivery.direct import DirectSettings, deliver_direct_async
 from ..delivery.mx import MXResolver, make_async_resolver
 from ..delivery.pool import DeliveryListener, DeliveryStats
 from ..delivery.routes import Route
-from ..delivery.shaping import DomainLimit, Shaper
+from ..delivery.shaping import DomainLimit, Shaper, reply_rules
 from ..delivery.throttle import RateLimiter
 
 __all__ = ["PipeFeed", "deliver_from_pipe", "direct_settings", "make_shaper"]
@@ -70,6 +70,7 @@ def direct_settings(config: Config, route: Route) -> DirectSettings:
         attempts=config.send.retries + 1,
         retry_delay=config.send.retry_backoff,
         backoff_pause=config.send.retry_backoff,
+        rules=reply_rules(config.direct),
     )
 
 
